@@ -1,0 +1,141 @@
+"""Transformer building blocks of HRM, numerically as the reference's models/layers.py.
+
+Parameters are float32; every layer casts them to the dtype of its input, so the compute dtype is
+chosen once, where the embeddings are cast (config.forward_dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hrm_jax.config import HRMConfig
+
+# std of a standard normal truncated to [-2, 2]; dividing by it makes the truncated draw have the
+# requested std. The reference's trunc_normal_init_ applies the same correction (models/common.py).
+_TRUNC_NORMAL_STD = 0.87962566103423978
+
+
+def trunc_normal_init(std: float) -> nn.initializers.Initializer:
+    """Normal truncated at +-2 std whose *actual* std is `std` (std 0 gives zeros)."""
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        if std == 0:
+            return jnp.zeros(shape, dtype)
+        unit = jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+        return (unit * (std / _TRUNC_NORMAL_STD)).astype(dtype)
+
+    return init
+
+
+def rms_norm(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm without a learnable scale; float32 math, result in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
+
+
+def rotary_cos_sin(num_positions: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables f32[num_positions, head_dim] in the rotate-half layout (freqs repeated twice)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = jnp.outer(jnp.arange(num_positions, dtype=jnp.float32), inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x: [batch, seq, heads, head_dim] by cos/sin [seq, head_dim]; f32 math as the reference."""
+    x32 = x.astype(cos.dtype)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
+
+
+class CastedLinear(nn.Module):
+    """y = x @ W (+ b) with f32 parameters cast to x's dtype; truncated LeCun-normal init."""
+
+    features: int
+    use_bias: bool = False
+    kernel_init: nn.initializers.Initializer | None = None
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        init = self.kernel_init or trunc_normal_init(1.0 / math.sqrt(fan_in))
+        kernel = self.param("kernel", init, (fan_in, self.features), jnp.float32)
+        y = jnp.dot(x, kernel.astype(x.dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = y + bias.astype(x.dtype)
+        return y
+
+
+class CastedEmbedding(nn.Module):
+    """Lookup in an f32 table [num_embeddings, features], result cast to `dtype`."""
+
+    num_embeddings: int
+    features: int
+    init_std: float
+    dtype: jnp.dtype
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", trunc_normal_init(self.init_std),
+                                    (self.num_embeddings, self.features), jnp.float32)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding.astype(self.dtype), ids, axis=0)
+
+    def table(self) -> jax.Array:
+        return self.embedding.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention with fused qkv (rows q|k|v) and rotary positions."""
+
+    config: HRMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos_sin: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        cfg = self.config
+        qkv = CastedLinear(3 * cfg.hidden_size, name="qkv_proj")(x)
+        qkv = einops.rearrange(qkv, "b s (three h d) -> three b s h d", three=3, h=cfg.num_heads)
+        query, key, value = qkv[0], qkv[1], qkv[2]
+        if cos_sin is not None:
+            query, key = apply_rotary(query, *cos_sin), apply_rotary(key, *cos_sin)
+        # Softmax scale 1/sqrt(head_dim), logits in f32: the same as flash-attn in the reference.
+        out = jax.nn.dot_product_attention(query, key, value, is_causal=False)
+        out = einops.rearrange(out, "b s h d -> b s (h d)")
+        return CastedLinear(cfg.hidden_size, name="o_proj")(out)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate) * up) with a fused gate|up projection."""
+
+    config: HRMConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        inter = self.config.intermediate_size
+        gate, up = jnp.split(CastedLinear(2 * inter, name="gate_up_proj")(x), 2, axis=-1)
+        return CastedLinear(self.config.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Post-norm transformer block: h = norm(h + attn(h)); h = norm(h + mlp(h))."""
+
+    config: HRMConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array, cos_sin: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+        eps = self.config.rms_norm_eps
+        h = rms_norm(h + Attention(self.config, name="self_attn")(h, cos_sin), eps)
+        return rms_norm(h + SwiGLU(self.config, name="mlp")(h), eps)

@@ -1,0 +1,274 @@
+"""HRM ACT-v1: the H/L recurrence with the 1-step gradient and the ACT (Q-learning halting) wrapper.
+
+Everything here is a pure function of (params, config, carry, batch, rng); `config` is a frozen,
+hashable dataclass and can be a static argument of `jax.jit`. Numerics follow the reference
+(sapientinc/HRM models/hrm/hrm_act_v1.py); REFERENCE-FACTS.md lists the details that matter.
+
+params = {"dense":  Flax params trained by AdamATan2,
+          "buffers": {"H_init": f32[hidden], "L_init": f32[hidden]}  (fixed, saved, never trained),
+          "puzzle_emb": f32[num_puzzle_identifiers, puzzle_emb_ndim]  (only if puzzle_emb_ndim > 0;
+                        trained by sparse SignSGD, never by the dense optimizer)}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from hrm_jax.config import HRMConfig
+from hrm_jax.layers import (Block, CastedEmbedding, CastedLinear, rotary_cos_sin,
+                            trunc_normal_init)
+
+Params = dict[str, Any]
+Batch = dict[str, jax.Array]
+DATA_KEYS = ("inputs", "labels", "puzzle_identifiers")
+
+_DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def forward_dtype(config: HRMConfig) -> jnp.dtype:
+    return _DTYPES[config.forward_dtype]
+
+
+@flax.struct.dataclass
+class ACTCarry:
+    """State carried between ACT segments (and between training batches)."""
+
+    z_H: jax.Array  # [batch, total_seq_len, hidden], forward dtype
+    z_L: jax.Array  # [batch, total_seq_len, hidden], forward dtype
+    steps: jax.Array  # int32[batch]: segments run on the current example
+    halted: jax.Array  # bool[batch]: the row takes a new example at the next step
+    current_data: dict[str, jax.Array]  # DATA_KEYS -> the examples being worked on
+
+
+# Flax modules -------------------------------------------------------------------------------
+class ReasoningModule(nn.Module):
+    """One level (H or L): add the input injection, then run the blocks."""
+
+    config: HRMConfig
+    num_layers: int
+
+    def setup(self) -> None:
+        self.layers = [Block(self.config) for _ in range(self.num_layers)]
+
+    def __call__(self, h: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
+        h = h + injection
+        for layer in self.layers:
+            h = layer(h, cos_sin)
+        return h
+
+
+class HRMInner(nn.Module):
+    """Parameter container; the recurrence itself lives in `inner_forward` (a pure function)."""
+
+    config: HRMConfig
+
+    def setup(self) -> None:
+        cfg, dtype = self.config, forward_dtype(self.config)
+        embed_std = 1.0 / math.sqrt(cfg.hidden_size)
+        self.embed_tokens = CastedEmbedding(cfg.vocab_size, cfg.hidden_size, embed_std, dtype)
+        if cfg.pos_encodings == "learned":
+            self.embed_pos = CastedEmbedding(cfg.total_seq_len, cfg.hidden_size, embed_std, dtype)
+        self.lm_head = CastedLinear(cfg.vocab_size)
+        # Q starts (almost) at "never halt": weight 0, bias -5 (reference: faster bootstrapping).
+        self.q_head = CastedLinear(2, use_bias=True, kernel_init=nn.initializers.zeros_init(),
+                                   bias_init=nn.initializers.constant(-5.0))
+        self.H_level = ReasoningModule(cfg, cfg.H_layers)
+        self.L_level = ReasoningModule(cfg, cfg.L_layers)
+
+    def embed(self, inputs: jax.Array, puzzle_rows: jax.Array) -> jax.Array:
+        """inputs int32[B, seq_len], puzzle_rows [B, puzzle_emb_ndim] -> [B, total_seq_len, hidden]."""
+        cfg = self.config
+        embedding = self.embed_tokens(inputs)
+        if cfg.puzzle_emb_ndim > 0:
+            pad = cfg.puzzle_emb_len * cfg.hidden_size - cfg.puzzle_emb_ndim
+            rows = jnp.pad(puzzle_rows.astype(embedding.dtype), ((0, 0), (0, pad)))
+            rows = rows.reshape(-1, cfg.puzzle_emb_len, cfg.hidden_size)
+            embedding = jnp.concatenate([rows, embedding], axis=1)
+        if cfg.pos_encodings == "learned":
+            # 1/sqrt(2) keeps the variance of the sum of two unit embeddings.
+            embedding = 0.707106781 * (embedding + self.embed_pos.table())
+        return math.sqrt(cfg.hidden_size) * embedding
+
+    def l_level(self, z_L: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
+        return self.L_level(z_L, injection, cos_sin)
+
+    def h_level(self, z_H: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
+        return self.H_level(z_H, injection, cos_sin)
+
+    def heads(self, z_H: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """-> logits [B, seq_len, vocab] (puzzle slots dropped), q_logits f32[B, 2] from position 0."""
+        logits = self.lm_head(z_H)[:, self.config.puzzle_emb_len:]
+        q_logits = self.q_head(z_H[:, 0]).astype(jnp.float32)
+        return logits, q_logits
+
+    def init_all(self, inputs: jax.Array, puzzle_rows: jax.Array):
+        x = self.embed(inputs, puzzle_rows)
+        z = self.h_level(self.l_level(x, x, None), x, None)
+        return self.heads(z)
+
+
+def _apply(config: HRMConfig, dense: Params, method, *args):
+    return HRMInner(config).apply({"params": dense}, *args, method=method)
+
+
+def _cos_sin(config: HRMConfig):
+    if config.pos_encodings != "rope":
+        return None
+    return rotary_cos_sin(config.total_seq_len, config.head_dim, config.rope_theta)
+
+
+# Parameters and carry -----------------------------------------------------------------------
+def init_params(config: HRMConfig, rng: jax.Array) -> Params:
+    """Fresh parameters as the reference initialises them (see module docstring for the layout)."""
+    k_dense, k_h, k_l = jax.random.split(rng, 3)
+    inputs = jnp.zeros((1, config.seq_len), jnp.int32)
+    rows = jnp.zeros((1, config.puzzle_emb_ndim), jnp.float32)
+    dense = HRMInner(config).init(k_dense, inputs, rows, method=HRMInner.init_all)["params"]
+    # H_init/L_init are forward-dtype buffers in the reference: round to that dtype, store as f32.
+    dtype = forward_dtype(config)
+    init = trunc_normal_init(1.0)
+    buffers = {"H_init": init(k_h, (config.hidden_size,)).astype(dtype).astype(jnp.float32),
+               "L_init": init(k_l, (config.hidden_size,)).astype(dtype).astype(jnp.float32)}
+    params = {"dense": dense, "buffers": buffers}
+    if config.puzzle_emb_ndim > 0:
+        # Zero-initialised, as the reference (init_std=0).
+        params["puzzle_emb"] = jnp.zeros((config.num_puzzle_identifiers, config.puzzle_emb_ndim), jnp.float32)
+    return params
+
+
+def count_params(tree: Any) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def initial_carry(config: HRMConfig, batch: Batch) -> ACTCarry:
+    """A carry whose rows are all halted, so the first act_step loads every row from `batch`."""
+    batch_size = batch["inputs"].shape[0]
+    z = jnp.zeros((batch_size, config.total_seq_len, config.hidden_size), forward_dtype(config))
+    return ACTCarry(z_H=z, z_L=z, steps=jnp.zeros((batch_size,), jnp.int32),
+                    halted=jnp.ones((batch_size,), jnp.bool_),
+                    current_data={k: jnp.zeros_like(jnp.asarray(batch[k], jnp.int32)) for k in DATA_KEYS})
+
+
+def refresh_carry(params: Params, config: HRMConfig, carry: ACTCarry, batch: Batch) -> ACTCarry:
+    """Halted rows restart from H_init/L_init with the batch's example at that row; others keep theirs.
+
+    As the reference, the incoming example at a non-halted row is dropped (REFERENCE-FACTS item 4).
+    """
+    halted = carry.halted
+    dtype = forward_dtype(config)
+    reset = halted[:, None, None]
+    z_H = jnp.where(reset, params["buffers"]["H_init"].astype(dtype), carry.z_H)
+    z_L = jnp.where(reset, params["buffers"]["L_init"].astype(dtype), carry.z_L)
+    data = {}
+    for key, old in carry.current_data.items():
+        new = jnp.asarray(batch[key], old.dtype)
+        data[key] = jnp.where(halted.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return ACTCarry(z_H=z_H, z_L=z_L, steps=jnp.where(halted, 0, carry.steps), halted=halted,
+                    current_data=data)
+
+
+def gather_puzzle_rows(params: Params, config: HRMConfig, puzzle_identifiers: jax.Array) -> jax.Array:
+    """Rows of the puzzle-embedding table for a batch: [B, puzzle_emb_ndim] ([B, 0] if none)."""
+    if config.puzzle_emb_ndim == 0:
+        return jnp.zeros((puzzle_identifiers.shape[0], 0), jnp.float32)
+    return jnp.take(params["puzzle_emb"], puzzle_identifiers, axis=0)
+
+
+# The recurrence -----------------------------------------------------------------------------
+def inner_forward(dense: Params, config: HRMConfig, z_H: jax.Array, z_L: jax.Array,
+                  x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """H_cycles x L_cycles L-updates and H_cycles H-updates; gradient through the last of each only.
+
+    Order (reference): for each H cycle, L_cycles times z_L <- L(z_L, z_H + x), then z_H <- H(z_H, z_L).
+    Every step but the final L-update and the final H-update runs on stop-gradient copies of the
+    params and of x, so no tangent enters the loops and XLA never builds their backward pass.
+    """
+    cos_sin = _cos_sin(config)
+
+    def l_step(p, z_L, z_H, x):
+        return _apply(config, p, HRMInner.l_level, z_L, z_H + x, cos_sin)
+
+    def h_step(p, z_H, z_L):
+        return _apply(config, p, HRMInner.h_level, z_H, z_L, cos_sin)
+
+    frozen, x_frozen = jax.lax.stop_gradient(dense), jax.lax.stop_gradient(x)
+
+    def l_steps(n, z_L, z_H):
+        return jax.lax.fori_loop(0, n, lambda _, zl: l_step(frozen, zl, z_H, x_frozen), z_L)
+
+    def h_cycle(state, _):
+        z_H, z_L = state
+        z_L = l_steps(config.L_cycles, z_L, z_H)
+        return (h_step(frozen, z_H, z_L), z_L), None
+
+    (z_H, z_L), _ = jax.lax.scan(h_cycle, (z_H, z_L), None, length=config.H_cycles - 1)
+    z_L = l_steps(config.L_cycles - 1, z_L, z_H)
+    z_H, z_L = jax.lax.stop_gradient(z_H), jax.lax.stop_gradient(z_L)
+
+    # The 1-step gradient: one L-update and one H-update with gradients.
+    z_L = l_step(dense, z_L, z_H, x)
+    z_H = h_step(dense, z_H, z_L)
+    return z_H, z_L
+
+
+def segment_forward(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array):
+    """One inner forward on the carry's data -> (z_H, z_L, logits, q_logits f32[B, 2])."""
+    dense = params["dense"]
+    x = _apply(config, dense, HRMInner.embed, carry.current_data["inputs"], puzzle_rows)
+    z_H, z_L = inner_forward(dense, config, carry.z_H, carry.z_L, x)
+    logits, q_logits = _apply(config, dense, HRMInner.heads, z_H)
+    return z_H, z_L, logits, q_logits
+
+
+def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array,
+                rng: jax.Array | None, *, train: bool) -> tuple[ACTCarry, dict[str, jax.Array]]:
+    """One ACT segment on a refreshed carry. Differentiable w.r.t. params["dense"] and puzzle_rows.
+
+    Returns the next carry (detached) and outputs: logits [B, seq_len, vocab] (forward dtype),
+    q_halt_logits / q_continue_logits f32[B], and when training target_q_continue f32[B].
+    """
+    z_H, z_L, logits, q_logits = segment_forward(params, config, carry, puzzle_rows)
+    z_H, z_L = jax.lax.stop_gradient(z_H), jax.lax.stop_gradient(z_L)
+    outputs = {"logits": logits, "q_halt_logits": q_logits[:, 0], "q_continue_logits": q_logits[:, 1]}
+
+    steps = carry.steps + 1
+    is_last = steps >= config.halt_max_steps
+    halted = is_last
+    if train and config.halt_max_steps > 1:
+        if rng is None:
+            raise ValueError("act_segment(train=True) needs an rng key for halting exploration")
+        q_halt, q_cont = jax.lax.stop_gradient(q_logits[:, 0]), jax.lax.stop_gradient(q_logits[:, 1])
+        halted = halted | (q_halt > q_cont)
+        halted = halted & (steps >= _min_halt_steps(config, rng, steps.shape[0]))
+        # Target Q from a second full inner forward on the new carry, without gradient (the
+        # reference's PQN-style bootstrapping: no replay buffer, no target network).
+        next_carry = carry.replace(z_H=z_H, z_L=z_L)
+        frozen = jax.lax.stop_gradient({"dense": params["dense"]})
+        *_, next_q = segment_forward(frozen, config, next_carry, jax.lax.stop_gradient(puzzle_rows))
+        target = jnp.where(is_last, next_q[:, 0], jnp.maximum(next_q[:, 0], next_q[:, 1]))
+        outputs["target_q_continue"] = jax.nn.sigmoid(target)
+
+    new_carry = ACTCarry(z_H=z_H, z_L=z_L, steps=steps, halted=halted, current_data=carry.current_data)
+    return new_carry, outputs
+
+
+def _min_halt_steps(config: HRMConfig, rng: jax.Array, batch_size: int) -> jax.Array:
+    """Exploration: one uniform per row; below the probability, a minimum of U{2..halt_max_steps}."""
+    k_explore, k_steps = jax.random.split(rng)
+    explore = jax.random.uniform(k_explore, (batch_size,)) < config.halt_exploration_prob
+    minimum = jax.random.randint(k_steps, (batch_size,), 2, config.halt_max_steps + 1, jnp.int32)
+    return jnp.where(explore, minimum, 0)
+
+
+def act_step(params: Params, config: HRMConfig, carry: ACTCarry, batch: Batch, rng: jax.Array | None,
+             *, train: bool) -> tuple[ACTCarry, dict[str, jax.Array]]:
+    """refresh_carry + one act_segment: the reference's HierarchicalReasoningModel_ACTV1.forward."""
+    carry = refresh_carry(params, config, carry, batch)
+    rows = gather_puzzle_rows(params, config, carry.current_data["puzzle_identifiers"])
+    return act_segment(params, config, carry, rows, rng, train=train)
