@@ -149,8 +149,9 @@ def count_params(tree: Any) -> int:
 def initial_carry(config: HRMConfig, batch: Batch) -> ACTCarry:
     """A carry whose rows are all halted, so the first act_step loads every row from `batch`."""
     batch_size = batch["inputs"].shape[0]
-    z = jnp.zeros((batch_size, config.total_seq_len, config.hidden_size), forward_dtype(config))
-    return ACTCarry(z_H=z, z_L=z, steps=jnp.zeros((batch_size,), jnp.int32),
+    shape, dtype = (batch_size, config.total_seq_len, config.hidden_size), forward_dtype(config)
+    # Two distinct buffers: a train step that donates the carry must not see one buffer twice.
+    return ACTCarry(z_H=jnp.zeros(shape, dtype), z_L=jnp.zeros(shape, dtype), steps=jnp.zeros((batch_size,), jnp.int32),
                     halted=jnp.ones((batch_size,), jnp.bool_),
                     current_data={k: jnp.zeros_like(jnp.asarray(batch[k], jnp.int32)) for k in DATA_KEYS})
 
