@@ -1,0 +1,199 @@
+"""Checkpoints with orbax: everything needed to continue a run bit-exactly, and the best model.
+
+Layout of a run directory (`out_dir`)::
+
+    checkpoints/<step>/params/       params: {"dense", "buffers", "puzzle_emb"?} (StandardSave)
+    checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng"}       (StandardSave)
+    checkpoints/<step>/meta/         JSON: configs, total_steps, sampler state, metrics
+    best/<step>/...                  the same, for the best eval exact accuracy (one kept)
+
+Params are an item of their own so that `load_params_for_eval` restores them without building an
+optimizer. Restores use an abstract target (orbax returns optax states as lists otherwise; see
+shared/NOTES-env.md "Orbax"). Saves wait until written: the trainer donates the state to the next
+step, and a checkpoint must be complete before the loop can be killed anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from hrm_jax.config import HRMConfig, TrainConfig
+from hrm_jax.model import init_params
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PERIODIC_DIR = "checkpoints"
+BEST_DIR = "best"
+_ITEMS = ("params", "train_state", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or incomplete; the message names the path."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A checkpoint was written with a different configuration; the message names each field."""
+
+
+def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, read_only: bool = False
+             ) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options, item_names=_ITEMS)
+
+
+# Saving ----------------------------------------------------------------------------------------
+class RunCheckpoints:
+    """The periodic manager (`out_dir/checkpoints`, `max_to_keep` newest) and the best one
+    (`out_dir/best`, one kept, saved when eval exact accuracy improves)."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int = 3) -> None:
+        self.out_dir = os.fspath(out_dir)
+        self.periodic = _manager(os.path.join(self.out_dir, PERIODIC_DIR), max_to_keep=max_to_keep)
+        self.best = _manager(os.path.join(self.out_dir, BEST_DIR), max_to_keep=1)
+
+    def save(self, state: Any, meta: dict[str, Any], *, best: bool = False) -> str:
+        """Writes `state` (a train.TrainState) and `meta` (see `make_meta`); returns the step dir."""
+        manager = self.best if best else self.periodic
+        step = int(jax.device_get(state.step))
+        if step not in manager.all_steps():
+            manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                train_state=ocp.args.StandardSave(_train_items(state)),
+                meta=ocp.args.JsonSave(meta)))
+            manager.wait_until_finished()
+        path = os.path.join(os.fspath(manager.directory), str(step))
+        logger.info("saved %s checkpoint %s", "best" if best else "periodic", path)
+        return path
+
+    def latest_step(self) -> int | None:
+        return self.periodic.latest_step()
+
+    def close(self) -> None:
+        self.periodic.close()
+        self.best.close()
+
+
+def _train_items(state: Any) -> dict[str, Any]:
+    return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
+
+
+def make_meta(model_config: HRMConfig, train_config: TrainConfig, total_steps: int, step: int,
+              sampler_state: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    """The JSON part of a checkpoint; `extra` holds e.g. eval metrics and the best exact accuracy."""
+    return {"format_version": FORMAT_VERSION, "step": int(step), "total_steps": int(total_steps),
+            "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "sampler": sampler_state, **extra}
+
+
+# Reading ---------------------------------------------------------------------------------------
+def _resolve(path: str | os.PathLike, step: int | None) -> tuple[ocp.CheckpointManager, int, str]:
+    """A run dir, a manager dir or a step dir -> (read-only manager, step, step dir).
+
+    Run dir: its `checkpoints/`. Manager dir: `step` or its latest. Step dir: that step.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory; pass a run's out_dir, its "
+                              f"'{PERIODIC_DIR}'/'{BEST_DIR}' dir or one step dir inside them")
+    if os.path.isdir(os.path.join(path, PERIODIC_DIR)):
+        path = os.path.join(path, PERIODIC_DIR)
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
+        root, step = os.path.dirname(path), int(name)
+    else:
+        root = path
+    manager = _manager(root, read_only=True)
+    steps = manager.all_steps()
+    if step is None:
+        step = max(steps) if steps else None
+    if step is None or step not in steps:
+        raise CheckpointError(f"{root}: no checkpoint{'' if step is None else f' for step {step}'} "
+                              f"(steps found: {sorted(steps)}); train first or pass the right path")
+    return manager, step, os.path.join(root, str(step))
+
+
+def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (see `_resolve` for `path`)."""
+    manager, step, where = _resolve(path, step)
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as err:  # orbax raises several types for missing/corrupt files
+        raise CheckpointError(f"{where}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: not a hrm_jax checkpoint of format {FORMAT_VERSION}")
+    return meta
+
+
+def config_from_dict(cls, data: dict[str, Any], where: str):
+    """HRMConfig/TrainConfig from its saved dict; unknown or missing fields give a CheckpointError."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"{where}: saved {cls.__name__} has fields this version lacks: {unknown}")
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: saved {cls.__name__} is invalid ({err})") from None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """'prefix.field: saved X, now Y' for every field that differs (missing counts as differing)."""
+    return [f"{prefix}.{k}: saved {saved.get(k, '<missing>')!r}, now {current.get(k, '<missing>')!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k, "<missing>") != current.get(k, "<missing>")]
+
+
+def check_compatible(meta: dict[str, Any], model_config: HRMConfig, train_config: TrainConfig,
+                     total_steps: int, where: str) -> None:
+    """Raises CheckpointMismatchError listing every differing field with both values."""
+    diffs = (config_differences(meta["model_config"], model_config.to_dict(), "model")
+             + config_differences(meta["train_config"], train_config.to_dict(), "train"))
+    if int(meta["total_steps"]) != int(total_steps):
+        diffs.append(f"total_steps: saved {meta['total_steps']}, now {total_steps}")
+    if diffs:
+        raise CheckpointMismatchError(f"{where} was written with a different configuration: " + "; ".join(diffs)
+                                      + ". Resume with the saved configuration or use a new out_dir.")
+
+
+def restore(path: str | os.PathLike, abstract_state: Any, *, model_config: HRMConfig,
+            train_config: TrainConfig, total_steps: int, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Restores a TrainState (structure and shapes of `abstract_state`, e.g. from jax.eval_shape)
+    and its metadata. Refuses (CheckpointMismatchError) a checkpoint written with other configs."""
+    manager, step, where = _resolve(path, step)
+    meta = read_meta(where)
+    check_compatible(meta, model_config, train_config, total_steps, where)
+    abstract_items = _train_items(abstract_state)
+    try:
+        items = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train_state=ocp.args.StandardRestore(abstract_items)))
+    except Exception as err:
+        raise CheckpointError(f"{where}: could not restore the state ({type(err).__name__}: {err}); the "
+                              "checkpoint is incomplete or corrupt: delete it to fall back to an older one") from None
+    train_items = items["train_state"]
+    state = abstract_state.replace(params=items["params"], step=train_items["step"],
+                                   opt_state=train_items["opt_state"], carry=train_items["carry"],
+                                   rng=train_items["rng"])
+    logger.info("restored %s (step %d)", where, step)
+    return state, meta
+
+
+def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], HRMConfig]:
+    """(params, model_config) of a checkpoint, for evaluation or the solve CLI. `path` is a run's
+    out_dir (its latest periodic checkpoint), `<out_dir>/best`, a manager dir or a step dir."""
+    manager, step, where = _resolve(path, step)
+    meta = read_meta(where)
+    config = config_from_dict(HRMConfig, meta["model_config"], where)
+    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    try:
+        params = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract)))["params"]
+    except Exception as err:
+        raise CheckpointError(f"{where}: could not restore the params ({type(err).__name__}: {err})") from None
+    return params, config

@@ -1,0 +1,156 @@
+"""Run logs people can open: metrics.jsonl (one JSON object per record), a PNG of the curves, and
+optionally TensorBoard scalars.
+
+A record is `{"step": int, "split": str, "metrics": {name: float}}`; `split` is "train" for
+training logs and e.g. "eval" or "eval/<set>" for evaluations. The plot is drawn with
+matplotlib's Agg canvas directly (no global backend switch, so importing this module never changes
+the backend of a notebook that uses it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+
+# Panels of the plot: (title, metric names drawn in it, y-axis scale).
+_PANELS = (
+    ("loss", ("lm_loss", "q_halt_loss", "q_continue_loss"), "log"),
+    ("token accuracy", ("accuracy", "copy_accuracy"), "linear"),
+    ("exact accuracy", ("exact_accuracy", "early_exact_accuracy", "copy_exact_accuracy"), "linear"),
+    ("ACT steps", ("steps", "early_steps"), "linear"),
+)
+
+
+def _to_float(value: Any) -> float:
+    return float(value)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file, in file order ([] if it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON record ({err}); delete or fix the line") from None
+    return records
+
+
+def truncate_metrics(path: str | os.PathLike, after_step: int) -> int:
+    """Drops records with step > after_step (a resumed run rewrites what the crashed run logged past
+    its last checkpoint). Returns the number of records dropped."""
+    records = read_metrics(path)
+    kept = [r for r in records if int(r["step"]) <= after_step]
+    if len(kept) != len(records):
+        with open(path, "w", encoding="utf-8") as f:
+            for record in kept:
+                f.write(json.dumps(record) + "\n")
+    return len(records) - len(kept)
+
+
+class MetricsLogger:
+    """Appends records to `<out_dir>/metrics.jsonl` (flushed per record) and mirrors them to
+    TensorBoard when asked. `plot()` redraws `<out_dir>/curves.png` from the whole file."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = False) -> None:
+        self.out_dir = os.fspath(out_dir)
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.path = os.path.join(self.out_dir, METRICS_FILE)
+        self.plot_path = os.path.join(self.out_dir, PLOT_FILE)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._writer = _tensorboard_writer(os.path.join(self.out_dir, "tensorboard")) if tensorboard else None
+
+    def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """Writes one record; metric values are converted to Python floats. Returns the record."""
+        record = {"step": int(step), "split": split, "metrics": {k: _to_float(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in record["metrics"].items():
+                self._writer.add_scalar(f"{split}/{name}", value, record["step"])
+            self._writer.flush()
+        return record
+
+    def plot(self) -> str:
+        """Redraws the PNG from metrics.jsonl; returns its path."""
+        plot_curves(read_metrics(self.path), self.plot_path)
+        return self.plot_path
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _tensorboard_writer(log_dir: str):
+    """A SummaryWriter from torch or tensorboardX, whichever is installed (both need `tensorboard`
+    or `tensorboardX`, an optional dependency)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415
+    except ImportError:
+        try:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415
+        except ImportError:
+            raise ImportError("tensorboard=True needs the `tensorboard` (with torch) or `tensorboardX` package; "
+                              "install one (`pip install tensorboard`) or pass tensorboard=False") from None
+    return SummaryWriter(log_dir=log_dir)
+
+
+def _series(records: Iterable[Mapping[str, Any]], split: str, name: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for record in records:
+        value = record["metrics"].get(name)
+        if record["split"] == split and value is not None and math.isfinite(value):
+            steps.append(record["step"])
+            values.append(value)
+    return steps, values
+
+
+def plot_curves(records: list[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Draws one panel per metric family, one line per (split, metric) that has data."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    splits = sorted({r["split"] for r in records}, key=lambda s: (s != "train", s))
+    fig = Figure(figsize=(6 * len(_PANELS) / 2, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, len(_PANELS) // 2).ravel()
+    for ax, (title, names, scale) in zip(axes, _PANELS):
+        drawn = False
+        for split in splits:
+            for name in names:
+                steps, values = _series(records, split, name)
+                if not steps:
+                    continue
+                style = "-" if split == "train" else "o-"
+                alpha = 0.6 if split == "train" else 1.0
+                ax.plot(steps, values, style, label=f"{split}/{name}", alpha=alpha, markersize=3)
+                drawn = True
+        if drawn:
+            if scale == "log" and all(v > 0 for line in ax.get_lines() for v in line.get_ydata()):
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.savefig(os.fspath(path), dpi=100)
+    logger.debug("wrote %s", path)

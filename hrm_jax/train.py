@@ -1,0 +1,352 @@
+"""Training: the state, one pure jitted train step, and the loop (logs, evaluation, checkpoints).
+
+The step follows the reference's pretrain.py `train_batch`: the ACT carry persists across batches
+(halted rows take the new batch's row, the others keep their example: REFERENCE-FACTS item 4), one
+ACT segment runs per batch, the backward pass uses the summed loss divided by the global batch
+size, AdamATan2 updates the dense parameters and sign-SGD the puzzle-embedding rows of the batch,
+both on the same schedule shape with their own base learning rates.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from hrm_jax import checkpoint as ckpt
+from hrm_jax.config import HRMConfig, TrainConfig
+from hrm_jax.data.format import PuzzleSplit, load_split
+from hrm_jax.data.sampler import TrainSampler
+from hrm_jax.evaluate import check_model_fits_data, difficulty_bands, evaluate
+from hrm_jax.logging_utils import MetricsLogger, truncate_metrics
+from hrm_jax.losses import act_loss
+from hrm_jax.model import ACTCarry, act_segment, gather_puzzle_rows, init_params, initial_carry, refresh_carry
+from hrm_jax.optim import lr_schedule, make_dense_optimizer, make_puzzle_emb_schedule, sparse_signsgd_update
+
+logger = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a run needs to continue (the sampler's position aside, which is host-side JSON)."""
+
+    step: jax.Array  # int32[]: optimizer steps taken (the optax count; the reference's step - 1)
+    params: Params  # {"dense", "buffers", "puzzle_emb"?} as model.init_params
+    opt_state: optax.OptState  # AdamATan2 state of params["dense"] only
+    carry: ACTCarry  # the ACT carry, [global_batch_size, ...]
+    rng: jax.Array  # uint32 raw key data (jax.random.key_data), so orbax stores a plain array
+
+
+def _empty_batch(config: HRMConfig, batch_size: int) -> Batch:
+    zeros = jnp.zeros((batch_size, config.seq_len), jnp.int32)
+    return {"inputs": zeros, "labels": zeros, "puzzle_identifiers": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def _fresh_state(model_config: HRMConfig, train_config: TrainConfig, total_steps: int) -> TrainState:
+    k_params, k_train = jax.random.split(jax.random.key(train_config.seed))
+    params = init_params(model_config, k_params)
+    optimizer = make_dense_optimizer(train_config, total_steps)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params["dense"]),
+                      carry=initial_carry(model_config, _empty_batch(model_config, train_config.global_batch_size)),
+                      rng=jax.random.key_data(k_train))
+
+
+# Jitted: run eagerly, Flax's init dispatches (and compiles) hundreds of small ops.
+_fresh_state_jit = jax.jit(_fresh_state, static_argnums=(0, 1, 2))
+
+
+def on_default_device(tree: Any) -> Any:
+    """Commits every array to the default device. Restored checkpoints come back committed; a fresh
+    state must match, or train_step's jit cache misses and it compiles a second time."""
+    return jax.device_put(tree, jax.devices()[0])
+
+
+def init_train_state(model_config: HRMConfig, train_config: TrainConfig, total_steps: int) -> TrainState:
+    """Fresh parameters, optimizer state and an all-halted carry, from train_config.seed."""
+    return on_default_device(_fresh_state_jit(model_config, train_config, total_steps))
+
+
+def abstract_train_state(model_config: HRMConfig, train_config: TrainConfig, total_steps: int) -> TrainState:
+    """Shapes and dtypes of init_train_state without computing it (the target of a restore)."""
+    return jax.eval_shape(lambda: _fresh_state(model_config, train_config, total_steps))
+
+
+def _reduce_metrics(sums: dict[str, jax.Array], global_batch_size: int) -> dict[str, jax.Array]:
+    """As the reference: losses per global batch row, the rest per counted (halted) row."""
+    count = jnp.maximum(sums["count"], 1).astype(jnp.float32)
+    out = {k: v.astype(jnp.float32) / (global_batch_size if k.endswith("loss") else count)
+           for k, v in sums.items() if k != "count"}
+    out["count"] = sums["count"].astype(jnp.float32)
+    return out
+
+
+def _train_step(state: TrainState, batch: Batch, model_config: HRMConfig, train_config: TrainConfig,
+                total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    rng, k_segment = jax.random.split(jax.random.wrap_key_data(state.rng))
+    params = state.params
+    carry = refresh_carry(params, model_config, state.carry, batch)
+    # The embedding looks up the carry's examples, not the batch's (non-halted rows keep theirs).
+    ids = carry.current_data["puzzle_identifiers"]
+    rows = gather_puzzle_rows(params, model_config, ids)
+
+    def loss_fn(dense: Params, rows: jax.Array):
+        segment_params = {"dense": dense, "buffers": params["buffers"]}
+        new_carry, outputs = act_segment(segment_params, model_config, carry, rows, k_segment, train=True)
+        loss, sums = act_loss(outputs, new_carry)
+        return loss / train_config.global_batch_size, (new_carry, sums)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (_, (new_carry, sums)), (dense_grads, row_grads) = grad_fn(params["dense"], rows)
+
+    optimizer = make_dense_optimizer(train_config, total_steps)
+    updates, opt_state = optimizer.update(dense_grads, state.opt_state, params["dense"])
+    new_params = {**params, "dense": optax.apply_updates(params["dense"], updates)}
+    if model_config.puzzle_emb_ndim > 0:
+        emb_lr = make_puzzle_emb_schedule(train_config, total_steps)(state.step)
+        new_params["puzzle_emb"] = sparse_signsgd_update(params["puzzle_emb"], ids, row_grads, emb_lr,
+                                                         train_config.puzzle_emb_weight_decay)
+
+    metrics = _reduce_metrics(sums, train_config.global_batch_size)
+    metrics["lr"] = jnp.asarray(lr_schedule(train_config.lr, train_config.lr_warmup_steps, total_steps,
+                                            train_config.lr_min_ratio)(state.step), jnp.float32)
+    new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, carry=new_carry,
+                           rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "train_config", "total_steps"),
+                   donate_argnames=("state",))
+def train_step(state: TrainState, batch: Batch, *, model_config: HRMConfig, train_config: TrainConfig,
+               total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on one global batch (int32 arrays: inputs/labels [B, seq_len], puzzle_identifiers [B]).
+
+    `state` is donated. Metrics (f32 scalars): lm_loss, q_halt_loss, q_continue_loss (per global
+    batch row); accuracy, exact_accuracy, q_halt_accuracy, steps (per halted row); count; lr.
+    """
+    return _train_step(state, batch, model_config, train_config, total_steps)
+
+
+# The loop --------------------------------------------------------------------------------------
+class TrainingError(ValueError):
+    """Bad arguments to `train` or an out_dir that does not fit the requested run."""
+
+
+def _window_mean(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean of per-step metrics: losses per step, row metrics weighted by their counts, lr last."""
+    counts = np.array([float(r["count"]) for r in records])
+    out = {}
+    for name in records[-1]:
+        values = np.array([float(r[name]) for r in records])
+        if name.endswith("loss"):
+            out[name] = float(values.mean())
+        elif name == "lr":
+            out[name] = float(values[-1])
+        elif name == "count":
+            out[name] = float(counts.sum())
+        else:
+            out[name] = float((values * counts).sum() / counts.sum()) if counts.sum() > 0 else float("nan")
+    return out
+
+
+def _load_eval_split(data_dir: str, split: str | None, config: HRMConfig) -> PuzzleSplit | None:
+    if split is None or not os.path.isdir(os.path.join(data_dir, split)):
+        logger.warning("no '%s' split under %s: training without evaluation", split, data_dir)
+        return None
+    loaded = load_split(data_dir, split)
+    check_model_fits_data(config, loaded)
+    return loaded
+
+
+def _eval_every(eval_every: int | None, train_config: TrainConfig, meta) -> int | None:
+    """Explicit steps, or the reference's eval_interval (epochs) converted to steps."""
+    if eval_every is not None:
+        if eval_every < 1:
+            raise TrainingError(f"eval_every must be >= 1 or None, got {eval_every}")
+        return eval_every
+    if train_config.eval_interval is None:
+        return None
+    steps_per_epoch = meta.total_groups * meta.mean_puzzle_examples / train_config.global_batch_size
+    return max(1, int(train_config.eval_interval * steps_per_epoch))
+
+
+class _Run:
+    """Host-side bookkeeping of one call to `train`: logger, checkpoints, evaluation, best score."""
+
+    def __init__(self, model_config, train_config, total_steps, out_dir, eval_data, *, tensorboard,
+                 keep_checkpoints, eval_batch_size, eval_max_batches):
+        self.model_config, self.train_config, self.total_steps = model_config, train_config, total_steps
+        self.out_dir = out_dir
+        self.checkpoints = ckpt.RunCheckpoints(out_dir, max_to_keep=keep_checkpoints)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.eval_data = eval_data
+        self.eval_batch_size = eval_batch_size or train_config.global_batch_size
+        self.eval_max_batches = eval_max_batches
+        # Per-difficulty-band results when the split has a difficulty array (e.g. Sudoku ratings).
+        self.group_by = difficulty_bands(eval_data) if eval_data is not None else None
+        self.best_exact = -math.inf
+        self.last_eval: dict[str, float] | None = None
+        self._tensorboard = tensorboard
+        self.log: MetricsLogger | None = None
+
+    def start(self, sampler: TrainSampler, resume: bool) -> TrainState:
+        """Fresh state, or the latest checkpoint's state (sampler and metrics.jsonl rewound to it)."""
+        latest = self.checkpoints.latest_step()
+        if latest is not None and not resume:
+            raise TrainingError(f"{self.out_dir} already holds checkpoints (latest step {latest}); pass "
+                                "resume=True to continue that run or choose a new out_dir")
+        if latest is None:
+            truncate_metrics(self.metrics_path, -1)
+            self.log = MetricsLogger(self.out_dir, tensorboard=self._tensorboard)
+            if resume:
+                logger.info("resume: no checkpoint in %s, starting a new run", self.out_dir)
+            return init_train_state(self.model_config, self.train_config, self.total_steps)
+        state, meta = ckpt.restore(
+            os.path.join(self.out_dir, ckpt.PERIODIC_DIR),
+            abstract_train_state(self.model_config, self.train_config, self.total_steps),
+            model_config=self.model_config, train_config=self.train_config, total_steps=self.total_steps)
+        sampler.restore(meta["sampler"])
+        best = meta.get("best_exact_accuracy")
+        self.best_exact = -math.inf if best is None else float(best)
+        dropped = truncate_metrics(self.metrics_path, int(meta["step"]))
+        logger.info("resumed at step %d (%d later log records dropped)", meta["step"], dropped)
+        self.log = MetricsLogger(self.out_dir, tensorboard=self._tensorboard)
+        return state
+
+    def meta(self, step: int, sampler: TrainSampler) -> dict[str, Any]:
+        best = None if self.best_exact == -math.inf else self.best_exact
+        return ckpt.make_meta(self.model_config, self.train_config, self.total_steps, step, sampler.state(),
+                              best_exact_accuracy=best, eval_metrics=self.last_eval)
+
+    def evaluate(self, state: TrainState, step: int, sampler: TrainSampler) -> dict[str, float] | None:
+        """Evaluates, logs every group of results, redraws the plot, saves the best checkpoint."""
+        if self.eval_data is None:
+            return None
+        results = evaluate(state.params, self.model_config, self.eval_data, self.eval_batch_size,
+                           group_by=self.group_by, max_batches=self.eval_max_batches)
+        for name, metrics in results.items():
+            self.log.log(step, "eval" if name == "all" else f"eval/{name}", metrics)
+        self.log.plot()
+        self.last_eval = results["all"]
+        exact = results["all"]["exact_accuracy"]
+        if math.isfinite(exact) and exact > self.best_exact:
+            self.best_exact = exact
+            self.checkpoints.save(state, self.meta(step, sampler), best=True)
+        return results["all"]
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        self.checkpoints.close()
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os.PathLike,
+          out_dir: str | os.PathLike, *, total_steps: int | None = None, max_steps: int | None = None,
+          eval_every: int | None = None, eval_split: str | None = "test", eval_batch_size: int | None = None,
+          eval_max_batches: int | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 3,
+          resume: bool = False, early_stop_exact: float | None = None, log_every: int = 10,
+          progress: bool = True, tensorboard: bool = False) -> dict[str, Any]:
+    """Trains on `<data_dir>/train`, evaluating on `<data_dir>/<eval_split>`; writes into out_dir.
+
+    total_steps: schedule length (default: the reference's estimate from epochs and the data).
+    max_steps: stop (resumably) after this step even if the schedule is longer.
+    eval_every: steps between evaluations (default: train_config.eval_interval epochs in steps; the
+      last step is always evaluated). checkpoint_every: steps between periodic checkpoints (the
+      last step is always saved). resume: continue from out_dir's latest checkpoint (a new run if
+      there is none); without it, an out_dir holding checkpoints is refused.
+    early_stop_exact: stop once the training exact accuracy over a log window reaches this (the
+      reference README advises stopping near 100% on Sudoku-Extreme: late training turns unstable).
+    log_every: steps per metrics.jsonl train record (mean over the window; 1 logs every step).
+    eval_split: the split to evaluate on (None or a missing split: no evaluation); eval_batch_size
+      (default global_batch_size); eval_max_batches: evaluate only this many batches (large sets).
+    keep_checkpoints: periodic checkpoints kept (the best one is kept apart in out_dir/best).
+    progress: a tqdm bar (loss, token/exact accuracy, steps/s); tensorboard: also write
+      TensorBoard scalars (needs `tensorboard` or `tensorboardX`).
+    Returns {"step", "total_steps", "stopped_early", "train" (last logged train metrics), "eval" (last
+    eval metrics of the whole split), "best_exact_accuracy", "state" (the final TrainState), "paths"}.
+    """
+    data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
+    if log_every < 1:
+        raise TrainingError(f"log_every must be >= 1, got {log_every}")
+    train_split = load_split(data_dir, "train")
+    check_model_fits_data(model_config, train_split)
+    meta = train_split.metadata
+    total_steps = total_steps or train_config.total_steps(meta.total_groups, meta.mean_puzzle_examples)
+    if total_steps < 1:
+        raise TrainingError(f"total_steps is {total_steps}: the data gives less than one batch; raise epochs "
+                            "or lower global_batch_size")
+    stop_at = min(total_steps, max_steps) if max_steps is not None else total_steps
+    eval_every = _eval_every(eval_every, train_config, meta)
+    # The reference's loader draws eval_interval epochs per iteration before dropping a short batch.
+    sampler = TrainSampler(train_split, train_config.global_batch_size, train_config.seed,
+                           epochs_per_iter=train_config.eval_interval or train_config.epochs)
+    run = _Run(model_config, train_config, total_steps, out_dir, _load_eval_split(data_dir, eval_split, model_config),
+               tensorboard=tensorboard, keep_checkpoints=keep_checkpoints, eval_batch_size=eval_batch_size,
+               eval_max_batches=eval_max_batches)
+    try:
+        return _loop(run, sampler, resume, stop_at, eval_every, checkpoint_every, early_stop_exact,
+                     log_every, progress)
+    finally:
+        run.close()
+
+
+def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_every: int | None,
+          checkpoint_every: int | None, early_stop_exact: float | None, log_every: int,
+          progress: bool) -> dict[str, Any]:
+    state = run.start(sampler, resume)
+    step = int(jax.device_get(state.step))
+    step_fn = functools.partial(train_step, model_config=run.model_config, train_config=run.train_config,
+                                total_steps=run.total_steps)
+    bar = _progress_bar(progress, run.total_steps, step)
+    window, train_metrics, eval_metrics, stopped_early = [], None, None, False
+    tick = time.perf_counter()
+    while step < stop_at and not stopped_early:
+        state, metrics = step_fn(state, sampler.next_batch())
+        step += 1
+        window.append(metrics)
+        last = step == stop_at
+        if step % log_every == 0 or last:
+            train_metrics = _window_mean(jax.device_get(window))
+            run.log.log(step, "train", train_metrics)
+            now = time.perf_counter()
+            bar.set_postfix(loss=f"{train_metrics['lm_loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}",
+                            exact=f"{train_metrics['exact_accuracy']:.3f}",
+                            steps_s=f"{len(window) / (now - tick):.2f}")
+            bar.update(len(window))
+            window, tick = [], now
+            stopped_early = (early_stop_exact is not None and train_metrics["exact_accuracy"] >= early_stop_exact)
+            if stopped_early:
+                logger.info("early stop at step %d: train exact accuracy %.4f >= %.4f", step,
+                            train_metrics["exact_accuracy"], early_stop_exact)
+        final = last or stopped_early
+        if final or (eval_every is not None and step % eval_every == 0):
+            eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
+        if final or (checkpoint_every is not None and step % checkpoint_every == 0):
+            run.checkpoints.save(state, run.meta(step, sampler))
+    bar.close()
+    if run.log is not None and os.path.exists(run.metrics_path):
+        run.log.plot()
+    best = None if run.best_exact == -math.inf else run.best_exact
+    return {"step": step, "total_steps": run.total_steps, "stopped_early": stopped_early,
+            "train": train_metrics, "eval": eval_metrics, "best_exact_accuracy": best,
+            "state": state,
+            "paths": {"out_dir": run.out_dir, "metrics": run.metrics_path, "plot": run.log.plot_path,
+                      "checkpoints": os.path.join(run.out_dir, ckpt.PERIODIC_DIR),
+                      "best": os.path.join(run.out_dir, ckpt.BEST_DIR)}}

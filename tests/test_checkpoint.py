@@ -1,0 +1,114 @@
+"""Checkpoints: a bit-exact round trip of the whole train state, params for evaluation, refusal of a
+checkpoint written with another configuration, clear errors for missing or corrupt directories."""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hrm_jax import checkpoint as ckpt
+from hrm_jax.optim import AdamATan2State
+from hrm_jax.train import TrainState, abstract_train_state, init_train_state, on_default_device
+from tests.test_train import CFG, TC
+
+TOTAL = 8
+SAMPLER_STATE = {"version": 1, "pass": 3, "rng": {"state": {"counter": [1, 2, 3, 2**63 + 5]}}, "start": 7}
+
+
+def random_state(seed: int = 0) -> TrainState:
+    """A fresh state with every leaf replaced by random values of its dtype (zeros would hide a
+    restore that drops or swaps leaves)."""
+    state = init_train_state(CFG, TC, TOTAL)
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        x = np.asarray(x)
+        if x.dtype == np.bool_:
+            return rng.random(x.shape) < 0.5
+        if np.issubdtype(x.dtype, np.integer):
+            return rng.integers(0, 100, x.shape).astype(x.dtype)
+        return rng.normal(size=x.shape).astype(x.dtype)
+
+    return on_default_device(jax.tree.map(lambda x: jnp.asarray(fill(x)), state))
+
+
+def save(out_dir, state, *, best=False, **extra):
+    runs = ckpt.RunCheckpoints(out_dir, max_to_keep=2)
+    meta = ckpt.make_meta(CFG, TC, TOTAL, int(state.step), SAMPLER_STATE, **extra)
+    path = runs.save(state, meta, best=best)
+    runs.close()
+    return path
+
+
+def assert_same_tree(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_is_bit_exact_and_keeps_types(tmp_path):
+    state = random_state().replace(step=jnp.asarray(5, jnp.int32))
+    host = jax.device_get(state)
+    save(tmp_path, state, best_exact_accuracy=0.25)
+    restored, meta = ckpt.restore(tmp_path / "checkpoints", abstract_train_state(CFG, TC, TOTAL),
+                                  model_config=CFG, train_config=TC, total_steps=TOTAL)
+    assert_same_tree(restored, host)
+    assert isinstance(restored.opt_state, AdamATan2State)  # not a list (restored with a target)
+    assert meta["sampler"] == SAMPLER_STATE and meta["step"] == 5 and meta["best_exact_accuracy"] == 0.25
+    assert ckpt.config_from_dict(type(CFG), meta["model_config"], "x") == CFG
+
+
+def test_periodic_keeps_newest_best_kept_apart_and_params_for_eval(tmp_path):
+    states = [random_state(seed).replace(step=jnp.asarray(step, jnp.int32)) for seed, step in enumerate((1, 2, 3))]
+    for state in states:
+        save(tmp_path, state)
+    best_path = save(tmp_path, states[0], best=True)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "3"]  # max_to_keep=2
+    assert os.listdir(tmp_path / "best") == ["1"]
+
+    for path, expected in ((tmp_path, states[2]), (tmp_path / "checkpoints", states[2]),
+                           (tmp_path / "checkpoints" / "2", states[1]), (tmp_path / "best", states[0]),
+                           (best_path, states[0])):
+        params, config = ckpt.load_params_for_eval(path)
+        assert config == CFG
+        assert_same_tree(params, jax.device_get(expected.params))
+
+
+def test_mismatched_config_is_refused_naming_each_field(tmp_path):
+    save(tmp_path, random_state())
+    abstract = abstract_train_state(CFG, TC, TOTAL)
+    other_model, other_train = CFG.replace(hidden_size=64), TC.replace(lr=3e-4, seed=4)
+    with pytest.raises(ckpt.CheckpointMismatchError) as info:
+        ckpt.restore(tmp_path, abstract, model_config=other_model, train_config=other_train, total_steps=TOTAL)
+    message = str(info.value)
+    for part in ("model.hidden_size: saved 32, now 64", "train.lr: saved 0.001, now 0.0003",
+                 "train.seed: saved 0, now 4", str(tmp_path)):
+        assert part in message
+    assert "num_heads" not in message  # only the differing fields
+    with pytest.raises(ckpt.CheckpointMismatchError, match="total_steps: saved 8, now 9"):
+        ckpt.restore(tmp_path, abstract, model_config=CFG, train_config=TC, total_steps=9)
+
+
+def test_missing_empty_and_corrupt_checkpoints_name_the_path(tmp_path):
+    abstract = abstract_train_state(CFG, TC, TOTAL)
+    kwargs = dict(model_config=CFG, train_config=TC, total_steps=TOTAL)
+    missing = tmp_path / "nowhere"
+    with pytest.raises(ckpt.CheckpointError, match=f"{missing}: no such checkpoint directory"):
+        ckpt.restore(missing, abstract, **kwargs)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        ckpt.load_params_for_eval(tmp_path / "empty")
+
+    step_dir = save(tmp_path / "run", random_state())
+    shutil.rmtree(os.path.join(step_dir, "params"))
+    with pytest.raises(ckpt.CheckpointError, match=f"{step_dir}: could not restore"):
+        ckpt.restore(tmp_path / "run", abstract, **kwargs)
+    with pytest.raises(ckpt.CheckpointError, match=f"{step_dir}: could not restore the params"):
+        ckpt.load_params_for_eval(step_dir)
+    shutil.rmtree(os.path.join(step_dir, "meta"))
+    with pytest.raises(ckpt.CheckpointError, match=str(tmp_path / "run")):
+        ckpt.read_meta(tmp_path / "run")
