@@ -292,6 +292,22 @@ def _select(pool: _Pool, split: str, eligible: np.ndarray, quota: int | None, wo
     return accepted, skipped
 
 
+def reveal_givens(puzzles: np.ndarray, solutions: np.ndarray, max_blanks: int, rng: np.random.Generator
+                  ) -> np.ndarray:
+    """Fill random blanks of each puzzle from its solution until at most max_blanks remain.
+
+    Adding correct givens keeps a unique solution unique, so the result needs no re-check. Used
+    for easier sets (the CPU quick start); the difficulty rating stays the original puzzle's.
+    """
+    out = puzzles.copy()
+    for grid, solution in zip(out, solutions):
+        blanks = np.flatnonzero(grid == 0)
+        if len(blanks) > max_blanks:
+            fill = rng.choice(blanks, len(blanks) - max_blanks, replace=False)
+            grid[fill] = solution[fill]
+    return out
+
+
 def _augment(puzzles: np.ndarray, solutions: np.ndarray, num_aug: int, rng: np.random.Generator
              ) -> tuple[np.ndarray, np.ndarray]:
     """int8[G, 81] originals -> int8[G * (1 + num_aug), 81]: each original followed by its
@@ -313,11 +329,14 @@ _DIFFICULTY_DOC = ("all__difficulty.npy: int32 per example, dead ends met by "
 
 
 def _write_split(out_dir: str, split: str, picked: list[tuple[int, np.ndarray, int]], pool: _Pool,
-                 num_aug: int, rng: np.random.Generator, extra: dict) -> dict:
+                 num_aug: int, rng: np.random.Generator, extra: dict, max_blanks: int | None = None) -> dict:
     """Augment, encode (digits + 1, as the reference) and write one split; returns its report."""
     index = np.array([i for i, _, _ in picked], dtype=np.int64)
+    solutions = np.stack([s for _, s, _ in picked])
     puzzles = pool.grids[index]
-    inputs, labels = _augment(puzzles, np.stack([s for _, s, _ in picked]), num_aug, rng)
+    if max_blanks is not None:
+        puzzles = reveal_givens(puzzles, solutions, max_blanks, rng)
+    inputs, labels = _augment(puzzles, solutions, num_aug, rng)
     per_group = 1 + num_aug
     difficulty = np.repeat(np.array([r for _, _, r in picked], np.int32), per_group)
     source = np.repeat(pool.source[index], per_group)
@@ -351,7 +370,8 @@ def _make_pool(collections_: dict[str, Collection], rng: np.random.Generator) ->
 def build_sudoku_dataset(out_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
                          train_size: int = 1000, num_aug: int = 1000, test_size: int | None = None,
                          seed: int = 0, train_pool: Sequence[str] | None = None,
-                         test_pool: Sequence[str] | None = None, workers: int | None = None) -> dict:
+                         test_pool: Sequence[str] | None = None, workers: int | None = None,
+                         max_blanks: int | None = None) -> dict:
     """Build `<out_dir>/{train,test}` in the reference's format and return the build report.
 
     train_size puzzles are drawn at random from the train pool, each with num_aug augmentations
@@ -360,12 +380,15 @@ def build_sudoku_dataset(out_dir: str | os.PathLike, *, source_dir: str | os.Pat
     collection of the source). Each pick must have exactly one solution and belong to an
     equivalence class that no earlier pick (of either split) belongs to, so no test puzzle is a
     transform of a training puzzle. Also writes identifiers.json (as the reference) and
-    build_report.json. workers: solver processes (None: all CPUs).
+    build_report.json. workers: solver processes (None: all CPUs). max_blanks: reveal solution
+    cells of every puzzle (both splits) until at most this many blanks remain (easier sets).
     """
     start = time.perf_counter()
     if train_size < 1 or num_aug < 0 or (test_size is not None and test_size < 0):
         raise SudokuDataError(f"need train_size >= 1, num_aug >= 0, test_size >= 0 or None; got "
                               f"{train_size}, {num_aug}, {test_size}")
+    if max_blanks is not None and not 0 <= max_blanks <= 81:
+        raise SudokuDataError(f"max_blanks must be in 0..81 or None, got {max_blanks}")
     source = pathlib.Path(source_dir) if source_dir is not None else default_source_dir()
     if train_pool is None or test_pool is None:
         present = [p.stem for p in ([source] if source.is_file() else source.glob("*.txt"))]
@@ -384,15 +407,16 @@ def build_sudoku_dataset(out_dir: str | os.PathLike, *, source_dir: str | os.Pat
         raise SudokuDataError("the test pool has no usable puzzle left after the training draw")
     extra = {"task": "sudoku", "encoding": "0 pad, 1 blank, 2..10 digits 1..9",
              "difficulty": _DIFFICULTY_DOC, "source": "all__source.npy: int8 per example, index "
-             "into source_names", "source_names": pool.names, "seed": seed}
+             "into source_names", "source_names": pool.names, "seed": seed, "max_blanks": max_blanks}
     os.makedirs(out_dir, exist_ok=True)
     report = {
         "source": str(source), "train_pool": list(train_pool), "test_pool": list(test_pool),
         "seed": seed, "num_aug": num_aug,
         "collections": {n: {"puzzle_lines": c.num_lines, "well_formed": len(c.grids),
                             "rejected": c.rejected} for n, c in collections_.items()},
-        "train": _write_split(out_dir, "train", train, pool, num_aug, rng, {**extra, "num_aug": num_aug}),
-        "test": _write_split(out_dir, "test", test, pool, 0, rng, {**extra, "num_aug": 0}),
+        "train": _write_split(out_dir, "train", train, pool, num_aug, rng, {**extra, "num_aug": num_aug},
+                              max_blanks),
+        "test": _write_split(out_dir, "test", test, pool, 0, rng, {**extra, "num_aug": 0}, max_blanks),
     }
     report["train"]["skipped"], report["test"]["skipped"] = dict(train_skipped), dict(test_skipped)
     report["seconds"] = round(time.perf_counter() - start, 2)
@@ -406,7 +430,8 @@ def build_sudoku_dataset(out_dir: str | os.PathLike, *, source_dir: str | os.Pat
 
 
 def build_quickstart_dataset(out_dir: str | os.PathLike, *, source_dir: str | os.PathLike | None = None,
-                             seed: int = 0, workers: int | None = None) -> dict:
+                             seed: int = 0, workers: int | None = None, max_blanks: int | None = None,
+                             train_size: int = 200, num_aug: int = 8, test_size: int = 200) -> dict:
     """A small dataset for smoke runs (200 train puzzles x 8 augmentations, 200 test) in seconds."""
-    return build_sudoku_dataset(out_dir, source_dir=source_dir, train_size=200, num_aug=8,
-                                test_size=200, seed=seed, workers=workers)
+    return build_sudoku_dataset(out_dir, source_dir=source_dir, train_size=train_size, num_aug=num_aug,
+                                test_size=test_size, seed=seed, workers=workers, max_blanks=max_blanks)

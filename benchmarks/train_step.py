@@ -1,0 +1,86 @@
+"""Time the full HRM training step (ACT segment, target-Q forward, backward, AdamATan2, sparse SignSGD).
+
+    python -m benchmarks.train_step --preset sudoku_extreme --batch 384 [--batch 768] [--iters 50]
+
+Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
+the GPU's dense bf16 peak, and peak device memory; merges the numbers into
+benchmarks/results/<gpu>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from hrm_jax.config import MODEL_PRESETS, TRAIN_PRESETS
+from hrm_jax.train import init_train_state, train_step
+
+
+def random_batches(config, batch_size: int, count: int, seed: int = 0) -> list[dict[str, jax.Array]]:
+    """Sudoku-like token batches on the device (never zeros: METHOD.md), rotated during timing."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        labels = rng.integers(2, config.vocab_size, (batch_size, config.seq_len))
+        inputs = np.where(rng.random(labels.shape) < 0.7, 1, labels)  # ~70% blanks
+        ids = rng.integers(0, config.num_puzzle_identifiers, (batch_size,))
+        batches.append(jax.device_put({"inputs": jnp.asarray(inputs, jnp.int32),
+                                       "labels": jnp.asarray(labels, jnp.int32),
+                                       "puzzle_identifiers": jnp.asarray(ids, jnp.int32)}))
+    return batches
+
+
+def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int) -> dict:
+    model_config = MODEL_PRESETS[preset]()
+    train_config = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["sudoku_extreme"]).replace(global_batch_size=batch_size)
+    total_steps = 26_042
+    state = init_train_state(model_config, train_config, total_steps)
+    batches = random_batches(model_config, batch_size, 8)
+    holder = {"state": state}
+
+    def call(i):
+        holder["state"], metrics = train_step(holder["state"], batches[i % len(batches)], model_config=model_config,
+                                              train_config=train_config, total_steps=total_steps)
+        return metrics["lm_loss"]
+
+    timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
+    flops = common.train_flops_per_example(model_config) * batch_size
+    info = common.device_info()
+    result = {"preset": preset, "batch": batch_size, **timing,
+              "steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
+              "window_examples_per_s": batch_size / timing["window_s"],
+              "tflops": flops / timing["median_s"] / 1e12, "gflop_per_example": flops / batch_size / 1e9,
+              "peak_memory_gib": common.peak_memory_gib(),
+              "steps_taken": int(holder["state"].step)}
+    if info["peak_bf16_tflops"]:
+        result["mfu"] = result["tflops"] / info["peak_bf16_tflops"]
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="sudoku_extreme", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--batch", type=int, action="append", help="global batch (repeatable; default 384 and 768)")
+    parser.add_argument("--iters", type=int, default=50, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    rows = []
+    for batch in args.batch or [384, 768]:
+        rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup))
+        path = common.save_results(f"train_step_jax_{args.preset}", rows, args.out)
+    print(f"{'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    for r in rows:
+        print(f"{r['batch']:>6} {1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
+              f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Pieces every task CLI shares: train-config flags, model configs sized from the data, run
+folders, result tables, and turning known errors into one clear line (exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import logging
+import os
+import pathlib
+import sys
+from typing import Any, Callable
+
+from hrm_jax.config import HRMConfig, TrainConfig
+from hrm_jax.data.format import load_metadata
+
+RUNS_DIR = pathlib.Path(os.environ.get("HRM_RUNS_DIR", "runs"))
+
+# TrainConfig fields settable from the command line (flag --global-batch-size -> global_batch_size).
+_TRAIN_FLAGS = {"global_batch_size": int, "epochs": int, "eval_interval": int, "lr": float,
+                "lr_min_ratio": float, "lr_warmup_steps": int, "weight_decay": float, "beta1": float,
+                "beta2": float, "puzzle_emb_lr": float, "puzzle_emb_weight_decay": float, "seed": int}
+
+
+class CLIError(ValueError):
+    """A bad command-line argument: printed as one line, exit code 2."""
+
+
+def cli_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wraps a CLI's main so that expected errors (bad input, data, checkpoints) print one line.
+
+    Every error class the package raises for bad input derives from ValueError or OSError; a
+    traceback is kept only for real bugs (anything else).
+    """
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except (ValueError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+            return 130
+
+    return wrapper
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # orbax and absl are chatty at INFO.
+    for name in ("absl", "orbax", "jax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags overriding the preset's TrainConfig, and how the run is driven."""
+    group = parser.add_argument_group("training hyperparameters (override the preset)")
+    for name, kind in _TRAIN_FLAGS.items():
+        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper())
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default runs/<task>-<time>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    run.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: eval_interval epochs)")
+    run.add_argument("--eval-batch-size", type=int, default=None)
+    run.add_argument("--checkpoint-every", type=int, default=None, help="steps between periodic checkpoints")
+    run.add_argument("--early-stop-exact", type=float, default=None,
+                     help="stop when training exact accuracy reaches this (the reference warns of late instability)")
+    run.add_argument("--log-every", type=int, default=10)
+    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboardX)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    changes = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name, None) is not None}
+    return base.replace(**changes)
+
+
+def model_config_for_data(base: HRMConfig, data_dir: str | os.PathLike, split: str = "train") -> HRMConfig:
+    """The preset's architecture with the task sizes (seq_len, vocab, identifiers) of the dataset."""
+    meta = load_metadata(data_dir, split)
+    return base.replace(seq_len=meta.seq_len, vocab_size=meta.vocab_size,
+                        num_puzzle_identifiers=meta.num_puzzle_identifiers)
+
+
+def new_run_dir(task: str, out: pathlib.Path | None) -> pathlib.Path:
+    if out is not None:
+        return out
+    return RUNS_DIR / f"{task}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_training(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os.PathLike,
+                 out_dir: pathlib.Path, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """hrm_jax.train.train with the run flags of add_train_flags (keyword overrides win)."""
+    from hrm_jax.train import train  # noqa: PLC0415  (keeps --help fast)
+
+    options = dict(max_steps=args.max_steps, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+                   checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   early_stop_exact=args.early_stop_exact, log_every=args.log_every,
+                   progress=not args.no_progress, tensorboard=args.tensorboard)
+    options.update(overrides)
+    return train(model_config, train_config, data_dir, out_dir, **options)
+
+
+def format_config(config: Any) -> str:
+    return ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config))
+
+
+def print_eval_table(results: dict[str, dict[str, float]], title: str = "evaluation") -> None:
+    """Exact and token accuracy (last segment and Q-halted) beside the copy-the-input baseline."""
+    print(f"\n{title}")
+    header = f"{'split':<22} {'count':>7} {'exact':>8} {'exact(Q)':>9} {'token':>8} {'steps(Q)':>9} {'copy exact':>11} {'copy token':>11}"
+    print(header)
+    print("-" * len(header))
+    for name, m in results.items():
+        print(f"{name:<22} {int(m.get('count', 0)):>7} {m['exact_accuracy']:>8.2%} "
+              f"{m.get('early_exact_accuracy', float('nan')):>9.2%} {m['accuracy']:>8.2%} "
+              f"{m.get('early_steps', float('nan')):>9.2f} {m.get('copy_exact_accuracy', float('nan')):>11.2%} "
+              f"{m.get('copy_accuracy', float('nan')):>11.2%}")

@@ -1,0 +1,245 @@
+"""Sudoku with HRM: build the data, train, evaluate, solve.
+
+    python -m experiments.sudoku                      # quick start: small data, small model, CPU, minutes
+    python -m experiments.sudoku build --out data/sudoku-extreme-1k-aug-1000
+    python -m experiments.sudoku train --data data/sudoku-extreme-1k-aug-1000 --preset sudoku_extreme
+    python -m experiments.sudoku eval --checkpoint runs/sudoku-.../best --data DIR
+    python -m experiments.sudoku solve 4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from experiments import common
+from hrm_jax.config import TRAIN_PRESETS, TrainConfig, sudoku_extreme, tiny
+
+TASK = "sudoku"
+# The paper's runs (reference README): 8 GPUs at global batch 768, or one GPU at 384 with lr 7e-5.
+PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "quickstart")
+QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
+
+
+def quickstart_model():
+    """Small enough for 2 CPU cores, large enough to beat the baselines within minutes."""
+    return tiny(hidden_size=128, num_heads=4, H_layers=2, L_layers=2, H_cycles=2, L_cycles=2,
+                halt_max_steps=4, forward_dtype="float32")
+
+
+def quickstart_train() -> TrainConfig:
+    return TrainConfig(global_batch_size=64, epochs=100000, eval_interval=None, lr=1e-3, lr_warmup_steps=50,
+                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1)
+
+
+def model_for(preset: str):
+    return quickstart_model() if preset == "quickstart" else sudoku_extreme()
+
+
+def train_for(preset: str) -> TrainConfig:
+    return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS[preset]
+
+
+# Commands ---------------------------------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    from hrm_jax.data.sudoku import build_sudoku_dataset  # noqa: PLC0415
+
+    start = time.perf_counter()
+    report = build_sudoku_dataset(args.out, source_dir=args.source, train_size=args.train_size,
+                                  num_aug=args.num_aug, test_size=args.test_size, seed=args.seed,
+                                  workers=args.workers, max_blanks=args.max_blanks)
+    print(json.dumps({k: report[k] for k in report if k != "rejected_lines"}, indent=1, default=str)[:4000])
+    print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    model_config = common.model_config_for_data(model_for(args.preset), args.data)
+    train_config = common.train_config_from_args(train_for(args.preset), args)
+    out = common.new_run_dir(TASK, args.out)
+    print(f"run folder: {out}\nmodel: {common.format_config(model_config)}\ntrain: {common.format_config(train_config)}")
+    summary = common.run_training(model_config, train_config, args.data, out, args)
+    _print_summary(summary)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
+    from hrm_jax.data.format import load_split  # noqa: PLC0415
+    from hrm_jax.evaluate import check_model_fits_data, difficulty_bands, evaluate  # noqa: PLC0415
+
+    params, config = load_params_for_eval(args.checkpoint)
+    split = load_split(args.data, args.split)
+    check_model_fits_data(config, split)
+    results = evaluate(params, config, split, args.batch_size, group_by=difficulty_bands(split))
+    common.print_eval_table(results, f"{args.checkpoint} on {args.data}/{args.split}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from hrm_jax.data.sudoku_solver import is_valid_solution, parse_puzzle  # noqa: PLC0415
+
+    puzzle = parse_puzzle(args.puzzle)  # SudokuFormatError names what is wrong
+    checkpoint = args.checkpoint or _latest_quickstart_checkpoint()
+    solver = _load_solver(args.backend, checkpoint, args.onnx, args.engine, args.early_halt)
+    inputs = (puzzle.astype(np.int32) + 1)[None]  # the reference's encoding: blank 1, digit d -> d + 1
+    ids = np.zeros((1,), np.int32)
+    result = solver.solve(inputs, ids)
+    solution = np.asarray(result.predictions[0]) - 1
+    valid = bool(np.all((solution >= 1) & (solution <= 9))) and is_valid_solution(puzzle, solution.astype(np.int8))
+    print(_grid(solution))
+    print(f"backend {solver.name}, ACT steps {int(result.steps[0])}, "
+          f"{'a valid solution' if valid else 'NOT a valid solution'} of the given puzzle")
+    if args.bench:
+        _bench(solver, inputs, ids, args.bench)
+    return 0 if valid else 1
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Build a small set, train the quickstart model for a few minutes on the CPU, evaluate."""
+    from hrm_jax.data.format import load_metadata  # noqa: PLC0415
+    from hrm_jax.data.sudoku import build_quickstart_dataset, default_source_dir  # noqa: PLC0415
+
+    data = args.data or QUICKSTART_DATA
+    if not (pathlib.Path(data) / "train" / "dataset.json").exists():
+        source = default_source_dir()
+        print(f"building a quick-start dataset from {source} into {data} ...")
+        build_quickstart_dataset(data, source_dir=source, seed=args.seed, max_blanks=args.max_blanks)
+    meta = load_metadata(data, "train")
+    model_config = common.model_config_for_data(quickstart_model(), data)
+    train_config = quickstart_train().replace(seed=args.seed)
+    out = common.new_run_dir(f"{TASK}-quickstart", args.out)
+    print(f"training {common.format_config(model_config)}\n  for {args.steps} steps at batch "
+          f"{train_config.global_batch_size} on {meta.total_groups} training puzzles -> {out}")
+    from hrm_jax.train import train  # noqa: PLC0415
+
+    summary = train(model_config, train_config, data, out, total_steps=args.steps, eval_every=args.steps // 4,
+                    checkpoint_every=args.steps // 4, log_every=10, progress=not args.no_progress)
+    _print_summary(summary)
+    print(f"\nsolve a puzzle with it: python -m experiments.sudoku solve --checkpoint {summary['paths']['best']} PUZZLE")
+    return 0
+
+
+# Helpers ---------------------------------------------------------------------------------------
+def _print_summary(summary: dict) -> None:
+    if summary.get("eval"):
+        common.print_eval_table({"test (last eval)": summary["eval"]}, "held-out evaluation")
+    best = summary.get("best_exact_accuracy")
+    print(f"\nsteps: {summary['step']} of {summary['total_steps']}"
+          f"{' (stopped early)' if summary.get('stopped_early') else ''}; best test exact accuracy: "
+          f"{'n/a' if best is None else f'{best:.2%}'}")
+    paths = summary["paths"]
+    print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
+          f"metrics: {paths['metrics']}\nplot: {paths['plot']}")
+
+
+def _latest_quickstart_checkpoint() -> pathlib.Path:
+    runs = sorted(common.RUNS_DIR.glob(f"{TASK}*/best"))
+    if not runs:
+        raise common.CLIError("no checkpoint given and no run found under runs/: pass --checkpoint DIR "
+                              "or train one first with `python -m experiments.sudoku`")
+    return runs[-1]
+
+
+def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: bool):
+    from export.solvers import load_solver  # noqa: PLC0415
+
+    return load_solver(backend, checkpoint, onnx_path=onnx_path, engine_path=engine_path, early_halt=early_halt)
+
+
+def _bench(solver, inputs, ids, repeats: int) -> None:
+    """Latency per puzzle (median of `repeats` after one warm-up) and peak resident memory."""
+    import resource  # noqa: PLC0415
+    import statistics  # noqa: PLC0415
+
+    solver.solve(inputs, ids)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        solver.solve(inputs, ids)
+        times.append(time.perf_counter() - start)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"latency per puzzle: median {1e3 * statistics.median(times):.1f} ms, min {1e3 * min(times):.1f} ms "
+          f"over {repeats} runs; peak RSS {peak_mib:.0f} MiB (whole process)")
+
+
+def _grid(cells: np.ndarray) -> str:
+    rows = []
+    for r in range(9):
+        row = " ".join(str(int(c)) if 1 <= c <= 9 else "?" for c in cells[9 * r: 9 * r + 9])
+        rows.append(" | ".join([row[0:5], row[6:11], row[12:17]]))
+        if r in (2, 5):
+            rows.append("------+-------+------")
+    return "\n".join(rows)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.sudoku", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
+    parser.add_argument("--steps", type=_positive, default=600, help="quick start: optimizer steps (default 600)")
+    parser.add_argument("--max-blanks", type=int, default=None, help="quick start: reveal solution cells until at most this many blanks remain")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="{build,train,eval,solve}")
+
+    build = sub.add_parser("build", help="build a dataset from the puzzle collections")
+    build.add_argument("--out", type=pathlib.Path, required=True)
+    build.add_argument("--source", type=pathlib.Path, default=None, help="puzzle collections (default $HRM_SUDOKU_DATA or ../shared/data/sudoku)")
+    build.add_argument("--train-size", type=_positive, default=1000, help="training puzzles (paper: 1000)")
+    build.add_argument("--num-aug", type=int, default=1000, help="augmentations per training puzzle (paper: 1000)")
+    build.add_argument("--test-size", type=int, default=None, help="test puzzles (default: every remaining hard puzzle)")
+    build.add_argument("--max-blanks", type=int, default=None, help="reveal solution cells until at most this many blanks remain (easier puzzles)")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--workers", type=int, default=None, help="solver processes (default: all CPUs)")
+
+    train = sub.add_parser("train", help="train on a built dataset")
+    train.add_argument("--data", type=pathlib.Path, required=True)
+    train.add_argument("--preset", choices=PRESETS, default="sudoku_extreme")
+    common.add_train_flags(train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a split (with per-difficulty results)")
+    evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
+    evaluate.add_argument("--data", type=pathlib.Path, required=True)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    solve = sub.add_parser("solve", help="solve one puzzle (81 chars, '.' or '0' for blanks)")
+    solve.add_argument("puzzle")
+    solve.add_argument("--checkpoint", type=pathlib.Path, default=None, help="default: the newest runs/sudoku*/best")
+    solve.add_argument("--backend", choices=("jax", "torch", "onnx", "tensorrt"), default="jax")
+    solve.add_argument("--onnx", type=pathlib.Path, default=None, help="ONNX file (backend onnx; exported on the fly if omitted)")
+    solve.add_argument("--engine", type=pathlib.Path, default=None, help="TensorRT engine (backend tensorrt)")
+    solve.add_argument("--early-halt", action="store_true", help="stop when the Q head says halt (default: all segments, as the paper's evaluation)")
+    solve.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="N",
+                       help="also time N solves (default 20): latency per puzzle and peak memory")
+    return parser
+
+
+@common.cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    common.setup_logging(args.verbose)
+    commands = {"build": cmd_build, "train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, None: cmd_quickstart}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

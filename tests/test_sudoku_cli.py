@@ -1,0 +1,82 @@
+"""The Sudoku front door end to end on a tiny scale: build -> train -> eval -> quick start, and
+clear one-line errors for bad input."""
+
+import json
+import pathlib
+
+import pytest
+
+from experiments import sudoku
+
+SOURCE = pathlib.Path(sudoku.__file__).parent / "data" / "sudoku_sample.txt"
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sudoku.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("build", "train", "eval", "solve"):
+        assert command in out
+
+
+@pytest.mark.parametrize("puzzle, message", [
+    ("123", "81 cells"),
+    ("x" + "." * 80, "bad character 'x' at position 0"),
+    ("11" + "." * 79, "contradict"),
+])
+def test_bad_puzzle_is_one_clear_line(capsys, puzzle, message):
+    assert sudoku.main(["solve", puzzle, "--checkpoint", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_bad_argument_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sudoku.main(["train", "--data", "x", "--preset", "nope"])
+    assert exit_info.value.code == 2
+
+
+def test_missing_data_is_one_clear_line(tmp_path, capsys):
+    assert sudoku.main(["train", "--data", str(tmp_path / "none"), "--preset", "quickstart"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "sudoku"
+    assert sudoku.main(["build", "--out", str(data), "--source", str(SOURCE), "--train-size", "12",
+                        "--num-aug", "2", "--test-size", "6", "--workers", "1"]) == 0
+    return data
+
+
+def test_build_train_eval_resume(built, tmp_path, capsys):
+    report = json.loads((built / "build_report.json").read_text())
+    assert report["train"]["examples"] == 12 * 3 and report["test"]["puzzles"] == 6
+    run = tmp_path / "run"
+    base = ["train", "--data", str(built), "--preset", "quickstart", "--out", str(run), "--global-batch-size", "8",
+            "--no-progress", "--lr-warmup-steps", "1"]
+    args = base + ["--max-steps", "2", "--eval-every", "2"]
+    assert sudoku.main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out evaluation" in out and "copy exact" in out
+    assert (run / "curves.png").stat().st_size > 1000 and (run / "metrics.jsonl").exists()
+    # A used run folder is refused without --resume, with one line naming the fix.
+    assert sudoku.main(args) == 2
+    assert "resume" in capsys.readouterr().err
+    assert sudoku.main(base + ["--max-steps", "3", "--eval-every", "3", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
+    assert sudoku.main(["eval", "--checkpoint", str(run / "best"), "--data", str(built), "--batch-size", "4",
+                        "--json", str(tmp_path / "eval.json")]) == 0
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["all"]["count"] == 6 and 0.0 <= results["all"]["accuracy"] <= 1.0
+    assert any(name.startswith("group/") for name in results)  # per-difficulty bands
+
+
+def test_quickstart_runs_end_to_end(built, tmp_path, capsys):
+    assert sudoku.main(["--data", str(built), "--out", str(tmp_path / "qs"), "--steps", "4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "best checkpoint:" in out and "plot:" in out
+    assert (tmp_path / "qs" / "best").is_dir()
