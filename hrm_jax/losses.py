@@ -17,8 +17,13 @@ IGNORE_LABEL_ID = -100
 def log_stablemax(logits: jax.Array) -> jax.Array:
     """log(s(x) / sum s(x)) over the last axis, s(x) = x + 1 for x >= 0, 1 / (1 - x) otherwise."""
     x = logits.astype(jnp.float32)
-    s = jnp.where(x < 0, 1.0 / (1.0 - x), x + 1.0)
-    log_s = jnp.where(x < 0, -jnp.log1p(-jnp.minimum(x, 0.0)), jnp.log1p(jnp.maximum(x, 0.0)))
+    # Each branch sees only its own half of the line: `where` differentiates both branches, and
+    # 1 / (1 - x) at x = 1 (common with bf16 logits) would turn a zero cotangent into NaN.
+    # (Selected with `where`, not min/max, whose gradient splits 50/50 at exactly 0.)
+    is_negative = x < 0
+    negative, positive = jnp.where(is_negative, x, 0.0), jnp.where(is_negative, 0.0, x)
+    s = jnp.where(is_negative, 1.0 / (1.0 - negative), positive + 1.0)
+    log_s = jnp.where(is_negative, -jnp.log1p(-negative), jnp.log1p(positive))
     return log_s - jnp.log(jnp.sum(s, axis=-1, keepdims=True))
 
 

@@ -48,3 +48,21 @@ def test_tiny_config_learns_in_under_a_minute():
     first, last = np.mean(lm_losses[:10]), np.mean(lm_losses[-10:])
     assert last < first / 5, (first, last)  # measured: ~2.3 -> ~0.05 on 2 cores
     assert elapsed < 60, elapsed
+
+
+def test_bfloat16_training_stays_finite():
+    """Regression: bf16 logits hit stablemax's singular branch exactly; every param became NaN
+    after the first update (seen on the H100 smoke run)."""
+    from hrm_jax.config import TrainConfig
+    from hrm_jax.train import init_train_state, train_step
+
+    cfg = H.tiny(hidden_size=64, num_heads=2, H_layers=1, L_layers=1, puzzle_emb_ndim=64,
+                 forward_dtype="bfloat16", halt_max_steps=3)
+    train_config = TrainConfig(global_batch_size=16, lr_warmup_steps=1, lr=1e-3)
+    state = init_train_state(cfg, train_config, 100)
+    for i in range(4):
+        state, metrics = train_step(state, _task(16, cfg.seq_len, i) | {"labels": jnp.asarray(
+            np.random.default_rng(i).integers(2, 11, (16, cfg.seq_len)), jnp.int32)},
+            model_config=cfg, train_config=train_config, total_steps=100)
+        assert np.isfinite(float(metrics["lm_loss"])), i
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(state.params))

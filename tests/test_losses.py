@@ -88,3 +88,22 @@ def test_act_loss_gradient_is_finite_for_extreme_logits():
         return act_loss({"logits": lg, "q_halt_logits": jnp.zeros(2), "q_continue_logits": jnp.zeros(2)}, carry)[0]
 
     assert np.all(np.isfinite(np.asarray(jax.grad(f)(logits))))
+
+
+def test_stablemax_gradient_is_finite_at_exactly_one_in_bfloat16():
+    # Regression: bf16 logits are often exactly 1.0, where the unused branch 1/(1-x) is infinite;
+    # a naive `where` turned its zero cotangent into NaN and the first update into NaN parameters.
+    logits = jnp.asarray([[[1.0, -1.0, 0.0, 2.0], [1.0, 1.0, -3.0, 0.5]]], jnp.bfloat16)
+    labels = jnp.asarray([[0, 3]])
+    grad = jax.grad(lambda lg: stablemax_cross_entropy(lg, labels).sum())(logits)
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+    # And equal to the float64 derivative of the formula, by central differences.
+    x = np.asarray(logits, np.float64)
+    eps, numeric = 1e-6, np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[idx] += eps
+        down[idx] -= eps
+        f = lambda v: -sum(ref.log_stablemax(v)[0, i, int(labels[0, i])] for i in range(2))  # noqa: E731
+        numeric[idx] = (f(up) - f(down)) / (2 * eps)
+    np.testing.assert_allclose(np.asarray(grad, np.float32), numeric, rtol=2e-2, atol=2e-3)
