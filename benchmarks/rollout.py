@@ -2,8 +2,9 @@
 
     python -m benchmarks.rollout --preset sudoku_extreme [--batch 1 --batch 64 --batch 1024] [--no-torch]
 
-JAX: hrm_jax.evaluate.rollout under jit (what evaluation runs). Torch: export.torch_model.HRMTorch.solve,
-eager and torch.compile, same weights and inputs. Prints puzzles/s and the JAX/torch ratio; merges the
+JAX: hrm_jax.evaluate.rollout under jit (what evaluation runs). Torch: export.torch_model.HRMTorch, one
+ACT segment per call (eager, and torch.compile'd as the reference compiles its model), looped over
+halt_max_steps segments in Python; same weights and inputs. Prints puzzles/s and the JAX/torch ratio; merges the
 numbers into benchmarks/results/<gpu>-<date>.json.
 """
 
@@ -48,14 +49,20 @@ def bench_torch(config, params, batch_size, iters, warmup, compiled: bool):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = HRMTorch(config).to(device)
     model.load_state_dict({k: v.to(device) for k, v in to_torch_state_dict(jax.device_get(params), config).items()})
-    solve = torch.compile(model.solve, dynamic=False) if compiled else model.solve
+    # As the reference's evaluation: the compiled module runs one ACT segment, Python loops over
+    # halt_max_steps segments (compiling the whole unrolled rollout takes minutes).
+    step = torch.compile(model, dynamic=False) if compiled else model
     batches = [{k: torch.from_numpy(np.array(v)).to(device) for k, v in b.items()}
                for b in random_batches(config, batch_size, 4)]
     sync = (lambda _: torch.cuda.synchronize()) if device == "cuda" else (lambda _: None)
 
     def call(i):
         b = batches[i % 4]
-        return solve(b["inputs"], b["puzzle_identifiers"])
+        carry = model.initial_carry(b["inputs"], b["puzzle_identifiers"])
+        for _ in range(config.halt_max_steps):
+            out = step(*carry)
+            carry = out[:6]
+        return out[6].argmax(-1)
 
     with torch.no_grad():
         timing = common.time_calls(call, sync, warmup=warmup, iters=iters)

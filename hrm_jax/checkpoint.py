@@ -149,10 +149,16 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
             for k in sorted(set(saved) | set(current)) if saved.get(k, "<missing>") != current.get(k, "<missing>")]
 
 
+# Fields that choose how, not what, is computed: a run may resume with another kernel.
+IMPLEMENTATION_FIELDS = ("attention_impl",)
+
+
 def check_compatible(meta: dict[str, Any], model_config: HRMConfig, train_config: TrainConfig,
                      total_steps: int, where: str) -> None:
     """Raises CheckpointMismatchError listing every differing field with both values."""
-    diffs = (config_differences(meta["model_config"], model_config.to_dict(), "model")
+    saved_model = {k: v for k, v in meta["model_config"].items() if k not in IMPLEMENTATION_FIELDS}
+    current_model = {k: v for k, v in model_config.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
+    diffs = (config_differences(saved_model, current_model, "model")
              + config_differences(meta["train_config"], train_config.to_dict(), "train"))
     if int(meta["total_steps"]) != int(total_steps):
         diffs.append(f"total_steps: saved {meta['total_steps']}, now {total_steps}")

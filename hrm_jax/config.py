@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 POS_ENCODINGS = ("rope", "learned")
 FORWARD_DTYPES = ("bfloat16", "float16", "float32")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("xla", "cudnn")  # cudnn: fused attention on NVIDIA GPUs, bf16/fp16 only
 
 
 class ConfigError(ValueError):
@@ -74,6 +74,8 @@ class HRMConfig:
                  f"must be one of {FORWARD_DTYPES}, got {self.forward_dtype!r}")
         _require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
                  f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        _require(self.attention_impl != "cudnn" or self.forward_dtype in ("bfloat16", "float16"),
+                 "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
 
     # Derived sizes -------------------------------------------------------------------------
     @property

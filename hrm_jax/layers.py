@@ -112,7 +112,8 @@ class Attention(nn.Module):
         if cos_sin is not None:
             query, key = apply_rotary(query, *cos_sin), apply_rotary(key, *cos_sin)
         # Softmax scale 1/sqrt(head_dim), logits in f32: the same as flash-attn in the reference.
-        out = jax.nn.dot_product_attention(query, key, value, is_causal=False)
+        out = jax.nn.dot_product_attention(query, key, value, is_causal=False,
+                                           implementation=cfg.attention_impl)
         out = einops.rearrange(out, "b s h d -> b s (h d)")
         return CastedLinear(cfg.hidden_size, name="o_proj")(out)
 
