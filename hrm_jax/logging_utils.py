@@ -130,7 +130,10 @@ def plot_curves(records: list[Mapping[str, Any]], path: str | os.PathLike) -> No
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    splits = sorted({r["split"] for r in records}, key=lambda s: (s != "train", s))
+    # Per-set and per-difficulty-band records (eval/set/..., eval/group/...) stay in metrics.jsonl;
+    # drawn too they bury the two curves people look for.
+    splits = sorted({r["split"] for r in records if r["split"].count("/") == 0},
+                    key=lambda s: (s != "train", s))
     fig = Figure(figsize=(6 * len(_PANELS) / 2, 8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, len(_PANELS) // 2).ravel()

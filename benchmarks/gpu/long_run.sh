@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Start the Sudoku-Extreme-1k protocol (paper preset, global batch 768, the 26,041-step schedule) in
+# the background for as many steps as one machine lease allows; poll with poll.sh (keep calls less
+# than 30 s apart so the machine stays). Data from .gpu_data/ (the shared Sudoku collections).
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m experiments.sudoku build --out /tmp/sudoku-1k --source .gpu_data --train-size 1000 --num-aug 1000 \
+  --test-size "${TEST_SIZE:-5000}" --workers 16 > "$OUT/build.log" 2>&1; tail -2 "$OUT/build.log"
+cp "$OUT/build.log" /tmp/build.log
+setsid nohup python3 -m experiments.sudoku train --data /tmp/sudoku-1k --preset sudoku_extreme --out /tmp/long \
+  --attention-impl cudnn --max-steps "${STEPS:-15000}" --eval-every "${EVAL_EVERY:-1500}" --log-every 100 \
+  --no-progress > /tmp/long.log 2>&1 < /dev/null &
+sleep "${FIRST_WAIT:-150}"; grep -v Warning /tmp/long.log | tail -4; tail -2 /tmp/long/metrics.jsonl 2>/dev/null | cut -c1-400
