@@ -14,6 +14,7 @@ import json
 import pathlib
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -150,9 +151,44 @@ def _latest_quickstart_checkpoint() -> pathlib.Path:
     return runs[-1]
 
 
-def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: bool):
-    from export.solvers import load_solver  # noqa: PLC0415
+class _SolveResult(NamedTuple):
+    predictions: np.ndarray  # int32[B, seq_len]
+    steps: np.ndarray  # int32[B]: segments used
+    q_halt: np.ndarray  # f32[B]
 
+
+class _JaxSolver:
+    """hrm_jax itself: all halt_max_steps segments (the paper's evaluation), or the prediction of
+    the first segment whose Q head says halt (early_halt)."""
+
+    name = "jax"
+
+    def __init__(self, checkpoint, early_halt: bool) -> None:
+        import jax  # noqa: PLC0415
+
+        from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
+        from hrm_jax.evaluate import rollout  # noqa: PLC0415
+
+        self.params, self.config = load_params_for_eval(checkpoint)
+        self.early_halt = early_halt
+        self._rollout = jax.jit(rollout, static_argnames=("config",))
+
+    def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> _SolveResult:
+        batch = {"inputs": inputs, "labels": np.full_like(inputs, -100), "puzzle_identifiers": puzzle_identifiers}
+        out = {k: np.asarray(v) for k, v in self._rollout(self.params, self.config, batch).items()}
+        if self.early_halt:
+            return _SolveResult(out["early_predictions"], out["early_steps"].astype(np.int32), out["q_halt_logits"])
+        return _SolveResult(out["predictions"], out["steps"].astype(np.int32), out["q_halt_logits"])
+
+
+def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: bool):
+    if backend == "jax":
+        return _JaxSolver(checkpoint, early_halt)
+    try:
+        from export.solvers import load_solver  # noqa: PLC0415
+    except ImportError as err:
+        raise common.CLIError(f"backend {backend!r} is not available in this installation ({err}); "
+                              "use --backend jax") from None
     return load_solver(backend, checkpoint, onnx_path=onnx_path, engine_path=engine_path, early_halt=early_halt)
 
 

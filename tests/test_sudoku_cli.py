@@ -80,3 +80,16 @@ def test_quickstart_runs_end_to_end(built, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best checkpoint:" in out and "plot:" in out
     assert (tmp_path / "qs" / "best").is_dir()
+
+
+def test_solve_prints_grid_steps_and_validity(built, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert sudoku.main(["train", "--data", str(built), "--preset", "quickstart", "--out", str(run),
+                        "--global-batch-size", "8", "--max-steps", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    puzzle = SOURCE.read_text().splitlines()[-1].strip()
+    code = sudoku.main(["solve", puzzle, "--checkpoint", str(run / "best"), "--bench", "2"])
+    out = capsys.readouterr().out
+    # An untrained model does not solve it: exit code 1 and the verdict say so honestly.
+    assert code == 1 and "NOT a valid solution" in out and "ACT steps 4" in out
+    assert out.count("|") == 18 and "latency per puzzle" in out
