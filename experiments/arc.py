@@ -81,13 +81,7 @@ def _data_for(args: argparse.Namespace) -> pathlib.Path:
 
 def cmd_train(args: argparse.Namespace) -> int:
     data = _data_for(args)
-    model_config = common.model_config_for_data(model_for(args.preset), data)
-    if args.attention_impl:
-        model_config = model_config.replace(attention_impl=args.attention_impl)
-    train_config = common.train_config_from_args(train_for(args.preset), args)
-    out = common.new_run_dir(TASK, args.out)
-    print(f"run folder: {out}\nmodel: {common.format_config(model_config)}\ntrain: {common.format_config(train_config)}")
-    summary = common.run_training(model_config, train_config, data, out, args)
+    summary = common.train_from_args(args, model_for(args.preset), train_for(args.preset), data, TASK)
     _print_summary(summary)
     print(f"\nscore by voting: python -m experiments.arc eval --checkpoint {summary['paths']['best']} --data {data}")
     return 0
@@ -176,11 +170,6 @@ def _non_negative(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
-    parser.add_argument("--steps", type=_positive, default=300, help="quick start: optimizer steps (default 300)")
-    parser.add_argument("--tasks", type=_positive, default=4, help="quick start: smallest tasks per source (default 4)")
+    parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300)")
+    parser.add_argument("--tasks", type=common.positive_int, default=4, help="quick start: smallest tasks per source (default 4)")
     parser.add_argument("--num-aug", type=_non_negative, default=16, help="quick start: augmentations per task (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -206,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder of the packed task files (default $HRM_ARC_DATA or ../shared/data/arc)")
     build.add_argument("--num-aug", type=_non_negative, default=1000, help="augmented versions per task (paper: 1000)")
     build.add_argument("--seed", type=int, default=42, help="the reference's default seed")
-    build.add_argument("--max-tasks", type=_positive, default=None, help="keep only this many smallest tasks per source")
-    build.add_argument("--grid-size", type=_positive, default=30,
+    build.add_argument("--max-tasks", type=common.positive_int, default=None, help="keep only this many smallest tasks per source")
+    build.add_argument("--grid-size", type=common.positive_int, default=30,
                        help="canvas side (30 = the paper's 900 tokens; smaller keeps only tasks that fit, for CPU trials)")
 
     train = sub.add_parser("train", help="train on a built dataset")
@@ -222,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
     evaluate.add_argument("--data", type=pathlib.Path, required=True)
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--batch-size", type=common.positive_int, default=256)
     evaluate.add_argument("--keep-empty", action="store_true",
                           help="let predictions without a grid vote (as the reference notebook; they are never right)")
     evaluate.add_argument("--json", default=None, help="write the scores (with per-task results) to this JSON file")

@@ -121,3 +121,36 @@ def print_eval_table(results: dict[str, dict[str, float]], title: str = "evaluat
               f"{m.get('early_exact_accuracy', float('nan')):>9.2%} {m['accuracy']:>8.2%} "
               f"{m.get('early_steps', float('nan')):>9.2f} {m.get('copy_exact_accuracy', float('nan')):>11.2%} "
               f"{m.get('copy_accuracy', float('nan')):>11.2%}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def train_from_args(args: argparse.Namespace, model_base: HRMConfig, train_base: TrainConfig,
+                    data_dir: str | os.PathLike, task: str) -> dict[str, Any]:
+    """The `train` command of every task CLI: size the preset to the data, apply the flags, run."""
+    model_config = model_config_for_data(model_base, data_dir)
+    if getattr(args, "attention_impl", None):
+        model_config = model_config.replace(attention_impl=args.attention_impl)
+    train_config = train_config_from_args(train_base, args)
+    out = new_run_dir(task, args.out)
+    print(f"run folder: {out}\nmodel: {format_config(model_config)}\ntrain: {format_config(train_config)}")
+    return run_training(model_config, train_config, data_dir, out, args)
+
+
+def print_run_summary(summary: dict[str, Any], best_note: str = "") -> None:
+    """Last held-out evaluation, best exact accuracy, and where the run's files are."""
+    if summary.get("eval"):
+        print_eval_table({"test (last eval)": summary["eval"]}, "held-out evaluation")
+    best = summary.get("best_exact_accuracy")
+    print(f"\nsteps: {summary['step']} of {summary['total_steps']}"
+          f"{' (stopped early)' if summary.get('stopped_early') else ''}; best test exact accuracy: "
+          f"{'n/a' if best is None else f'{best:.2%}'}{best_note}")
+    paths = summary["paths"]
+    print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
+          f"metrics: {paths['metrics']}\nplot: {paths['plot']}")

@@ -58,14 +58,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    model_config = common.model_config_for_data(model_for(args.preset), args.data)
-    if args.attention_impl:
-        model_config = model_config.replace(attention_impl=args.attention_impl)
-    train_config = common.train_config_from_args(train_for(args.preset), args)
-    out = common.new_run_dir(TASK, args.out)
-    print(f"run folder: {out}\nmodel: {common.format_config(model_config)}\ntrain: {common.format_config(train_config)}")
-    summary = common.run_training(model_config, train_config, args.data, out, args)
-    _print_summary(summary)
+    summary = common.train_from_args(args, model_for(args.preset), train_for(args.preset), args.data, TASK)
+    common.print_run_summary(summary, " (copy-the-input baseline: 0%: the input marks no path)")
     return 0
 
 
@@ -109,23 +103,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                     eval_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 4), log_every=10,
                     progress=not args.no_progress)
     print(f"trained and evaluated in {time.perf_counter() - start:.0f} s")
-    _print_summary(summary)
+    common.print_run_summary(summary, " (copy-the-input baseline: 0%: the input marks no path)")
     print(f"\nlook at its answers: python -m experiments.maze eval --checkpoint {summary['paths']['best']} "
           f"--data {data} --show 2")
     return 0
 
 
 # Helpers ---------------------------------------------------------------------------------------
-def _print_summary(summary: dict) -> None:
-    if summary.get("eval"):
-        common.print_eval_table({"test (last eval)": summary["eval"]}, "held-out evaluation")
-    best = summary.get("best_exact_accuracy")
-    print(f"\nsteps: {summary['step']} of {summary['total_steps']}"
-          f"{' (stopped early)' if summary.get('stopped_early') else ''}; best test exact accuracy: "
-          f"{'n/a' if best is None else f'{best:.2%}'} (copy-the-input baseline: 0%: the input marks no path)")
-    paths = summary["paths"]
-    print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
-          f"metrics: {paths['metrics']}\nplot: {paths['plot']}")
 
 
 def _show(predictions: dict, count: int) -> float:
@@ -149,11 +133,6 @@ def _show(predictions: dict, count: int) -> float:
     return optimal / max(1, len(inputs))
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
-    parser.add_argument("--steps", type=_positive, default=300, help="quick start: optimizer steps (default 300)")
+    parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300)")
     parser.add_argument("--size", type=int, default=QUICKSTART_SIZE, help=f"quick start: grid side (default {QUICKSTART_SIZE})")
     parser.add_argument("--min-path", type=int, default=QUICKSTART_MIN_PATH,
                         help=f"quick start: shortest paths longer than this (default {QUICKSTART_MIN_PATH})")
@@ -174,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", type=pathlib.Path, required=True)
     build.add_argument("--size", type=int, default=30, help="grid side (paper: 30)")
     build.add_argument("--min-path", type=int, default=110, help="keep mazes whose shortest path is longer (paper: 110)")
-    build.add_argument("--train-size", type=_positive, default=1000, help="training mazes (paper: 1000)")
-    build.add_argument("--test-size", type=_positive, default=1000, help="test mazes (paper: 1000)")
+    build.add_argument("--train-size", type=common.positive_int, default=1000, help="training mazes (paper: 1000)")
+    build.add_argument("--test-size", type=common.positive_int, default=1000, help="test mazes (paper: 1000)")
     build.add_argument("--aug", action="store_true",
                        help="add the 8 dihedral transforms of each training maze (the reference's --aug, off there too)")
     build.add_argument("--loop-prob", type=float, default=0.05, help="chance to open each remaining inner wall (loops)")
@@ -192,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
     evaluate.add_argument("--data", type=pathlib.Path, required=True)
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--batch-size", type=common.positive_int, default=256)
     evaluate.add_argument("--show", type=int, default=0, metavar="N", help="print the first N mazes with the model's answer")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     return parser

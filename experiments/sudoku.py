@@ -60,14 +60,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    model_config = common.model_config_for_data(model_for(args.preset), args.data)
-    if args.attention_impl:
-        model_config = model_config.replace(attention_impl=args.attention_impl)
-    train_config = common.train_config_from_args(train_for(args.preset), args)
-    out = common.new_run_dir(TASK, args.out)
-    print(f"run folder: {out}\nmodel: {common.format_config(model_config)}\ntrain: {common.format_config(train_config)}")
-    summary = common.run_training(model_config, train_config, args.data, out, args)
-    _print_summary(summary)
+    summary = common.train_from_args(args, model_for(args.preset), train_for(args.preset), args.data, TASK)
+    common.print_run_summary(summary)
     return 0
 
 
@@ -125,22 +119,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     summary = train(model_config, train_config, data, out, total_steps=args.steps, eval_every=args.steps // 4,
                     checkpoint_every=args.steps // 4, log_every=10, progress=not args.no_progress)
-    _print_summary(summary)
+    common.print_run_summary(summary)
     print(f"\nsolve a puzzle with it: python -m experiments.sudoku solve --checkpoint {summary['paths']['best']} PUZZLE")
     return 0
 
 
 # Helpers ---------------------------------------------------------------------------------------
-def _print_summary(summary: dict) -> None:
-    if summary.get("eval"):
-        common.print_eval_table({"test (last eval)": summary["eval"]}, "held-out evaluation")
-    best = summary.get("best_exact_accuracy")
-    print(f"\nsteps: {summary['step']} of {summary['total_steps']}"
-          f"{' (stopped early)' if summary.get('stopped_early') else ''}; best test exact accuracy: "
-          f"{'n/a' if best is None else f'{best:.2%}'}")
-    paths = summary["paths"]
-    print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
-          f"metrics: {paths['metrics']}\nplot: {paths['plot']}")
 
 
 def _latest_quickstart_checkpoint() -> pathlib.Path:
@@ -218,11 +202,6 @@ def _grid(cells: np.ndarray) -> str:
     return "\n".join(rows)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
-    parser.add_argument("--steps", type=_positive, default=300, help="quick start: optimizer steps (default 300, about 5 minutes on 2 cores)")
+    parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300, about 5 minutes on 2 cores)")
     parser.add_argument("--max-blanks", type=int, default=None, help="quick start: reveal solution cells until at most this many blanks remain")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -240,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build a dataset from the puzzle collections")
     build.add_argument("--out", type=pathlib.Path, required=True)
     build.add_argument("--source", type=pathlib.Path, default=None, help="puzzle collections (default $HRM_SUDOKU_DATA or ../shared/data/sudoku)")
-    build.add_argument("--train-size", type=_positive, default=1000, help="training puzzles (paper: 1000)")
+    build.add_argument("--train-size", type=common.positive_int, default=1000, help="training puzzles (paper: 1000)")
     build.add_argument("--num-aug", type=int, default=1000, help="augmentations per training puzzle (paper: 1000)")
     build.add_argument("--test-size", type=int, default=None, help="test puzzles (default: every remaining hard puzzle)")
     build.add_argument("--max-blanks", type=int, default=None, help="reveal solution cells until at most this many blanks remain (easier puzzles)")
@@ -258,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
     evaluate.add_argument("--data", type=pathlib.Path, required=True)
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", type=_positive, default=256)
+    evaluate.add_argument("--batch-size", type=common.positive_int, default=256)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     solve = sub.add_parser("solve", help="solve one puzzle (81 chars, '.' or '0' for blanks)")
