@@ -14,7 +14,6 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 
 from experiments import common
 from hrm_jax.config import TRAIN_PRESETS, TrainConfig, maze_hard, tiny
