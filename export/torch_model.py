@@ -267,7 +267,7 @@ class HRMACT(nn.Module):
         return z_H, z_L, steps, halted, inputs, puzzle_identifiers, logits, q_halt, q_continue
 
     def solve(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor,
-              halt_max_steps: int | None = None, early_halt: bool = False) -> SolveOutput:
+              halt_max_steps: int | None = None, early_halt: bool | torch.Tensor = False) -> SolveOutput:
         """Run up to halt_max_steps segments (default config.halt_max_steps) from H_init/L_init.
 
         early_halt=False is the reference's evaluation (pretrain.py `evaluate`): every row runs exactly
@@ -275,7 +275,8 @@ class HRMACT(nn.Module):
         the reference's training-time halting rule without exploration (hrm_act_v1.py: halt when
         q_halt_logits > q_continue_logits): a row stops after the first segment where Q prefers to halt
         and keeps that segment's outputs. Stopped rows are still computed (a fixed graph for export) but
-        ignored; in eager mode the loop ends once every row has stopped.
+        ignored; in eager mode the loop ends once every row has stopped. early_halt may be a bool
+        tensor, so that one exported graph (export/onnx.py) serves both rules.
         """
         n = self.config.halt_max_steps if halt_max_steps is None else int(halt_max_steps)
         if n < 1:
@@ -296,10 +297,12 @@ class HRMACT(nn.Module):
                                   torch.where(done, out.q_continue_logits, q_continue),
                                   torch.where(done, out.steps, steps + 1))
             steps = steps + 1
-            if early_halt:
+            if isinstance(early_halt, torch.Tensor):
+                done = done | (early_halt & (q_halt > q_continue))
+            elif early_halt:
                 done = done | (q_halt > q_continue)
-                if _eager() and bool(done.all()):
-                    break
+            if _eager() and bool(done.all()):
+                break
         return out
 
 
@@ -348,6 +351,6 @@ class HRMTorch(nn.Module):
 
     @torch.no_grad()
     def solve(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor,
-              halt_max_steps: int | None = None, early_halt: bool = False) -> SolveOutput:
+              halt_max_steps: int | None = None, early_halt: bool | torch.Tensor = False) -> SolveOutput:
         """See HRMACT.solve."""
         return self.model.solve(inputs, puzzle_identifiers, halt_max_steps, early_halt)

@@ -1,0 +1,211 @@
+"""ONNX export of HRM (from the torch module, `torch.onnx.export` with the dynamo exporter) and
+an ONNX Runtime solver.
+
+Two graphs, both with a dynamic batch dimension and opset 18:
+
+* **segment**: one ACT segment in eval mode, the carry as explicit tensors
+  `(z_H, z_L, steps, halted, inputs, puzzle_identifiers) -> (z_H, z_L, steps, halted, logits,
+  q_halt, q_continue)`. Rows with `halted` set restart from H_init/L_init (feed `halted = True`
+  for a fresh carry); a host loop drives it (custom halting, streaming).
+* **solve**: the paper's inference in one graph, `halt_max_steps` segments unrolled,
+  `(inputs, puzzle_identifiers, early_halt) -> (predictions, steps, q_halt, q_continue)`.
+  `early_halt` (a bool scalar) selects the Q-head rule: keep the first segment whose
+  q_halt > q_continue; False runs every segment as the reference's evaluation does.
+
+Why torch and not jax2onnx: the torch module is already the reference's function with the
+reference's weights layout (tested against hrm_jax to ~1e-6), torch's exporter is maintained by
+the ONNX Runtime team, and TensorRT's ONNX parser is routinely tested against its output. Each
+graph carries the model config as JSON metadata, so runners need no other file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.torch_model import HRMTorch
+from hrm_jax.config import HRMConfig
+
+logger = logging.getLogger(__name__)
+
+OPSET = 18
+SEGMENT_INPUTS = ("z_H", "z_L", "steps", "halted", "inputs", "puzzle_identifiers")
+SEGMENT_OUTPUTS = ("z_H_out", "z_L_out", "steps_out", "halted_out", "logits", "q_halt", "q_continue")
+SOLVE_INPUTS = ("inputs", "puzzle_identifiers", "early_halt")
+SOLVE_OUTPUTS = ("predictions", "steps", "q_halt", "q_continue")
+META_CONFIG, META_GRAPH, META_DTYPE = "hrm_config", "hrm_graph", "hrm_dtype"
+MAX_BATCH = 65536
+
+
+class OnnxExportError(ValueError):
+    """An export request that cannot work (bad dtype, path, graph name) or a failed export."""
+
+
+class SolveResult(NamedTuple):
+    """What every solver backend returns (export/solvers.py)."""
+
+    predictions: np.ndarray  # int32[B, seq_len]: argmax tokens of the segment the row stopped at
+    steps: np.ndarray  # int32[B]: segments used (1..halt_max_steps)
+    q_halt: np.ndarray  # f32[B]: Q-head halt logit of that segment
+
+
+class SegmentGraph(nn.Module):
+    """HRMTorch.forward with the batch fed every segment, without the pass-through carry data."""
+
+    def __init__(self, model: HRMTorch) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, z_H, z_L, steps, halted, inputs, puzzle_identifiers):
+        z_H, z_L, steps, halted, _, _, logits, q_halt, q_continue = self.model(
+            z_H, z_L, steps, halted, inputs, puzzle_identifiers)
+        return z_H, z_L, steps, halted, logits, q_halt, q_continue
+
+
+class SolveGraph(nn.Module):
+    """HRMTorch.solve with the halting rule as an input and argmax predictions as the output."""
+
+    def __init__(self, model: HRMTorch) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, puzzle_identifiers, early_halt):
+        out = self.model.model.solve(inputs, puzzle_identifiers, early_halt=early_halt)
+        predictions = out.logits.argmax(-1).to(torch.int32)
+        return predictions, out.steps, out.q_halt_logits, out.q_continue_logits
+
+
+def example_inputs(config: HRMConfig, graph: str, batch: int = 2, dtype: torch.dtype = torch.float32,
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Valid random inputs for `graph` ("segment" or "solve"), in the graphs' input order."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, config.vocab_size, (batch, config.seq_len), generator=gen, dtype=torch.int32)
+    ids = torch.randint(0, config.num_puzzle_identifiers, (batch,), generator=gen, dtype=torch.int32)
+    if graph == "solve":
+        return inputs, ids, torch.tensor(False)
+    z = torch.zeros(batch, config.total_seq_len, config.hidden_size, dtype=dtype)
+    return z, z.clone(), torch.zeros(batch, dtype=torch.int32), torch.ones(batch, dtype=torch.bool), inputs, ids
+
+
+def export_onnx(model: HRMTorch, path: str | os.PathLike, graph: str = "solve") -> Path:
+    """Writes `graph` of `model` (in its compute dtype) to `path`; returns the path."""
+    if graph not in ("segment", "solve"):
+        raise OnnxExportError(f"graph must be 'segment' or 'solve', got {graph!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = (SolveGraph if graph == "solve" else SegmentGraph)(model).eval()
+    args = example_inputs(model.config, graph, dtype=model.dtype)
+    names_in, names_out = (SOLVE_INPUTS, SOLVE_OUTPUTS) if graph == "solve" else (SEGMENT_INPUTS, SEGMENT_OUTPUTS)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dynamic = tuple({0: batch} if arg.dim() > 0 else {} for arg in args)
+    logger.info("exporting the %s graph (%s) to %s", graph, model.dtype, path)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation and dynamic-dim notes
+        try:
+            program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET, input_names=list(names_in),
+                                        output_names=list(names_out), dynamic_shapes=dynamic, verbose=False)
+        except Exception as err:  # the exporter raises many types; keep the cause visible
+            raise OnnxExportError(f"torch.onnx.export failed for the {graph} graph: {type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}") from err
+    program.model.metadata_props.update({META_CONFIG: json.dumps(model.config.to_dict()), META_GRAPH: graph,
+                                         META_DTYPE: str(model.dtype).removeprefix("torch.")})
+    program.save(os.fspath(path))
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[HRMConfig, str, str]:
+    """(config, graph, dtype) stored in an exported file; a clear error for foreign ONNX files."""
+    import onnx  # noqa: PLC0415
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file; export one with `python -m export onnx`")
+    try:
+        proto = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as err:
+        raise OnnxExportError(f"{path}: not a readable ONNX model ({type(err).__name__}: {err})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    if META_CONFIG not in props:
+        raise OnnxExportError(f"{path}: no hrm_config metadata; it was not written by `python -m export onnx`")
+    return HRMConfig(**json.loads(props[META_CONFIG])), props.get(META_GRAPH, "solve"), props.get(META_DTYPE, "float32")
+
+
+def _session(path: str | os.PathLike, providers: list[str] | None, threads: int | None):
+    import onnxruntime as ort  # noqa: PLC0415
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(os.fspath(path), sess_options=options,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxSolver:
+    """Runs a `solve` graph with ONNX Runtime: `.solve(inputs int32[B, S], ids int32[B])`."""
+
+    name = "onnx"
+
+    def __init__(self, path: str | os.PathLike, *, early_halt: bool = False, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.config, graph, self.dtype = read_metadata(path)
+        if graph != "solve":
+            raise OnnxExportError(f"{path}: holds the {graph!r} graph; the solver needs the 'solve' graph "
+                                  "(export with --graph solve or both)")
+        if self.dtype == "bfloat16" and not providers:
+            raise OnnxExportError(f"{path}: a bfloat16 graph, which onnxruntime's CPU provider cannot run (no "
+                                  "bf16 kernels); export --dtype float32 or float16 for CPUs, keep bf16 for GPUs")
+        self.early_halt = np.asarray(bool(early_halt))
+        self.session = _session(path, providers, threads)
+
+    def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult:
+        inputs, ids = check_solver_inputs(self.config, inputs, puzzle_identifiers)
+        predictions, steps, q_halt, _ = self.session.run(
+            None, {"inputs": inputs, "puzzle_identifiers": ids, "early_halt": self.early_halt})
+        return SolveResult(predictions, steps, q_halt)
+
+
+class OnnxSegment:
+    """Runs a `segment` graph: `.initial_carry(batch)` and `.step(carry, inputs, ids)`."""
+
+    def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None, threads: int | None = None):
+        self.config, graph, dtype = read_metadata(path)
+        if graph != "segment":
+            raise OnnxExportError(f"{path}: holds the {graph!r} graph, not 'segment'")
+        self.np_dtype = np.float16 if dtype == "float16" else np.float32
+        if dtype == "bfloat16":
+            raise OnnxExportError(f"{path}: bfloat16 carries cannot be fed from NumPy; export float32 or float16")
+        self.session = _session(path, providers, threads)
+
+    def initial_carry(self, batch: int) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.config.total_seq_len, self.config.hidden_size), self.np_dtype)
+        return {"z_H": z, "z_L": z, "steps": np.zeros(batch, np.int32), "halted": np.ones(batch, bool)}
+
+    def step(self, carry: dict[str, np.ndarray], inputs: np.ndarray, puzzle_identifiers: np.ndarray
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        inputs, ids = check_solver_inputs(self.config, inputs, puzzle_identifiers)
+        z_H, z_L, steps, halted, logits, q_halt, q_continue = self.session.run(
+            None, {**carry, "inputs": inputs, "puzzle_identifiers": ids})
+        return ({"z_H": z_H, "z_L": z_L, "steps": steps, "halted": halted},
+                {"logits": logits, "q_halt": q_halt, "q_continue": q_continue})
+
+
+def check_solver_inputs(config: HRMConfig, inputs: Any, puzzle_identifiers: Any) -> tuple[np.ndarray, np.ndarray]:
+    """int32 copies of a batch, or a ValueError that names the wrong shape or token range."""
+    inputs, ids = np.asarray(inputs), np.asarray(puzzle_identifiers)
+    if inputs.ndim != 2 or inputs.shape[1] != config.seq_len:
+        raise ValueError(f"inputs must have shape [batch, {config.seq_len}], got {list(inputs.shape)}")
+    if ids.shape != inputs.shape[:1]:
+        raise ValueError(f"puzzle_identifiers must have shape [{inputs.shape[0]}], got {list(ids.shape)}")
+    if inputs.size and (inputs.min() < 0 or inputs.max() >= config.vocab_size):
+        raise ValueError(f"input tokens must lie in 0..{config.vocab_size - 1}, got {inputs.min()}..{inputs.max()}")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.num_puzzle_identifiers):
+        raise ValueError(f"puzzle identifiers must lie in 0..{config.num_puzzle_identifiers - 1}")
+    return inputs.astype(np.int32), ids.astype(np.int32)

@@ -1,0 +1,161 @@
+"""ONNX export (export/onnx.py) run by onnxruntime's CPUExecutionProvider against hrm_jax.
+
+Tolerances, max|onnx - jax| / max|jax|: float32 graphs <= 1e-5 (what we reach is ~1e-6); for the
+Q logits (one value per row, possibly near 0 at batch 1) the denominator is max(1, max|jax|);
+float16 graphs <= 2e-2 against hrm_jax in float32 (the rounding of fp16 activations over
+H_cycles x L_cycles blocks). bfloat16 graphs export but ORT's CPU provider has no bf16 kernels
+(Expand, MatMul): they are for GPU runtimes, and the CPU solver refuses them with a clear message.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import hrm_jax as H
+from hrm_jax.evaluate import rollout
+from export.onnx import OnnxExportError, OnnxSegment, OnnxSolver, export_onnx, read_metadata
+from tests.test_export_torch import random_batch, random_params, rel_err, small_config, torch_model
+
+RTOL_F32, RTOL_F16 = 1e-5, 2e-2
+SEGMENTS = 3
+VARIANTS = {"rope_puzzle_emb": dict(pos_encodings="rope", puzzle_emb_ndim=40),
+            "learned": dict(pos_encodings="learned", puzzle_emb_ndim=0)}
+ROLLOUT = jax.jit(rollout, static_argnames=("config", "loss_type"))
+STEP = jax.jit(H.act_step, static_argnames=("config", "train"))
+
+
+@functools.lru_cache(maxsize=None)
+def case(variant: str):
+    cfg = small_config(halt_max_steps=SEGMENTS, **VARIANTS[variant])
+    return cfg, random_params(cfg, seed=11)
+
+
+@functools.lru_cache(maxsize=None)
+def exported(variant: str, graph: str, dtype: str, tmp_dir: str) -> str:
+    """Exports once per (variant, graph, dtype) for the whole session."""
+    cfg, params = case(variant)
+    path = f"{tmp_dir}/{variant}-{graph}-{dtype}.onnx"
+    export_onnx(torch_model(cfg, params, getattr(torch, dtype)), path, graph)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tmp_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("onnx"))
+
+
+def q_err(got, want):
+    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
+
+
+def jax_segments(cfg, params, batch, segments):
+    carry = H.initial_carry(cfg, batch)
+    history = []
+    for _ in range(segments):
+        carry, out = STEP(params, cfg, carry, batch, None, train=False)
+        history.append({k: np.asarray(v) for k, v in out.items()} | {"z_H": np.asarray(carry.z_H)})
+    return history
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_segment_graph_matches_jax_every_segment(tmp_dir, variant, batch_size):
+    cfg, params = case(variant)
+    batch = random_batch(cfg, batch_size, seed=batch_size)
+    want = jax_segments(cfg, params, batch, SEGMENTS)
+    runner = OnnxSegment(exported(variant, "segment", "float32", tmp_dir))
+    carry = runner.initial_carry(batch_size)
+    for segment in range(SEGMENTS):
+        carry, out = runner.step(carry, batch["inputs"], batch["puzzle_identifiers"])
+        errors = {"logits": rel_err(out["logits"], want[segment]["logits"]),
+                  "q_halt": q_err(out["q_halt"], want[segment]["q_halt_logits"]),
+                  "q_continue": q_err(out["q_continue"], want[segment]["q_continue_logits"]),
+                  "z_H": rel_err(carry["z_H"], want[segment]["z_H"])}
+        print(f"{variant} b{batch_size} segment {segment + 1}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        assert max(errors.values()) <= RTOL_F32, errors
+        np.testing.assert_array_equal(carry["steps"], np.full(batch_size, segment + 1))
+    assert carry["halted"].all()  # eval halts exactly at halt_max_steps
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+@pytest.mark.parametrize("early_halt", [False, True])
+def test_solve_graph_matches_jax_rollout(tmp_dir, batch_size, early_halt):
+    cfg, params = case("rope_puzzle_emb")
+    batch = random_batch(cfg, batch_size, seed=20 + batch_size)
+    want = {k: np.asarray(v) for k, v in ROLLOUT(params, cfg, batch).items()}
+    got = OnnxSolver(exported("rope_puzzle_emb", "solve", "float32", tmp_dir), early_halt=early_halt).solve(
+        batch["inputs"], batch["puzzle_identifiers"])
+    prefix = "early_" if early_halt else ""
+    np.testing.assert_array_equal(got.predictions, want[prefix + "predictions"])
+    np.testing.assert_array_equal(got.steps, want[prefix + "steps"].astype(np.int32))
+    assert got.predictions.dtype == np.int32 and got.steps.dtype == np.int32
+    if not early_halt:  # the rollout reports the last segment's Q; the early rule keeps the stopping one
+        assert q_err(got.q_halt, want["q_halt_logits"]) <= RTOL_F32
+
+
+def test_early_halting_actually_stops_some_rows_early(tmp_dir):
+    """Guards the early-halt test above against a parameter draw where no row halts early."""
+    cfg, params = case("rope_puzzle_emb")
+    batch = random_batch(cfg, 7, seed=27)
+    steps = OnnxSolver(exported("rope_puzzle_emb", "solve", "float32", tmp_dir), early_halt=True).solve(
+        batch["inputs"], batch["puzzle_identifiers"]).steps
+    assert steps.min() < SEGMENTS, steps
+
+
+def test_float16_graph_is_close_to_jax_float32(tmp_dir):
+    cfg, params = case("rope_puzzle_emb")
+    batch = random_batch(cfg, 7, seed=3)
+    want = jax_segments(cfg, params, batch, SEGMENTS)
+    runner = OnnxSegment(exported("rope_puzzle_emb", "segment", "float16", tmp_dir))
+    carry = runner.initial_carry(7)
+    assert carry["z_H"].dtype == np.float16
+    for segment in range(SEGMENTS):
+        carry, out = runner.step(carry, batch["inputs"], batch["puzzle_identifiers"])
+    err = rel_err(out["logits"].astype(np.float32), want[-1]["logits"])
+    print(f"float16 graph, logits after {SEGMENTS} segments: rel err {err:.1e}")
+    assert err <= RTOL_F16
+
+
+def test_graphs_have_dynamic_batch_opset_and_metadata(tmp_dir):
+    path = exported("rope_puzzle_emb", "solve", "float32", tmp_dir)
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    assert max(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")) >= 18
+    first_dims = [inp.type.tensor_type.shape.dim[0] for inp in proto.graph.input[:2]]
+    assert all(dim.dim_param and not dim.dim_value for dim in first_dims), first_dims
+    cfg, graph, dtype = read_metadata(path)
+    assert (cfg, graph, dtype) == (case("rope_puzzle_emb")[0], "solve", "float32")
+
+
+def test_bfloat16_graph_exports_and_the_cpu_solver_refuses_it_clearly(tmp_dir):
+    path = exported("learned", "solve", "bfloat16", tmp_dir)
+    onnx.checker.check_model(onnx.load(path))
+    with pytest.raises(OnnxExportError, match="bfloat16.*float32 or float16"):
+        OnnxSolver(path)
+
+
+def test_wrong_graph_foreign_file_and_bad_inputs_are_clear_errors(tmp_dir, tmp_path):
+    with pytest.raises(OnnxExportError, match="'segment' graph; the solver needs the 'solve' graph"):
+        OnnxSolver(exported("rope_puzzle_emb", "segment", "float32", tmp_dir))
+    foreign = tmp_path / "foreign.onnx"
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    value = onnx.helper.make_tensor_value_info
+    onnx.save(onnx.helper.make_model(onnx.helper.make_graph(
+        [node], "g", [value("x", onnx.TensorProto.FLOAT, [1])], [value("y", onnx.TensorProto.FLOAT, [1])])), foreign)
+    with pytest.raises(OnnxExportError, match="not written by `python -m export onnx`"):
+        OnnxSolver(foreign)
+    (tmp_path / "junk.onnx").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(OnnxExportError, match="not a readable ONNX model"):
+        OnnxSolver(tmp_path / "junk.onnx")
+    with pytest.raises(FileNotFoundError, match="export one with"):
+        OnnxSolver(tmp_path / "missing.onnx")
+    solver = OnnxSolver(exported("rope_puzzle_emb", "solve", "float32", tmp_dir))
+    cfg = case("rope_puzzle_emb")[0]
+    with pytest.raises(ValueError, match=rf"inputs must have shape \[batch, {cfg.seq_len}\]"):
+        solver.solve(np.zeros((2, cfg.seq_len + 1), np.int32), np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="input tokens must lie in"):
+        solver.solve(np.full((1, cfg.seq_len), cfg.vocab_size), np.zeros(1, np.int32))
