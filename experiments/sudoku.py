@@ -14,7 +14,6 @@ import json
 import pathlib
 import sys
 import time
-from typing import NamedTuple
 
 import numpy as np
 
@@ -84,8 +83,12 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from hrm_jax.data.sudoku_solver import is_valid_solution, parse_puzzle  # noqa: PLC0415
 
     puzzle = parse_puzzle(args.puzzle)  # SudokuFormatError names what is wrong
-    checkpoint = args.checkpoint or _latest_quickstart_checkpoint()
+    needs_checkpoint = args.backend in ("jax", "torch") or (args.backend == "onnx" and args.onnx is None)
+    checkpoint = args.checkpoint or (_latest_quickstart_checkpoint() if needs_checkpoint else None)
     solver = _load_solver(args.backend, checkpoint, args.onnx, args.engine, args.early_halt)
+    if (solver.config.seq_len, solver.config.vocab_size) != (81, 11):
+        raise common.CLIError(f"the model has seq_len {solver.config.seq_len} and vocab {solver.config.vocab_size}; "
+                              "a Sudoku model has 81 and 11: pass a checkpoint or export of a Sudoku run")
     inputs = (puzzle.astype(np.int32) + 1)[None]  # the reference's encoding: blank 1, digit d -> d + 1
     ids = np.zeros((1,), np.int32)
     result = solver.solve(inputs, ids)
@@ -135,44 +138,12 @@ def _latest_quickstart_checkpoint() -> pathlib.Path:
     return runs[-1]
 
 
-class _SolveResult(NamedTuple):
-    predictions: np.ndarray  # int32[B, seq_len]
-    steps: np.ndarray  # int32[B]: segments used
-    q_halt: np.ndarray  # f32[B]
-
-
-class _JaxSolver:
-    """hrm_jax itself: all halt_max_steps segments (the paper's evaluation), or the prediction of
-    the first segment whose Q head says halt (early_halt)."""
-
-    name = "jax"
-
-    def __init__(self, checkpoint, early_halt: bool) -> None:
-        import jax  # noqa: PLC0415
-
-        from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
-        from hrm_jax.evaluate import rollout  # noqa: PLC0415
-
-        self.params, self.config = load_params_for_eval(checkpoint)
-        self.early_halt = early_halt
-        self._rollout = jax.jit(rollout, static_argnames=("config",))
-
-    def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> _SolveResult:
-        batch = {"inputs": inputs, "labels": np.full_like(inputs, -100), "puzzle_identifiers": puzzle_identifiers}
-        out = {k: np.asarray(v) for k, v in self._rollout(self.params, self.config, batch).items()}
-        if self.early_halt:
-            return _SolveResult(out["early_predictions"], out["early_steps"].astype(np.int32), out["q_halt_logits"])
-        return _SolveResult(out["predictions"], out["steps"].astype(np.int32), out["q_halt_logits"])
-
-
 def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: bool):
-    if backend == "jax":
-        return _JaxSolver(checkpoint, early_halt)
-    try:
-        from export.solvers import load_solver  # noqa: PLC0415
-    except ImportError as err:
-        raise common.CLIError(f"backend {backend!r} is not available in this installation ({err}); "
-                              "use --backend jax") from None
+    from export.solvers import load_solver  # noqa: PLC0415  (imports each runtime only when chosen)
+
+    if backend == "onnx" and onnx_path is None:
+        print(f"exporting {checkpoint} to ONNX first (about a minute; pass --onnx FILE to reuse an export "
+              "from `python -m export onnx`)")
     return load_solver(backend, checkpoint, onnx_path=onnx_path, engine_path=engine_path, early_halt=early_halt)
 
 

@@ -9,7 +9,7 @@ Two graphs, both with a dynamic batch dimension and opset 18:
   for a fresh carry); a host loop drives it (custom halting, streaming).
 * **solve**: the paper's inference in one graph, `halt_max_steps` segments unrolled,
   `(inputs, puzzle_identifiers, early_halt) -> (predictions, steps, q_halt, q_continue)`.
-  `early_halt` (a bool scalar) selects the Q-head rule: keep the first segment whose
+  `early_halt` (bool[1]) selects the Q-head rule: keep the first segment whose
   q_halt > q_continue; False runs every segment as the reference's evaluation does.
 
 Why torch and not jax2onnx: the torch module is already the reference's function with the
@@ -25,12 +25,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from export.solvers import SolveResult, check_solver_inputs
 from export.torch_model import HRMTorch
 from hrm_jax.config import HRMConfig
 
@@ -47,14 +47,6 @@ MAX_BATCH = 65536
 
 class OnnxExportError(ValueError):
     """An export request that cannot work (bad dtype, path, graph name) or a failed export."""
-
-
-class SolveResult(NamedTuple):
-    """What every solver backend returns (export/solvers.py)."""
-
-    predictions: np.ndarray  # int32[B, seq_len]: argmax tokens of the segment the row stopped at
-    steps: np.ndarray  # int32[B]: segments used (1..halt_max_steps)
-    q_halt: np.ndarray  # f32[B]: Q-head halt logit of that segment
 
 
 class SegmentGraph(nn.Module):
@@ -90,7 +82,7 @@ def example_inputs(config: HRMConfig, graph: str, batch: int = 2, dtype: torch.d
     inputs = torch.randint(0, config.vocab_size, (batch, config.seq_len), generator=gen, dtype=torch.int32)
     ids = torch.randint(0, config.num_puzzle_identifiers, (batch,), generator=gen, dtype=torch.int32)
     if graph == "solve":
-        return inputs, ids, torch.tensor(False)
+        return inputs, ids, torch.tensor([False])
     z = torch.zeros(batch, config.total_seq_len, config.hidden_size, dtype=dtype)
     return z, z.clone(), torch.zeros(batch, dtype=torch.int32), torch.ones(batch, dtype=torch.bool), inputs, ids
 
@@ -105,7 +97,7 @@ def export_onnx(model: HRMTorch, path: str | os.PathLike, graph: str = "solve") 
     args = example_inputs(model.config, graph, dtype=model.dtype)
     names_in, names_out = (SOLVE_INPUTS, SOLVE_OUTPUTS) if graph == "solve" else (SEGMENT_INPUTS, SEGMENT_OUTPUTS)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic = tuple({0: batch} if arg.dim() > 0 else {} for arg in args)
+    dynamic = tuple({} if name == "early_halt" else {0: batch} for name in names_in)
     logger.info("exporting the %s graph (%s) to %s", graph, model.dtype, path)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and dynamic-dim notes
@@ -135,7 +127,12 @@ def read_metadata(path: str | os.PathLike) -> tuple[HRMConfig, str, str]:
     props = {p.key: p.value for p in proto.metadata_props}
     if META_CONFIG not in props:
         raise OnnxExportError(f"{path}: no hrm_config metadata; it was not written by `python -m export onnx`")
-    return HRMConfig(**json.loads(props[META_CONFIG])), props.get(META_GRAPH, "solve"), props.get(META_DTYPE, "float32")
+    try:
+        config = HRMConfig(**json.loads(props[META_CONFIG]))
+    except (TypeError, ValueError) as err:
+        raise OnnxExportError(f"{path}: its hrm_config metadata does not fit this version of hrm_jax ({err}); "
+                              "re-export it with this version") from None
+    return config, props.get(META_GRAPH, "solve"), props.get(META_DTYPE, "float32")
 
 
 def _session(path: str | os.PathLike, providers: list[str] | None, threads: int | None):
@@ -162,7 +159,7 @@ class OnnxSolver:
         if self.dtype == "bfloat16" and not providers:
             raise OnnxExportError(f"{path}: a bfloat16 graph, which onnxruntime's CPU provider cannot run (no "
                                   "bf16 kernels); export --dtype float32 or float16 for CPUs, keep bf16 for GPUs")
-        self.early_halt = np.asarray(bool(early_halt))
+        self.early_halt = np.asarray([bool(early_halt)])
         self.session = _session(path, providers, threads)
 
     def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult:
@@ -195,17 +192,3 @@ class OnnxSegment:
             None, {**carry, "inputs": inputs, "puzzle_identifiers": ids})
         return ({"z_H": z_H, "z_L": z_L, "steps": steps, "halted": halted},
                 {"logits": logits, "q_halt": q_halt, "q_continue": q_continue})
-
-
-def check_solver_inputs(config: HRMConfig, inputs: Any, puzzle_identifiers: Any) -> tuple[np.ndarray, np.ndarray]:
-    """int32 copies of a batch, or a ValueError that names the wrong shape or token range."""
-    inputs, ids = np.asarray(inputs), np.asarray(puzzle_identifiers)
-    if inputs.ndim != 2 or inputs.shape[1] != config.seq_len:
-        raise ValueError(f"inputs must have shape [batch, {config.seq_len}], got {list(inputs.shape)}")
-    if ids.shape != inputs.shape[:1]:
-        raise ValueError(f"puzzle_identifiers must have shape [{inputs.shape[0]}], got {list(ids.shape)}")
-    if inputs.size and (inputs.min() < 0 or inputs.max() >= config.vocab_size):
-        raise ValueError(f"input tokens must lie in 0..{config.vocab_size - 1}, got {inputs.min()}..{inputs.max()}")
-    if ids.size and (ids.min() < 0 or ids.max() >= config.num_puzzle_identifiers):
-        raise ValueError(f"puzzle identifiers must lie in 0..{config.num_puzzle_identifiers - 1}")
-    return inputs.astype(np.int32), ids.astype(np.int32)

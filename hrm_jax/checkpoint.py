@@ -203,3 +203,18 @@ def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tu
     except Exception as err:
         raise CheckpointError(f"{where}: could not restore the params ({type(err).__name__}: {err})") from None
     return params, config
+
+
+def save_params(directory: str | os.PathLike, params: dict[str, Any], model_config: HRMConfig, *,
+                step: int = 0, **extra: Any) -> str:
+    """Writes a params-only checkpoint (no optimizer state) that `load_params_for_eval` and the
+    solvers read, e.g. weights converted from a PyTorch checkpoint. Refuses to overwrite a step."""
+    manager = _manager(directory, max_to_keep=None)
+    if step in manager.all_steps():
+        raise CheckpointError(f"{directory}: already holds a checkpoint for step {step}; choose another --out")
+    meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_config": model_config.to_dict(),
+            "params_only": True, **extra}
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+    manager.wait_until_finished()
+    manager.close()
+    return os.path.join(os.path.abspath(os.fspath(directory)), str(step))
