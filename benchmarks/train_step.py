@@ -1,6 +1,7 @@
 """Time the full HRM training step (ACT segment, target-Q forward, backward, AdamATan2, sparse SignSGD).
 
     python -m benchmarks.train_step --preset sudoku_extreme --batch 384 [--batch 768] [--iters 50]
+        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...]
 
 Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
 the GPU's dense bf16 peak, and peak device memory; merges the numbers into
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from hrm_jax.config import MODEL_PRESETS, TRAIN_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
 from hrm_jax.train import init_train_state, train_step
 
 
@@ -35,8 +36,9 @@ def random_batches(config, batch_size: int, count: int, seed: int = 0) -> list[d
     return batches
 
 
-def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, attention_impl: str = "xla") -> dict:
-    model_config = MODEL_PRESETS[preset](attention_impl=attention_impl)
+def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, attention_impl: str = "xla",
+                     norm_impl: str = "xla") -> dict:
+    model_config = MODEL_PRESETS[preset](attention_impl=attention_impl, norm_impl=norm_impl)
     train_config = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["sudoku_extreme"]).replace(global_batch_size=batch_size)
     total_steps = 26_042
     state = init_train_state(model_config, train_config, total_steps)
@@ -51,7 +53,7 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
     flops = common.train_flops_per_example(model_config) * batch_size
     info = common.device_info()
-    result = {"preset": preset, "batch": batch_size, "attention_impl": attention_impl, **timing,
+    result = {"preset": preset, "batch": batch_size, "attention_impl": attention_impl, "norm_impl": norm_impl, **timing,
               "steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
               "window_examples_per_s": batch_size / timing["window_s"],
               "tflops": flops / timing["median_s"] / 1e12, "gflop_per_example": flops / batch_size / 1e9,
@@ -68,18 +70,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, action="append", help="global batch (repeatable; default 384 and 768)")
     parser.add_argument("--iters", type=int, default=50, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--attention-impl", action="append", choices=("xla", "cudnn"),
-                        help="attention implementation(s) to time (default xla)")
+    parser.add_argument("--attention-impl", action="append", choices=ATTENTION_IMPLS,
+                        help="attention implementation(s) to time (repeatable; default xla)")
+    parser.add_argument("--norm-impl", action="append", choices=NORM_IMPLS,
+                        help="residual add + RMSNorm implementation(s) to time (repeatable; default xla); "
+                             "every attention x norm combination runs")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     rows = []
     for impl in args.attention_impl or ["xla"]:
-        for batch in args.batch or [384, 768]:
-            rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, impl))
-            path = common.save_results(f"train_step_jax_{args.preset}", rows, args.out)
-    print(f"{'attn':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+        for norm_impl in args.norm_impl or ["xla"]:
+            for batch in args.batch or [384, 768]:
+                rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, impl, norm_impl))
+                path = common.save_results(f"train_step_jax_{args.preset}", rows, args.out)
+    print(f"{'attn':>6} {'norm':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:
-        print(f"{r['attention_impl']:>6} {r['batch']:>6} {1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
+        print(f"{r['attention_impl']:>6} {r['norm_impl']:>6} {r['batch']:>6} {1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
               f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
     print(f"results: {path}")
     return 0

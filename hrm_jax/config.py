@@ -11,7 +11,10 @@ from typing import Any, Literal
 
 POS_ENCODINGS = ("rope", "learned")
 FORWARD_DTYPES = ("bfloat16", "float16", "float32")
-ATTENTION_IMPLS = ("xla", "cudnn")  # cudnn: fused attention on NVIDIA GPUs, bf16/fp16 only
+# cudnn: fused attention on NVIDIA GPUs, bf16/fp16 only. pallas: kernels_pallas (Triton kernels;
+# off GPU they run in Pallas interpret mode, correct but slow).
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+NORM_IMPLS = ("xla", "pallas")  # the residual add + RMSNorm of each block
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,7 @@ class HRMConfig:
 
     forward_dtype: str = "bfloat16"
     attention_impl: str = "xla"
+    norm_impl: str = "xla"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
@@ -76,6 +80,8 @@ class HRMConfig:
                  f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         _require(self.attention_impl != "cudnn" or self.forward_dtype in ("bfloat16", "float16"),
                  "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
+        _require(self.norm_impl in NORM_IMPLS, "norm_impl",
+                 f"must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
 
     # Derived sizes -------------------------------------------------------------------------
     @property

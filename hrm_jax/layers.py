@@ -39,6 +39,15 @@ def rms_norm(x: jax.Array, eps: float) -> jax.Array:
     return (x32 * jax.lax.rsqrt(variance + eps)).astype(x.dtype)
 
 
+def add_rms_norm(h: jax.Array, delta: jax.Array, eps: float, impl: str = "xla") -> jax.Array:
+    """rms_norm(h + delta): the residual add and norm of a post-norm block ("pallas": one fused kernel)."""
+    if impl == "pallas":
+        from kernels_pallas.rms_norm import add_rms_norm as fused  # imported only when selected
+
+        return fused(h, delta, eps)
+    return rms_norm(h + delta, eps)
+
+
 def rotary_cos_sin(num_positions: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables f32[num_positions, head_dim] in the rotate-half layout (freqs repeated twice)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -112,8 +121,13 @@ class Attention(nn.Module):
         if cos_sin is not None:
             query, key = apply_rotary(query, *cos_sin), apply_rotary(key, *cos_sin)
         # Softmax scale 1/sqrt(head_dim), logits in f32: the same as flash-attn in the reference.
-        out = jax.nn.dot_product_attention(query, key, value, is_causal=False,
-                                           implementation=cfg.attention_impl)
+        if cfg.attention_impl == "pallas":
+            from kernels_pallas.attention import attention  # imported only when selected
+
+            out = attention(query, key, value)
+        else:
+            out = jax.nn.dot_product_attention(query, key, value, is_causal=False,
+                                               implementation=cfg.attention_impl)
         out = einops.rearrange(out, "b s h d -> b s (h d)")
         return CastedLinear(cfg.hidden_size, name="o_proj")(out)
 
@@ -137,6 +151,6 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, cos_sin: tuple[jax.Array, jax.Array] | None) -> jax.Array:
-        eps = self.config.rms_norm_eps
-        h = rms_norm(h + Attention(self.config, name="self_attn")(h, cos_sin), eps)
-        return rms_norm(h + SwiGLU(self.config, name="mlp")(h), eps)
+        eps, impl = self.config.rms_norm_eps, self.config.norm_impl
+        h = add_rms_norm(h, Attention(self.config, name="self_attn")(h, cos_sin), eps, impl)
+        return add_rms_norm(h, SwiGLU(self.config, name="mlp")(h), eps, impl)

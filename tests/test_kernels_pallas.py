@@ -1,0 +1,219 @@
+"""Pallas kernels (kernels_pallas/) against their plain-jnp references, in Pallas interpret mode on CPU.
+
+Errors are normwise: max|got - want| / max|want| over the whole array. Tolerances: float32 1e-5
+(the kernels change only the summation order); bfloat16 2e-2 (a few bf16 ulps, 2^-8 each: the
+kernels round probabilities and gradients to bf16 at other points than XLA does).
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import hrm_jax as H
+from hrm_jax.config import ConfigError
+from hrm_jax.layers import rms_norm
+from hrm_jax.model import segment_forward
+from kernels_pallas import common
+from kernels_pallas.attention import BlockSizes, attention, attention_reference
+from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
+from kernels_pallas.swiglu import swiglu, swiglu_reference
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+# Interpret-mode kernels are large XLA programs; LLVM's -O0 halves their compile time (numerics unchanged).
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def normwise_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def assert_close(got, want, tol, what):
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype, want.dtype)
+    error = normwise_error(got, want)
+    assert error <= tol, f"{what}: normwise error {error:.3g} > {tol:g}"
+
+
+def random_arrays(seed, count, shape, dtype, scale=1.0, shift=0.0):
+    # NumPy, not jax.random: eager jax ops compile one by one, seconds per test on CPU.
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape, np.float32) * scale + shift, dtype) for _ in range(count)]
+
+
+def output_and_vjp(fn, inputs, cotangent):
+    """fn(*inputs) and the vjp of `cotangent`, in one jitted call (one compile: interpret mode is slow to build)."""
+    def run(inputs, cotangent):
+        out, vjp = jax.vjp(fn, *inputs)
+        return out, vjp(cotangent)
+    return jax.jit(run, compiler_options=FAST_COMPILE)(inputs, cotangent)
+
+
+def check_vjp(kernel, reference, inputs, cotangent, tol):
+    """Forward outputs and the vjp of a random cotangent, kernel vs reference."""
+    got, got_grads = output_and_vjp(kernel, inputs, cotangent)
+    want, want_grads = output_and_vjp(reference, inputs, cotangent)
+    assert_close(got, want, tol, "forward")
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert_close(g, w, tol, f"gradient of input {i}")
+
+
+# Attention ---------------------------------------------------------------------------------
+# 81/82: Sudoku with and without the puzzle slot (one padded 128 block); 100: one block; 130: past
+# SINGLE_BLOCK_MAX, so the online-softmax forward and the two-scan backward over 32-blocks (also
+# forced at 82 by the explicit blocks); 20 with head_dim 24: head_dim padded to 32, masked columns.
+TWO_SCAN = BlockSizes(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32)
+
+
+@pytest.mark.parametrize("batch, seq, heads, head_dim, dtype, blocks", [
+    (1, 81, 8, 64, jnp.float32, None),
+    (2, 82, 4, 64, jnp.float32, None),
+    (3, 100, 2, 32, jnp.float32, None),
+    (2, 130, 2, 64, jnp.float32, None),
+    (1, 82, 2, 64, jnp.float32, TWO_SCAN),
+    (1, 20, 3, 24, jnp.float32, None),
+    (2, 82, 8, 64, jnp.bfloat16, None),
+])
+def test_attention_matches_reference(batch, seq, heads, head_dim, dtype, blocks):
+    q, k, v, cotangent = random_arrays(seq + head_dim, 4, (batch, seq, heads, head_dim), dtype)
+    check_vjp(lambda q, k, v: attention(q, k, v, block_sizes=blocks, interpret=True), attention_reference,
+              (q, k, v), cotangent, TOL[dtype])
+
+
+def test_attention_reference_is_jax_dot_product_attention():
+    q, k, v = random_arrays(0, 3, (2, 82, 4, 64), jnp.float32)
+    want = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="xla"))(q, k, v)
+    assert_close(jax.jit(attention_reference)(q, k, v), want, 1e-6, "reference")
+
+
+def test_attention_block_sizes_are_checked():
+    with pytest.raises(ValueError, match="power of two"):
+        BlockSizes(block_q=48, block_k=64, block_q_bwd=64, block_k_bwd=64).validate(81)
+    with pytest.raises(ValueError, match="block_q_bwd == block_k_bwd"):
+        BlockSizes(block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=64).validate(900)
+
+
+# Residual add + RMSNorm --------------------------------------------------------------------
+@pytest.mark.parametrize("shape, dtype", [((2, 81, 512), jnp.float32), ((3, 7, 96), jnp.float32),
+                                          ((2, 82, 512), jnp.bfloat16)])
+def test_add_rms_norm_matches_reference(shape, dtype):
+    h, delta, cotangent = random_arrays(shape[-1], 3, shape, dtype, scale=2.0, shift=0.5)
+    check_vjp(lambda h, d: add_rms_norm(h, d, 1e-5, interpret=True),
+              lambda h, d: add_rms_norm_reference(h, d, 1e-5), (h, delta), cotangent, TOL[dtype])
+
+
+def test_add_rms_norm_reference_is_the_layer():
+    h, delta = random_arrays(3, 2, (4, 512), jnp.float32, scale=3.0)
+    np.testing.assert_array_equal(add_rms_norm_reference(h, delta, 1e-5), rms_norm(h + delta, 1e-5))
+    # In float32 the kernel matches rms_norm(h + delta) to the last bit or nearly so.
+    got = jax.jit(lambda h, d: add_rms_norm(h, d, 1e-5, interpret=True), compiler_options=FAST_COMPILE)(h, delta)
+    np.testing.assert_allclose(got, rms_norm(h + delta, 1e-5), rtol=1e-6, atol=1e-7)
+
+
+# SwiGLU ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, dtype", [((2, 81, 2 * 1536), jnp.float32), ((3, 5, 2 * 40), jnp.bfloat16)])
+def test_swiglu_matches_reference(shape, dtype):
+    (gate_up,) = random_arrays(shape[-1], 1, shape, dtype, scale=2.0)
+    (cotangent,) = random_arrays(1, 1, shape[:-1] + (shape[-1] // 2,), dtype)
+    check_vjp(lambda x: swiglu(x, interpret=True), swiglu_reference, (gate_up,), cotangent, TOL[dtype])
+
+
+# The GPU lowering ---------------------------------------------------------------------------
+# Interpret mode hides what only the Triton lowering checks (power-of-two tiles, supported ops), so
+# lower for CUDA too. The CPU jaxlib builds the Triton IR without a GPU; jax >= 0.11 needs to be
+# told which GPU through an abstract device (jax 0.10 ignores it and assumes compute capability 9.0).
+H100 = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                 abstract_device=jax.sharding.AbstractDevice(
+                                     device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+
+
+def _fwd_and_vjp(fn):
+    def run(*inputs):
+        out, vjp = jax.vjp(fn, *inputs)
+        return out, vjp(out)
+    return run
+
+
+@pytest.mark.parametrize("name, fn, shapes", [
+    ("attention 82", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 82, 8, 64)] * 3),
+    ("attention 900", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 900, 8, 64)] * 3),
+    ("attention 82 two-scan", lambda q, k, v: attention(q, k, v, block_sizes=TWO_SCAN, interpret=False),
+     [(2, 82, 8, 64)] * 3),
+    ("attention head_dim 24", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 50, 3, 24)] * 3),
+    ("add_rms_norm", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(2, 82, 512)] * 2),
+    ("add_rms_norm hidden 96", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(7, 96)] * 2),
+    ("swiglu", lambda x: swiglu(x, interpret=False), [(2, 82, 2 * 1536)]),
+])
+def test_kernels_lower_to_triton_for_gpu(name, fn, shapes):
+    avals = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
+    with jax.sharding.use_abstract_mesh(H100):
+        text = jax.jit(_fwd_and_vjp(fn)).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    # Forward and backward kernels: custom calls __gpu$xla.gpu.triton (or triton_kernel_call in
+    # jaxlibs that compile the IR themselves).
+    assert text.count("custom_call @__gpu$xla.gpu.triton") + text.count("custom_call @triton") == 2, name
+
+
+# Wiring into the model ---------------------------------------------------------------------
+def random_params(cfg, seed):
+    """Random values in init_params' layout (flax init itself compiles for seconds on CPU)."""
+    shapes = jax.eval_shape(lambda key: H.init_params(cfg, key), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, s.shape[0] ** -0.5 if len(s.shape) == 2 else 1.0,
+                                                         s.shape), jnp.float32), shapes)
+
+
+def test_pallas_impls_give_the_xla_model():
+    """attention_impl/norm_impl="pallas" (interpret mode on CPU) vs "xla": outputs and 1-step gradients
+    of a Sudoku-shaped segment (81 cells + 1 puzzle slot). L_cycles=2: one L-update runs inside the
+    no-gradient loop, one with gradients."""
+    xla = H.tiny(seq_len=81, puzzle_emb_ndim=64, hidden_size=64, num_heads=2, H_layers=1, L_layers=1,
+                 H_cycles=1, L_cycles=2)
+    pallas = xla.replace(attention_impl="pallas", norm_impl="pallas")
+    params = random_params(xla, seed=0)
+    rng = np.random.default_rng(1)
+    batch = {"inputs": jnp.asarray(rng.integers(0, xla.vocab_size, (2, 81)), jnp.int32),
+             "labels": jnp.zeros((2, 81), jnp.int32), "puzzle_identifiers": jnp.zeros((2,), jnp.int32)}
+    (cotangent,) = random_arrays(2, 1, (2, 81, xla.vocab_size), jnp.float32)
+
+    @jax.jit
+    def prepare(params, batch):
+        carry = H.refresh_carry(params, xla, H.initial_carry(xla, batch), batch)
+        return carry, H.gather_puzzle_rows(params, xla, batch["puzzle_identifiers"])
+
+    carry, rows = prepare(params, batch)
+
+    def run(cfg):
+        def loss(dense):
+            *_, logits, q = segment_forward({**params, "dense": dense}, cfg, carry, rows)
+            return jnp.sum(logits * cotangent) + jnp.sum(q), (logits, q)
+        return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(params["dense"])
+
+    (_, (logits, q)), grads = run(pallas)
+    (_, (want_logits, want_q)), want_grads = run(xla)
+    assert_close(logits, want_logits, 1e-5, "logits")
+    assert_close(q, want_q, 1e-5, "q logits")
+    flat, want_flat = jax.tree.leaves_with_path(grads), jax.tree.leaves(want_grads)
+    assert len(flat) == len(want_flat)
+    for (path, g), w in zip(flat, want_flat):
+        # 5e-5: gradients pass through every layer, each adding f32 rounding differences (seen: 1.5e-5).
+        assert_close(g, w, 5e-5, f"gradient of {jax.tree_util.keystr(path)}")
+
+
+def test_default_interpret_on_cpu_warns_once(caplog):
+    common._warn_interpret.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="kernels_pallas.common"):
+        assert common.default_interpret() is True
+        assert common.default_interpret() is True
+    assert sum("interpret mode" in r.message for r in caplog.records) == 1
+
+
+def test_config_accepts_pallas_and_rejects_unknown_impls():
+    cfg = H.tiny(attention_impl="pallas", norm_impl="pallas")
+    assert (cfg.attention_impl, cfg.norm_impl) == ("pallas", "pallas")
+    assert H.tiny().norm_impl == "xla"
+    with pytest.raises(ConfigError, match="norm_impl"):
+        H.tiny(norm_impl="triton")
+    with pytest.raises(ConfigError, match="attention_impl"):
+        H.tiny(attention_impl="flash")
