@@ -88,3 +88,28 @@ def test_embedding_init_and_cast():
     out = emb.apply({"params": params}, jnp.array([[3, 0]]))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32)[0, 0], table[3], rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_rows", [11, 2000])  # one-hot path and gather path (> ONE_HOT_MAX_ROWS)
+def test_embedding_equals_gather_and_its_gradient_has_no_scatter(dtype, num_rows):
+    emb = CastedEmbedding(num_rows, 48, 1.0, dtype)
+    ids = jax.random.randint(jax.random.key(1), (6, 81), 0, num_rows)
+    params = emb.init(jax.random.key(0), ids)
+    table = params["params"]["embedding"]
+    got = emb.apply(params, ids)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(table.astype(dtype)[ids], np.float32))
+    cotangent = jax.random.normal(jax.random.key(2), got.shape, jnp.float32).astype(dtype)
+
+    def loss(p):
+        return jnp.sum(emb.apply(p, ids).astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+    grad = jax.grad(loss)(params)["params"]["embedding"]
+    want = np.zeros(table.shape, np.float64)
+    np.add.at(want, np.asarray(ids).reshape(-1), np.asarray(cotangent, np.float64).reshape(-1, 48))
+    tol = 1e-5 if dtype == jnp.float32 else 1e-2  # bf16: the reference's cotangent is bf16 too
+    assert np.max(np.abs(np.asarray(grad) - want)) <= tol * np.max(np.abs(want))
+    # Small tables: the backward is a matmul, never a scatter-add (GPU atomics serialise on few rows).
+    has_scatter = "scatter-add" in str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert has_scatter == (num_rows > 1024)
