@@ -33,8 +33,9 @@ from hrm_jax.train import init_train_state, train, train_step
 WINDOW = 100
 
 
-def _windows(step_once, steps: int, sync) -> list[float]:
+def _windows(name: str, step_once, steps: int, sync) -> list[float]:
     """steps/s of each WINDOW-step window, synchronising at window ends only (as train() logs)."""
+    print(f"{name:9} steps/s per {WINDOW}-step window:", end="", flush=True)
     rates, out = [], None
     start = time.perf_counter()
     for i in range(1, steps + 1):
@@ -43,7 +44,9 @@ def _windows(step_once, steps: int, sync) -> list[float]:
             sync(out)
             now = time.perf_counter()
             rates.append(WINDOW / (now - start))
+            print(f" {rates[-1]:.2f}", end="", flush=True)
             start = now
+    print(flush=True)
     return rates
 
 
@@ -72,7 +75,7 @@ def run(args) -> dict:
         holder["state"], metrics = train_step(holder["state"], device_batches[counter["i"] % 8], **kwargs)
         return metrics
 
-    results["device"] = _windows(device_step, args.steps, jax.block_until_ready)
+    results["device"] = _windows("device", device_step, args.steps, jax.block_until_ready)
 
     sampler = TrainSampler(split, train_config.global_batch_size, train_config.seed,
                            epochs_per_iter=train_config.eval_interval)
@@ -82,7 +85,7 @@ def run(args) -> dict:
         holder["state"], metrics = train_step(holder["state"], sampler.next_batch(), **kwargs)
         return metrics
 
-    results["sampler"] = _windows(sampler_step, args.steps, jax.block_until_ready)
+    results["sampler"] = _windows("sampler", sampler_step, args.steps, jax.block_until_ready)
     pending = {"batch": jax.device_put(sampler.next_batch())}
 
     def prefetch_step():
@@ -90,7 +93,7 @@ def run(args) -> dict:
         pending["batch"] = jax.device_put(sampler.next_batch())
         return metrics
 
-    results["prefetch"] = _windows(prefetch_step, args.steps, jax.block_until_ready)
+    results["prefetch"] = _windows("prefetch", prefetch_step, args.steps, jax.block_until_ready)
     del holder["state"]
 
     profiler = cProfile.Profile()
@@ -103,6 +106,7 @@ def run(args) -> dict:
         profiler.disable()
         elapsed = time.perf_counter() - start
     results["train"] = [args.steps / elapsed]  # includes its one compile and the final checkpoint
+    print(f"train     {args.steps} steps in {elapsed:.1f} s (with set-up and a final checkpoint)", flush=True)
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
     if args.profile_out:
@@ -122,8 +126,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     result = run(args)
-    for name, rates in result["steps_per_s_by_window"].items():
-        print(f"{name:9} steps/s per {WINDOW}-step window: " + " ".join(f"{r:.2f}" for r in rates))
     print("wrote", common.save_results(f"train_loop_{args.attention_impl}", result, args.out))
     return 0
 

@@ -11,6 +11,7 @@ benchmarks/results/<gpu>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import jax
@@ -53,7 +54,8 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
     flops = common.train_flops_per_example(model_config) * batch_size
     info = common.device_info()
-    result = {"preset": preset, "batch": batch_size, "attention_impl": attention_impl, "norm_impl": norm_impl, **timing,
+    result = {"preset": preset, "batch": batch_size, "attention_impl": attention_impl, "norm_impl": norm_impl,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
               "steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
               "window_examples_per_s": batch_size / timing["window_s"],
               "tflops": flops / timing["median_s"] / 1e12, "gflop_per_example": flops / batch_size / 1e9,
