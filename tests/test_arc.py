@@ -17,6 +17,7 @@ from hrm_jax.arc_eval import (ARCEvalError, collect_votes, grid_key, rank_candid
 from hrm_jax.data.arc import (DIHEDRAL_INVERSE, IDENTITY, ARCDataError, Augmentation, crop, crop_sizes,
                               dihedral_transform, encode_grid, load_tasks, parse_puzzle_name, random_augmentation)
 from hrm_jax.data.arc_build import Source, build_arc_dataset
+from hrm_jax.data.dihedral import DihedralError
 from hrm_jax.data.format import load_split
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "arc"
@@ -82,7 +83,7 @@ def test_dihedral_ids_are_the_reference_group():
         np.testing.assert_array_equal(dihedral_transform(grid, tid), reference_dihedral(grid, tid))
         np.testing.assert_array_equal(dihedral_transform(dihedral_transform(grid, tid), DIHEDRAL_INVERSE[tid]), grid)
     assert len({dihedral_transform(grid, t).tobytes() + bytes(dihedral_transform(grid, t).shape) for t in range(8)}) == 8
-    with pytest.raises(ARCDataError, match="0..7"):
+    with pytest.raises(DihedralError, match="0..7"):
         dihedral_transform(grid, 8)
 
 

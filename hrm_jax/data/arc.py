@@ -26,14 +26,12 @@ from typing import Any
 
 import numpy as np
 
+from hrm_jax.data.dihedral import DIHEDRAL_INVERSE, NUM_DIHEDRAL, dihedral_transform  # noqa: F401 (re-exported)
+
 GRID_SIZE = 30
 SEQ_LEN = GRID_SIZE * GRID_SIZE
 PAD_ID, EOS_ID, COLOUR_OFFSET = 0, 1, 2
 VOCAB_SIZE = 10 + COLOUR_OFFSET
-NUM_DIHEDRAL = 8
-# Inverse ids: rotations by 90 and 270 degrees undo each other, the rest are involutions
-# (reference dataset/common.py DIHEDRAL_INVERSE).
-DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 _AUG_NAME = re.compile(r"^(?P<task>.+)_t(?P<tid>[0-7])_(?P<colours>[0-9]{10})$")
 
 
@@ -124,23 +122,6 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 # Augmentation -----------------------------------------------------------------------------------
-def dihedral_transform(grid: np.ndarray, tid: int) -> np.ndarray:
-    """The reference's dihedral transform `tid` (0..7, dataset/common.py) of the last two axes."""
-    if tid == 0:
-        return grid
-    if tid in (1, 2, 3):
-        return np.rot90(grid, tid, axes=(-2, -1))
-    if tid == 4:
-        return np.flip(grid, -1)  # left-right
-    if tid == 5:
-        return np.flip(grid, -2)  # up-down
-    if tid == 6:
-        return np.swapaxes(grid, -2, -1)  # transpose
-    if tid == 7:
-        return np.flip(np.rot90(grid, 1, axes=(-2, -1)), -1)  # anti-diagonal reflection
-    raise ARCDataError(f"dihedral transform id must be in 0..7, got {tid!r}")
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Augmentation:
     """Recolour by `colours` (uint8[10], colours[old] = new, colours[0] == 0), then dihedral `tid`."""

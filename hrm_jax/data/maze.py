@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 
+from hrm_jax.data.dihedral import DIHEDRAL_INVERSE, NUM_DIHEDRAL, dihedral_transform  # noqa: F401 (re-exported)
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 CHARSET = "# SGo"  # the reference's CHARSET; token id = index + 1, 0 = pad
 PAD, WALL, OPEN, START, GOAL, PATH = 0, 1, 2, 3, 4, 5
 VOCAB_SIZE = len(CHARSET) + 1
-NUM_DIHEDRAL = 8
 _STEPS = ((-1, 0), (0, -1), (1, 0), (0, 1))
 
 
@@ -205,21 +205,6 @@ def check_label(inputs: np.ndarray, labels: np.ndarray) -> int:
     if steps != shortest:
         raise MazeDataError(f"the marked path takes {steps} steps but the shortest takes {shortest}")
     return steps
-
-
-def dihedral_transform(grid: np.ndarray, tid: int) -> np.ndarray:
-    """The reference's dihedral_transform (dataset/common.py), ids 0-7, on the last two axes."""
-    transforms = {0: lambda a: a, 1: lambda a: np.rot90(a, 1, (-2, -1)), 2: lambda a: np.rot90(a, 2, (-2, -1)),
-                  3: lambda a: np.rot90(a, 3, (-2, -1)), 4: lambda a: np.flip(a, -1),
-                  5: lambda a: np.flip(a, -2), 6: lambda a: np.swapaxes(a, -2, -1),
-                  7: lambda a: np.flip(np.rot90(a, 1, (-2, -1)), -1)}
-    if tid not in transforms:
-        raise MazeDataError(f"dihedral transform id must be in 0..7, got {tid!r}")
-    return transforms[tid](grid)
-
-
-# Inverse ids (rotations by 90 and 270 degrees are each other's inverse; the rest are involutions).
-DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 
 def _orbit_key(grid: np.ndarray) -> bytes:
