@@ -203,8 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", type=pathlib.Path, default=None, help="default data/arc-aug-1000 (arc1), data/arc-2-aug-1000 (arc2)")
     train.add_argument("--preset", choices=PRESETS, default="arc1",
                        help="arc1/arc2: the paper's hrm_v1 model and ARC training settings; quickstart: CPU-sized")
-    train.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
-                       help="attention kernel; cudnn: fused attention on NVIDIA GPUs (bf16)")
+    common.add_kernel_flags(train)
     common.add_train_flags(train)
 
     evaluate = sub.add_parser("eval", help="score a checkpoint by voting over augmentations (pass@k)")

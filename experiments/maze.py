@@ -162,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on a built dataset")
     train.add_argument("--data", type=pathlib.Path, required=True)
     train.add_argument("--preset", choices=PRESETS, default="maze_hard")
-    train.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
-                       help="attention kernel; cudnn needs an NVIDIA GPU and bf16")
+    common.add_kernel_flags(train)
     common.add_train_flags(train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a split (with per-path-length results)")

@@ -200,8 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train on a built dataset")
     train.add_argument("--data", type=pathlib.Path, required=True)
     train.add_argument("--preset", choices=PRESETS, default="sudoku_extreme")
-    train.add_argument("--attention-impl", choices=("xla", "cudnn"), default=None,
-                       help="attention kernel; cudnn (NVIDIA GPUs, bf16) is 33%% faster on an H100")
+    common.add_kernel_flags(train)
     common.add_train_flags(train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a split (with per-difficulty results)")
