@@ -18,7 +18,7 @@ from export.solvers import BackendUnavailableError, load_solver
 from export.tensorrt import TensorRTUnavailableError, build_engine, calibration_batches
 from experiments import sudoku
 from hrm_jax.checkpoint import CheckpointError, load_params_for_eval, save_params
-from tests.test_export_torch import assert_trees_equal, random_batch, random_params, small_config
+from tests.test_export_torch import assert_trees_equal, random_batch, random_params
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
