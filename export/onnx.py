@@ -102,8 +102,12 @@ def export_onnx(model: HRMTorch, path: str | os.PathLike, graph: str = "solve") 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation and dynamic-dim notes
         try:
+            # The solve graph unrolls halt_max_steps segments; onnxscript's optimizer is superlinear
+            # in graph size there (38 s for one Sudoku segment, 86 s for two) and ONNX Runtime and
+            # TensorRT optimise at load time anyway, so only the one-segment graph is optimised here.
             program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=OPSET, input_names=list(names_in),
-                                        output_names=list(names_out), dynamic_shapes=dynamic, verbose=False)
+                                        output_names=list(names_out), dynamic_shapes=dynamic, verbose=False,
+                                        optimize=graph == "segment")
         except Exception as err:  # the exporter raises many types; keep the cause visible
             raise OnnxExportError(f"torch.onnx.export failed for the {graph} graph: {type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''}") from err
