@@ -6,7 +6,8 @@
 The model is the preset at float32 with random weights (latency does not depend on the values:
 every backend runs all halt_max_steps segments, the paper's evaluation). Each backend runs in a
 child process of its own, so its peak resident memory (ru_maxrss) is its own; the child also
-reports its RSS after imports, before the model is loaded. Time per puzzle is the median of
+reports its RSS once the model is loaded (imports included: every backend imports hrm_jax's config,
+which imports jax). Time per puzzle is the median of
 --repeats solves at batch 1 after one warm-up solve (which includes jit / session set-up). The
 ONNX file is exported once (minutes for the 16-segment graph) and cached under --workdir.
 """
@@ -75,7 +76,7 @@ def _load(backend: str, paths: dict[str, str], threads: int):
         from export.onnx import OnnxSolver  # noqa: PLC0415
 
         solver = OnnxSolver(paths["onnx"], threads=threads)
-        return solver.solve, solver.config
+        return (lambda x, ids: solver.solve(x, ids).predictions), solver.config
     if backend == "torch":
         import torch  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415
@@ -87,16 +88,17 @@ def _load(backend: str, paths: dict[str, str], threads: int):
         config = read_metadata(paths["onnx"])[0]
         model = HRMTorch(config, "float32")
         model.load_state_dict(load_file(paths["safetensors"]), strict=True)
-        return (lambda x, ids: model.solve(torch.from_numpy(x), torch.from_numpy(ids)).logits.argmax(-1)), config
+        return (lambda x, ids: model.solve(torch.from_numpy(x), torch.from_numpy(ids)).logits.argmax(-1).numpy()), config
     from export.solvers import JaxSolver  # noqa: PLC0415
 
     solver = JaxSolver(paths["checkpoint"])
-    return solver.solve, solver.config
+    return (lambda x, ids: solver.solve(x, ids).predictions), solver.config
 
 
 def child(backend: str, paths: dict[str, str], repeats: int, threads: int) -> dict:
-    rss_after_imports = _rss_mib()
+    rss_at_start = _rss_mib()
     solve, config = _load(backend, paths, threads)
+    rss_after_load = _rss_mib()
     rng = np.random.default_rng(0)
     puzzles = [(rng.integers(1, config.vocab_size, (1, config.seq_len)).astype(np.int32), np.zeros(1, np.int32))
                for _ in range(repeats + 1)]
@@ -106,11 +108,11 @@ def child(backend: str, paths: dict[str, str], repeats: int, threads: int) -> di
     times = []
     for puzzle in puzzles[1:]:
         start = time.perf_counter()
-        np.asarray(solve(*puzzle))  # results on the host: the solve is finished
+        np.asarray(solve(*puzzle))  # predictions on the host: the solve is finished
         times.append(time.perf_counter() - start)
     return {"backend": backend, "median_s_per_puzzle": statistics.median(times), "min_s": min(times),
             "repeats": repeats, "first_solve_s": warmup_s, "peak_rss_mib": _peak_mib(),
-            "rss_after_imports_mib": rss_after_imports, "segments": config.halt_max_steps}
+            "rss_at_start_mib": rss_at_start, "rss_after_load_mib": rss_after_load, "segments": config.halt_max_steps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,10 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"\n{args.preset}, batch 1, float32, {args.threads} threads on {platform.processor() or platform.machine()} "
           f"({os.cpu_count()} CPUs)")
-    print(f"{'backend':8} {'s/puzzle':>9} {'min s':>7} {'first':>7} {'peak RSS MiB':>13} {'RSS after imports':>18}")
+    print(f"{'backend':8} {'s/puzzle':>9} {'min s':>7} {'first':>7} {'peak RSS MiB':>13} {'RSS loaded MiB':>15}")
     for r in results:
         print(f"{r['backend']:8} {r['median_s_per_puzzle']:9.3f} {r['min_s']:7.3f} {r['first_solve_s']:7.2f} "
-              f"{r['peak_rss_mib']:13.0f} {r['rss_after_imports_mib']:18.0f}")
+              f"{r['peak_rss_mib']:13.0f} {r['rss_after_load_mib']:15.0f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"preset": args.preset, "threads": args.threads, "cpus": os.cpu_count(),
