@@ -142,7 +142,7 @@ def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: b
     from export.solvers import load_solver  # noqa: PLC0415  (imports each runtime only when chosen)
 
     if backend == "onnx" and onnx_path is None:
-        print(f"exporting {checkpoint} to ONNX first (about a minute; pass --onnx FILE to reuse an export "
+        print(f"exporting {checkpoint} to ONNX first (minutes for the paper's model; pass --onnx FILE to reuse an export "
               "from `python -m export onnx`)")
     return load_solver(backend, checkpoint, onnx_path=onnx_path, engine_path=engine_path, early_halt=early_halt)
 

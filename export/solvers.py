@@ -158,7 +158,7 @@ def load_solver(backend: str, checkpoint: str | os.PathLike | None = None, *, on
         return TorchSolver(checkpoint, early_halt=early_halt)
     _require("onnxruntime", "pip install 'hrm-jax[export]'")
     path = Path(tempfile.mkdtemp(prefix="hrm-onnx-")) / "model.onnx"
-    logger.warning("exporting %s to %s (pass --onnx FILE to reuse an export)", checkpoint, path)
+    logger.info("exporting %s to %s (pass --onnx FILE to reuse an export)", checkpoint, path)
     return _onnx_solver(export_checkpoint_to_onnx(checkpoint, path), early_halt)
 
 
