@@ -164,3 +164,17 @@ def print_run_summary(summary: dict[str, Any], best_note: str = "") -> None:
     paths = summary["paths"]
     print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
           f"metrics: {paths['metrics']}\nplot: {paths['plot']}")
+
+
+def cpu_quickstart_model() -> HRMConfig:
+    """The Sudoku and Maze quick-start architecture: small enough for 2 CPU cores, large enough to
+    beat the baselines within minutes (128 wide, 2+2 layers, 2x2 cycles, 4 ACT steps)."""
+    from hrm_jax.config import tiny  # noqa: PLC0415
+
+    return tiny(hidden_size=128, num_heads=4, H_layers=2, L_layers=2, H_cycles=2, L_cycles=2,
+                halt_max_steps=4, forward_dtype="float32")
+
+
+def cpu_quickstart_train() -> TrainConfig:
+    return TrainConfig(global_batch_size=64, epochs=100000, eval_interval=None, lr=1e-3, lr_warmup_steps=50,
+                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1)

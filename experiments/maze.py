@@ -16,7 +16,7 @@ import time
 
 
 from experiments import common
-from hrm_jax.config import TRAIN_PRESETS, TrainConfig, maze_hard, tiny
+from hrm_jax.config import TRAIN_PRESETS, TrainConfig, maze_hard
 
 TASK = "maze"
 PRESETS = ("maze_hard", "quickstart")
@@ -25,15 +25,8 @@ PRESETS = ("maze_hard", "quickstart")
 QUICKSTART_SIZE, QUICKSTART_MIN_PATH = 8, 10
 
 
-def quickstart_model():
-    """The Sudoku quick-start architecture (128 wide, 2+2 layers, 2x2 cycles, 4 ACT steps)."""
-    return tiny(hidden_size=128, num_heads=4, H_layers=2, L_layers=2, H_cycles=2, L_cycles=2,
-                halt_max_steps=4, forward_dtype="float32")
-
-
-def quickstart_train() -> TrainConfig:
-    return TrainConfig(global_batch_size=64, epochs=100000, eval_interval=None, lr=1e-3, lr_warmup_steps=50,
-                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1)
+quickstart_model = common.cpu_quickstart_model
+quickstart_train = common.cpu_quickstart_train
 
 
 def model_for(preset: str):

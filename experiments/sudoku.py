@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from experiments import common
-from hrm_jax.config import TRAIN_PRESETS, TrainConfig, sudoku_extreme, tiny
+from hrm_jax.config import TRAIN_PRESETS, TrainConfig, sudoku_extreme
 
 TASK = "sudoku"
 # The paper's runs (reference README): 8 GPUs at global batch 768, or one GPU at 384 with lr 7e-5.
@@ -26,15 +26,8 @@ PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "quickstart")
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
 
 
-def quickstart_model():
-    """Small enough for 2 CPU cores, large enough to beat the baselines within minutes."""
-    return tiny(hidden_size=128, num_heads=4, H_layers=2, L_layers=2, H_cycles=2, L_cycles=2,
-                halt_max_steps=4, forward_dtype="float32")
-
-
-def quickstart_train() -> TrainConfig:
-    return TrainConfig(global_batch_size=64, epochs=100000, eval_interval=None, lr=1e-3, lr_warmup_steps=50,
-                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1)
+quickstart_model = common.cpu_quickstart_model
+quickstart_train = common.cpu_quickstart_train
 
 
 def model_for(preset: str):

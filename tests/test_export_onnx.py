@@ -15,17 +15,15 @@ import onnx
 import pytest
 import torch
 
-import hrm_jax as H
 from hrm_jax.evaluate import rollout
 from export.onnx import OnnxExportError, OnnxSegment, OnnxSolver, export_onnx, read_metadata
-from tests.test_export_torch import random_batch, random_params, rel_err, small_config, torch_model
+from tests.test_export_torch import jax_rollout, random_batch, random_params, rel_err, small_config, torch_model
 
 RTOL_F32, RTOL_F16 = 1e-5, 2e-2
 SEGMENTS = 3
 VARIANTS = {"rope_puzzle_emb": dict(pos_encodings="rope", puzzle_emb_ndim=40),
             "learned": dict(pos_encodings="learned", puzzle_emb_ndim=0)}
 ROLLOUT = jax.jit(rollout, static_argnames=("config", "loss_type"))
-STEP = jax.jit(H.act_step, static_argnames=("config", "train"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,21 +50,12 @@ def q_err(got, want):
     return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
 
 
-def jax_segments(cfg, params, batch, segments):
-    carry = H.initial_carry(cfg, batch)
-    history = []
-    for _ in range(segments):
-        carry, out = STEP(params, cfg, carry, batch, None, train=False)
-        history.append({k: np.asarray(v) for k, v in out.items()} | {"z_H": np.asarray(carry.z_H)})
-    return history
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_segment_graph_matches_jax_every_segment(tmp_dir, variant, batch_size):
     cfg, params = case(variant)
     batch = random_batch(cfg, batch_size, seed=batch_size)
-    want = jax_segments(cfg, params, batch, SEGMENTS)
+    want = jax_rollout(cfg, params, batch, SEGMENTS)
     runner = OnnxSegment(exported(variant, "segment", "float32", tmp_dir))
     carry = runner.initial_carry(batch_size)
     for segment in range(SEGMENTS):
@@ -109,7 +98,7 @@ def test_early_halting_actually_stops_some_rows_early(tmp_dir):
 def test_float16_graph_is_close_to_jax_float32(tmp_dir):
     cfg, params = case("rope_puzzle_emb")
     batch = random_batch(cfg, 7, seed=3)
-    want = jax_segments(cfg, params, batch, SEGMENTS)
+    want = jax_rollout(cfg, params, batch, SEGMENTS)
     runner = OnnxSegment(exported("rope_puzzle_emb", "segment", "float16", tmp_dir))
     carry = runner.initial_carry(7)
     assert carry["z_H"].dtype == np.float16
