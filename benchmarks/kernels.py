@@ -29,9 +29,8 @@ from benchmarks import common
 from hrm_jax.layers import rms_norm
 from kernels_pallas import attention as attn
 from kernels_pallas import rms_norm as norm
-from kernels_pallas import swiglu as glu
 
-HIDDEN, HEADS, INTER, EPS = 512, 8, 1536, 1e-5
+HIDDEN, HEADS, EPS = 512, 8, 1e-5
 DTYPE = jnp.bfloat16
 
 
@@ -57,18 +56,12 @@ def _norm_impls(blocks, interpret):
             "xla": lambda h, d: rms_norm(h + d, EPS)}
 
 
-def _swiglu_impls(blocks, interpret):
-    return {"pallas": lambda x: glu.swiglu(x, block_sizes=blocks, interpret=interpret),
-            "xla": glu.swiglu_reference}
-
-
 KERNELS = {
     "attention": Kernel("attention", lambda b, s: [(b, s, HEADS, HIDDEN // HEADS)] * 3,
                         lambda b, s: (b, s, HEADS, HIDDEN // HEADS), _attention_impls,
                         flops=lambda b, s: 4.0 * b * HEADS * s * s * (HIDDEN // HEADS)),
     "add_rms_norm": Kernel("add_rms_norm", lambda b, s: [(b, s, HIDDEN)] * 2, lambda b, s: (b, s, HIDDEN),
                            _norm_impls),
-    "swiglu": Kernel("swiglu", lambda b, s: [(b, s, 2 * INTER)], lambda b, s: (b, s, INTER), _swiglu_impls),
 }
 
 
@@ -86,13 +79,9 @@ def _sweep_blocks(kernel: str, seq: int) -> list:
         variants += [dict(zip(("block_q_bwd", "block_k_bwd", "num_warps_bwd"), v)) for v in bwd]
         variants += [{"num_stages": s} for s in (1, 3)]
         return [base] + [dataclasses.replace(base, **v) for v in variants]
-    if kernel == "add_rms_norm":
-        base = norm.BlockSizes.for_shape(HIDDEN)
-        return [base] + [norm.BlockSizes(block_rows=rows, num_warps=w)
-                         for rows, w in [(1, 1), (1, 2), (2, 2), (4, 4), (16, 4), (16, 8), (32, 8)]]
-    base = glu.BlockSizes.for_shape(INTER)
-    return [base] + [glu.BlockSizes(block_rows=rows, block_cols=cols, num_warps=w)
-                     for rows, cols, w in [(8, 512, 4), (32, 128, 4), (4, 1024, 4), (16, 256, 8), (32, 256, 8)]]
+    base = norm.BlockSizes.for_shape(HIDDEN)
+    return [base] + [norm.BlockSizes(block_rows=rows, num_warps=w)
+                     for rows, w in [(1, 1), (1, 2), (2, 2), (4, 4), (16, 4), (16, 8), (32, 8)]]
 
 
 def _random_sets(shapes, count: int, seed: int) -> list[tuple[jax.Array, ...]]:

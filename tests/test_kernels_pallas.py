@@ -19,7 +19,6 @@ from hrm_jax.model import segment_forward
 from kernels_pallas import common
 from kernels_pallas.attention import BlockSizes, attention, attention_reference
 from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
-from kernels_pallas.swiglu import swiglu, swiglu_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # Interpret-mode kernels are large XLA programs; LLVM's -O0 halves their compile time (numerics unchanged).
@@ -112,14 +111,6 @@ def test_add_rms_norm_reference_is_the_layer():
     np.testing.assert_allclose(got, rms_norm(h + delta, 1e-5), rtol=1e-6, atol=1e-7)
 
 
-# SwiGLU ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape, dtype", [((2, 81, 2 * 1536), jnp.float32), ((3, 5, 2 * 40), jnp.bfloat16)])
-def test_swiglu_matches_reference(shape, dtype):
-    (gate_up,) = random_arrays(shape[-1], 1, shape, dtype, scale=2.0)
-    (cotangent,) = random_arrays(1, 1, shape[:-1] + (shape[-1] // 2,), dtype)
-    check_vjp(lambda x: swiglu(x, interpret=True), swiglu_reference, (gate_up,), cotangent, TOL[dtype])
-
-
 # The GPU lowering ---------------------------------------------------------------------------
 # Interpret mode hides what only the Triton lowering checks (power-of-two tiles, supported ops), so
 # lower for CUDA too. The CPU jaxlib builds the Triton IR without a GPU; jax >= 0.11 needs to be
@@ -144,7 +135,6 @@ def _fwd_and_vjp(fn):
     ("attention head_dim 24", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 50, 3, 24)] * 3),
     ("add_rms_norm", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(2, 82, 512)] * 2),
     ("add_rms_norm hidden 96", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(7, 96)] * 2),
-    ("swiglu", lambda x: swiglu(x, interpret=False), [(2, 82, 2 * 1536)]),
 ])
 def test_kernels_lower_to_triton_for_gpu(name, fn, shapes):
     avals = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
