@@ -163,15 +163,6 @@ def _print_summary(summary: dict) -> None:
           f"metrics: {paths['metrics']}\nplot: {paths['plot']}")
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments.arc", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -179,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
     parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300)")
     parser.add_argument("--tasks", type=common.positive_int, default=4, help="quick start: smallest tasks per source (default 4)")
-    parser.add_argument("--num-aug", type=_non_negative, default=16, help="quick start: augmentations per task (default 16)")
+    parser.add_argument("--num-aug", type=common.non_negative_int, default=16, help="quick start: augmentations per task (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
@@ -193,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="evaluation tasks (JSON file or folder): required for arc2, replaces ARC-AGI-1 evaluation for arc1")
     build.add_argument("--source-dir", type=pathlib.Path, default=None,
                        help="folder of the packed task files (default $HRM_ARC_DATA or ../shared/data/arc)")
-    build.add_argument("--num-aug", type=_non_negative, default=1000, help="augmented versions per task (paper: 1000)")
+    build.add_argument("--num-aug", type=common.non_negative_int, default=1000, help="augmented versions per task (paper: 1000)")
     build.add_argument("--seed", type=int, default=42, help="the reference's default seed")
     build.add_argument("--max-tasks", type=common.positive_int, default=None, help="keep only this many smallest tasks per source")
     build.add_argument("--grid-size", type=common.positive_int, default=30,

@@ -132,12 +132,21 @@ def print_eval_table(results: dict[str, dict[str, float]], title: str = "evaluat
               f"{m.get('copy_accuracy', float('nan')):>11.2%}")
 
 
+def _int_at_least(text: str, minimum: int) -> int:
+    value = int(text)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0)
 
 
 def train_from_args(args: argparse.Namespace, model_base: HRMConfig, train_base: TrainConfig,
