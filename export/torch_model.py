@@ -185,12 +185,19 @@ class HRMInner(nn.Module):
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         return (self.rope_cos, self.rope_sin) if self.config.pos_encodings == "rope" else None
 
-    def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
-        """inputs int[B, seq_len], puzzle_identifiers int[B] -> [B, total_seq_len, hidden]."""
+    def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor,
+              puzzle_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs int[B, seq_len], puzzle_identifiers int[B] -> [B, total_seq_len, hidden].
+
+        puzzle_rows f32[B, puzzle_emb_ndim], if given, replace the table lookup (training: the
+        rows are a leaf tensor whose gradient feeds the sparse sign-SGD update)."""
         cfg = self.config
         embedding = self.embed_tokens(inputs, self.dtype)
         if cfg.puzzle_emb_ndim > 0:
-            rows = self.puzzle_emb(puzzle_identifiers, self.dtype)
+            if puzzle_rows is None:
+                rows = self.puzzle_emb(puzzle_identifiers, self.dtype)
+            else:
+                rows = puzzle_rows.to(self.dtype)
             rows = F.pad(rows, (0, cfg.puzzle_emb_len * cfg.hidden_size - cfg.puzzle_emb_ndim))
             embedding = torch.cat((rows.view(-1, cfg.puzzle_emb_len, cfg.hidden_size), embedding), dim=-2)
         if cfg.pos_encodings == "learned":

@@ -1,0 +1,214 @@
+"""The reference's training step in torch, built on export.torch_model: the torch side of the benchmark.
+
+It computes what sapientinc/HRM's pretrain.py `train_batch` computes for one global batch (world size
+1), on HRMTorch's modules (the same keys and function as the reference's model):
+
+- refresh the ACT carry (halted rows restart from H_init/L_init and take the batch's row),
+- one segment: every H/L update but the last two under `torch.no_grad()`, the last L- and H-update
+  with gradients (the 1-step gradient), lm and Q heads,
+- halting with exploration and the target-Q forward (a second full inner forward, no gradient),
+- ACTLossHead's loss: stablemax cross-entropy in float64 as the reference, plus
+  0.5 (q_halt + q_continue) binary cross-entropies, summed and divided by the global batch size,
+- AdamATan2 (decoupled weight decay, no epsilon) on the dense parameters and sparse sign-SGD on the
+  puzzle-embedding rows of the batch, on the warm-up/cosine schedule of hrm_jax.optim.
+
+`compiled=True` wraps the forward + loss and the optimizer update in `torch.compile`, as the reference
+compiles its model. The reference's fused adam-atan2 CUDA kernel is not installable here; in eager mode
+the update is a loop of torch ops (slower than that kernel), compiled it is fused by inductor.
+tests/test_torch_train_step.py checks the step against hrm_jax.train.train_step at float32.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from export.torch_model import HRMInner, HRMTorch
+from hrm_jax.config import HRMConfig, TrainConfig
+from hrm_jax.losses import IGNORE_LABEL_ID
+from hrm_jax.optim import lr_schedule
+
+
+class TorchCarry(NamedTuple):
+    """The ACT carry of the reference (inner carry, steps, halted, current data) as tensors."""
+
+    z_H: torch.Tensor
+    z_L: torch.Tensor
+    steps: torch.Tensor  # int32[B]
+    halted: torch.Tensor  # bool[B]
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    puzzle_identifiers: torch.Tensor
+
+
+def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
+    """log(s(x) / sum s(x)), s(x) = x + 1 (x >= 0) or 1 / (1 - x); float64 as the reference's loss."""
+    x = logits.to(torch.float64)
+    s = torch.where(x < 0, 1.0 / (1.0 - x + 1e-30), x + 1.0)
+    return torch.log(s / s.sum(-1, keepdim=True))
+
+
+def act_loss(logits, q_halt, q_continue, target_q_continue, labels, halted, steps):
+    """ACTLossHead: summed loss and the metric sums of hrm_jax.losses.act_loss (same names)."""
+    mask = labels != IGNORE_LABEL_ID
+    counts = mask.sum(-1)
+    divisor = counts.clamp_min(1).unsqueeze(-1)
+    with torch.no_grad():
+        is_correct = mask & (logits.argmax(-1) == labels)
+        seq_correct = is_correct.sum(-1) == counts
+        valid = halted & (counts > 0)
+        metrics = {"count": valid.sum(),
+                   "accuracy": torch.where(valid, (is_correct.float() / divisor).sum(-1), 0.0).sum(),
+                   "exact_accuracy": (valid & seq_correct).sum(),
+                   "steps": torch.where(valid, steps, 0).sum()}
+    logprobs = log_stablemax(logits)
+    picked = logprobs.gather(-1, torch.where(mask, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    lm_loss = (-torch.where(mask, picked, 0.0) / divisor).sum()
+    q_halt_loss = F.binary_cross_entropy_with_logits(q_halt, seq_correct.to(q_halt.dtype), reduction="sum")
+    q_continue_loss = F.binary_cross_entropy_with_logits(q_continue, target_q_continue, reduction="sum")
+    metrics.update(lm_loss=lm_loss.detach(), q_halt_loss=q_halt_loss.detach(), q_continue_loss=q_continue_loss.detach())
+    return lm_loss + 0.5 * (q_halt_loss + q_continue_loss), metrics
+
+
+def segment(inner: HRMInner, z_H, z_L, inputs, puzzle_identifiers, puzzle_rows):
+    """One inner forward with the 1-step gradient -> (z_H, z_L, logits, q_halt, q_continue)."""
+    cfg, cos_sin = inner.config, inner.cos_sin()
+    x = inner.embed(inputs, puzzle_identifiers, puzzle_rows)
+    with torch.no_grad():
+        for h in range(cfg.H_cycles):
+            for l in range(cfg.L_cycles):
+                if h < cfg.H_cycles - 1 or l < cfg.L_cycles - 1:
+                    z_L = inner.L_level(z_L, z_H + x, cos_sin)
+            if h < cfg.H_cycles - 1:
+                z_H = inner.H_level(z_H, z_L, cos_sin)
+    z_L = inner.L_level(z_L, z_H + x, cos_sin)
+    z_H = inner.H_level(z_H, z_L, cos_sin)
+    logits = inner.lm_head(z_H)[:, cfg.puzzle_emb_len:]
+    q = inner.q_head(z_H[:, 0]).to(torch.float32)
+    return z_H, z_L, logits, q[:, 0], q[:, 1]
+
+
+def forward_and_loss(inner: HRMInner, carry: TorchCarry, puzzle_rows: torch.Tensor, global_batch_size: int):
+    """The reference's HierarchicalReasoningModel_ACTV1.forward (training) and ACTLossHead.
+
+    `carry` is already refreshed. Returns (loss / global_batch_size, new carry, metric sums)."""
+    cfg = inner.config
+    z_H, z_L, logits, q_halt, q_continue = segment(inner, carry.z_H, carry.z_L, carry.inputs,
+                                                   carry.puzzle_identifiers, puzzle_rows)
+    z_H, z_L = z_H.detach(), z_L.detach()
+    with torch.no_grad():
+        steps = carry.steps + 1
+        is_last = steps >= cfg.halt_max_steps
+        halted = is_last | (q_halt > q_continue)
+        explore = torch.rand_like(q_halt) < cfg.halt_exploration_prob
+        minimum = torch.randint_like(steps, 2, cfg.halt_max_steps + 1)
+        halted = halted & (steps >= torch.where(explore, minimum, 0))
+        *_, next_halt, next_continue = segment(inner, z_H, z_L, carry.inputs, carry.puzzle_identifiers, puzzle_rows)
+        target = torch.sigmoid(torch.where(is_last, next_halt, torch.maximum(next_halt, next_continue)))
+    loss, metrics = act_loss(logits, q_halt, q_continue, target, carry.labels, halted, steps)
+    # A plain tuple: torch.compile returns NamedTuples it built inside the graph incompletely.
+    return loss / global_batch_size, (z_H, z_L, steps, halted), metrics
+
+
+def adam_atan2_(params, grads, exp_avg, exp_avg_sq, step, lr, b1: float, b2: float, weight_decay: float):
+    """In place, per element (imoneoi/adam-atan2): p *= 1 - lr wd; m, v EMAs;
+    p -= lr / (1 - b1^t) * atan2(m, sqrt(v) / sqrt(1 - b2^t)). `step` and `lr` are 0-d tensors."""
+    step_size = lr / (1 - b1 ** step)
+    correction2_sqrt = torch.sqrt(1 - b2 ** step)
+    for p, g, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        p.sub_(step_size * torch.atan2(m, v.sqrt() / correction2_sqrt))
+
+
+class TorchTrainer:
+    """Holds the torch model, optimizer state and ACT carry; `step(batch)` is one training step.
+
+    batch: dict of int tensors on the model's device (inputs/labels [B, seq_len], puzzle_identifiers [B]).
+    """
+
+    def __init__(self, model: HRMTorch, train_config: TrainConfig, total_steps: int, *, compiled: bool = False):
+        self.inner: HRMInner = model.model.inner
+        self.config: HRMConfig = model.config
+        self.train_config = train_config
+        self.inner.train()
+        self.params = [p for p in self.inner.parameters()]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        device = self.params[0].device
+        self.step_count = 0
+        self.lrs = torch.from_numpy(_schedule_values(train_config.lr, train_config, total_steps)).to(device)
+        self.emb_lrs = torch.from_numpy(_schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)).to(device)
+        self.carry: TorchCarry | None = None
+        self._forward = torch.compile(forward_and_loss, dynamic=False) if compiled else forward_and_loss
+        self._update = torch.compile(adam_atan2_, dynamic=False) if compiled else adam_atan2_
+
+    def _refresh(self, batch: dict[str, torch.Tensor]) -> TorchCarry:
+        """Halted rows restart from H_init/L_init with the batch's example; the others keep theirs."""
+        if self.carry is None:  # all rows halted: the first step loads the whole batch
+            shape = (batch["inputs"].shape[0], self.config.total_seq_len, self.config.hidden_size)
+            z = torch.zeros(shape, dtype=self.inner.dtype, device=batch["inputs"].device)
+            self.carry = TorchCarry(z, z, torch.zeros_like(batch["puzzle_identifiers"], dtype=torch.int32),
+                                    torch.ones_like(batch["puzzle_identifiers"], dtype=torch.bool),
+                                    batch["inputs"], batch["labels"], batch["puzzle_identifiers"])
+        c = self.carry
+        reset = c.halted.view(-1, 1, 1)
+        h_init, l_init = self.inner.initial_state(c.z_H.shape[0])
+        row = c.halted.view(-1, 1)
+        return TorchCarry(torch.where(reset, h_init, c.z_H), torch.where(reset, l_init, c.z_L),
+                          torch.where(c.halted, 0, c.steps), c.halted,
+                          torch.where(row, batch["inputs"], c.inputs), torch.where(row, batch["labels"], c.labels),
+                          torch.where(c.halted, batch["puzzle_identifiers"], c.puzzle_identifiers))
+
+    def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns the metric sums (tensors, not synchronised)."""
+        carry = self._refresh(batch)
+        rows = None
+        if self.config.puzzle_emb_ndim > 0:
+            rows = self.inner.puzzle_emb.weights[carry.puzzle_identifiers].detach().requires_grad_(True)
+        for p in self.params:
+            p.grad = None
+        loss, (z_H, z_L, steps, halted), metrics = self._forward(self.inner, carry, rows,
+                                                                  self.train_config.global_batch_size)
+        self.carry = carry._replace(z_H=z_H, z_L=z_L, steps=steps, halted=halted)
+        loss.backward()
+        tc, index = self.train_config, self.step_count
+        with torch.no_grad():
+            step = torch.tensor(float(index + 1), device=self.lrs.device)
+            self._update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, step,
+                         self.lrs[index], tc.beta1, tc.beta2, tc.weight_decay)
+            if rows is not None:
+                self._sign_sgd(carry.puzzle_identifiers, rows.grad, self.emb_lrs[index])
+        self.step_count += 1
+        return metrics
+
+    def _sign_sgd(self, ids: torch.Tensor, row_grads: torch.Tensor, lr: torch.Tensor) -> None:
+        """The reference's sparse sign-SGD: sum gradients per unique id, decay and step those rows."""
+        table = self.inner.puzzle_emb.weights
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        grad = torch.zeros(unique.shape[0], row_grads.shape[1], dtype=table.dtype, device=table.device)
+        grad.index_add_(0, inverse, row_grads.to(table.dtype))
+        decay = 1 - lr * self.train_config.puzzle_emb_weight_decay
+        table[unique] = table[unique] * decay - lr * torch.sign(grad)
+
+
+def _schedule_values(base_lr: float, train_config: TrainConfig, total_steps: int) -> np.ndarray:
+    """hrm_jax.optim.lr_schedule at every 0-based step, so both frameworks follow one schedule."""
+    schedule = lr_schedule(base_lr, train_config.lr_warmup_steps, total_steps, train_config.lr_min_ratio)
+    return np.array(jax.vmap(schedule)(jnp.arange(total_steps + 1)), np.float32)  # a writable copy
+
+
+def model_from_params(params, config: HRMConfig, device: str) -> HRMTorch:
+    """HRMTorch holding hrm_jax params (export.convert), on `device`."""
+    from export.convert import to_torch_state_dict  # noqa: PLC0415
+
+    model = HRMTorch(config).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in to_torch_state_dict(jax.device_get(params), config).items()})
+    return model
+

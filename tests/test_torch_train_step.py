@@ -1,0 +1,91 @@
+"""The torch training step of the benchmark computes what hrm_jax.train.train_step computes.
+
+Float32 on CPU, exploration off (the two frameworks draw different random numbers), random weights
+with a live Q head, puzzle embeddings on, a few ignored labels, and enough steps that rows halt and
+the carry refreshes. Compared after every step: the loss and metric sums; at the end: every dense
+parameter (AdamATan2 with weight decay on a warm-up/cosine schedule) and the puzzle-embedding table
+(sparse sign-SGD). Tolerances: float32 differences of op order and of float64 (torch) vs float32
+(jax) stablemax, measured at ~1e-6 relative.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.torch_train_step import TorchTrainer, model_from_params
+from export.convert import from_torch_state_dict
+from hrm_jax.config import TrainConfig
+from hrm_jax.losses import IGNORE_LABEL_ID
+from hrm_jax.train import _reduce_metrics, init_train_state, train_step
+from tests.test_export_torch import random_params, small_config
+
+STEPS = 5  # halt_max_steps 3: rows halt at step 3 and reload at step 4
+METRIC_RTOL = 1e-4
+PARAM_ATOL = 2e-5  # parameters move ~lr = 3e-3 per step
+
+
+def batches(config, batch_size, count, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        labels = rng.integers(2, config.vocab_size, (batch_size, config.seq_len)).astype(np.int32)
+        inputs = np.where(rng.random(labels.shape) < 0.6, 1, labels).astype(np.int32)
+        labels[rng.random(labels.shape) < 0.1] = IGNORE_LABEL_ID
+        ids = rng.integers(0, config.num_puzzle_identifiers, (batch_size,)).astype(np.int32)
+        out.append({"inputs": inputs, "labels": labels, "puzzle_identifiers": ids})
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    config = small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)
+    train_config = TrainConfig(global_batch_size=6, lr=3e-3, lr_warmup_steps=2, lr_min_ratio=0.3, weight_decay=0.5,
+                               puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.2)
+    total_steps = 10
+    # NumPy copies: train_step donates its state, which would delete arrays shared with `params`.
+    params = jax.tree.map(np.array, random_params(config, seed=4))
+    data = batches(config, train_config.global_batch_size, STEPS)
+
+    state = init_train_state(config, train_config, total_steps).replace(params=jax.device_put(params))
+    jax_metrics = []
+    for batch in data:
+        state, metrics = train_step(state, batch, model_config=config, train_config=train_config, total_steps=total_steps)
+        jax_metrics.append({k: float(v) for k, v in metrics.items()})
+
+    trainer = TorchTrainer(model_from_params(params, config, "cpu"), train_config, total_steps)
+    torch_metrics = []
+    for batch in data:
+        sums = trainer.step({k: torch.from_numpy(v) for k, v in batch.items()})
+        reduced = _reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, train_config.global_batch_size)
+        torch_metrics.append({k: float(v) for k, v in reduced.items()})
+    torch_params = from_torch_state_dict(trainer.inner.state_dict(prefix="model.inner."), config)
+    return jax_metrics, torch_metrics, jax.device_get(state.params), torch_params, trainer
+
+
+def test_metrics_match_every_step(runs):
+    jax_metrics, torch_metrics, *_ = runs
+    counts = [m["count"] for m in jax_metrics]
+    assert counts[0] == 0 and counts[2] > 0, f"no row halted by step 3: {counts}"  # the carry logic is exercised
+    for step, (j, t) in enumerate(zip(jax_metrics, torch_metrics)):
+        for name in ("lm_loss", "q_halt_loss", "q_continue_loss", "accuracy", "exact_accuracy", "steps", "count"):
+            np.testing.assert_allclose(t[name], j[name], rtol=METRIC_RTOL, atol=1e-6, err_msg=f"step {step}: {name}")
+
+
+def test_parameters_match_after_the_steps(runs):
+    _, _, jax_params, torch_params, _ = runs
+    moved = 0.0
+    for path, want in jax.tree_util.tree_leaves_with_path(jax_params):
+        got = dict(jax.tree_util.tree_leaves_with_path(torch_params))[path]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=PARAM_ATOL,
+                                   err_msg=jax.tree_util.keystr(path))
+    start = random_params(small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0), seed=4)
+    for a, b in zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(jax_params)):
+        moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(b)).max()))
+    assert moved > 10 * PARAM_ATOL, "the steps barely moved the parameters: the comparison would be vacuous"
+
+
+def test_trainer_counts_steps_and_keeps_a_detached_carry(runs):
+    *_, trainer = runs
+    assert trainer.step_count == STEPS
+    assert not trainer.carry.z_H.requires_grad and not trainer.carry.z_L.requires_grad
