@@ -52,6 +52,12 @@ def rollout_flops_per_example(config: HRMConfig) -> float:
     return layer_flops_per_token(config) * config.total_seq_len * forward_block_applications(config) * config.halt_max_steps
 
 
+def share_gpu_with_torch() -> None:
+    """JAX would grab 75% of GPU memory when its backend starts; the harness also runs torch in the
+    same process, so JAX allocates on demand instead. Call before the first JAX computation."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
 def device_info() -> dict[str, Any]:
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", str(device))

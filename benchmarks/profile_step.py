@@ -40,6 +40,26 @@ def _time_steps(state, batches, kwargs, count):
     return state, statistics.median(times)
 
 
+# Kernel families by name: cuBLAS/cuBLASLt GEMMs, attention, everything else XLA emits (fusions).
+KERNEL_FAMILIES = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+                   ("attention", ("sdpa", "flash", "cudnn", "attention", "attn")),
+                   ("memset/copy", ("Memset", "Memcpy")))
+
+
+def kernel_family(name: str) -> str:
+    for family, needles in KERNEL_FAMILIES:
+        if any(n in name for n in needles):
+            return family
+    return "fusion (XLA)"
+
+
+def family_totals(table: list[dict]) -> dict[str, float]:
+    totals: dict[str, float] = collections.Counter()
+    for row in table:
+        totals[kernel_family(row["kernel"])] += row["ms_per_step"]
+    return dict(totals)
+
+
 def kernel_table(trace_dir: str, steps: int) -> list[dict]:
     """GPU kernel events of the perfetto trace summed by name (ms per step)."""
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
@@ -60,7 +80,7 @@ def kernel_table(trace_dir: str, steps: int) -> list[dict]:
             calls[e["name"]] += 1
     grand = sum(total.values()) or 1.0
     return [{"kernel": name[:120], "ms_per_step": ms / steps, "calls_per_step": calls[name] / steps,
-             "share": ms / grand} for name, ms in total.most_common(40)]
+             "share": ms / grand} for name, ms in total.most_common()]
 
 
 def main(argv=None) -> int:
@@ -84,8 +104,11 @@ def main(argv=None) -> int:
             state, _ = _time_steps(state, batches, kwargs, args.steps)
         table = kernel_table(trace_dir, args.steps)
     kernel_ms = sum(row["ms_per_step"] for row in table)
-    print(f"{'ms/step':>8} {'calls':>6} {'share':>6}  kernel (top 40: {kernel_ms:.1f} ms/step)")
-    for row in table:
+    print(f"GPU kernel time {kernel_ms:.1f} ms/step over {len(table)} kernels; by family:")
+    for family, ms in sorted(family_totals(table).items(), key=lambda kv: -kv[1]):
+        print(f"  {family:>14}: {ms:7.2f} ms/step ({ms / kernel_ms:.1%})")
+    print(f"{'ms/step':>8} {'calls':>6} {'share':>6}  kernel (top 40)")
+    for row in table[:40]:
         print(f"{row['ms_per_step']:8.2f} {row['calls_per_step']:6.0f} {row['share']:6.1%}  {row['kernel']}")
     nan_state = state.replace(params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params))
     _, nan_median_s = _time_steps(nan_state, batches, kwargs, 10)
@@ -95,7 +118,8 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "profile_step.json"), "w") as f:
             json.dump({"preset": args.preset, "batch": args.batch, "attention_impl": args.attention_impl,
                        "median_step_s": median_s, "nan_params_median_step_s": nan_median_s,
-                       "device": str(jax.devices()[0]), "jax": jax.__version__, "kernels": table}, f, indent=2)
+                       "device": str(jax.devices()[0]), "jax": jax.__version__,
+                       "families_ms_per_step": family_totals(table), "kernels": table}, f, indent=2)
     return 0
 
 

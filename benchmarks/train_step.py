@@ -1,11 +1,13 @@
 """Time the full HRM training step (ACT segment, target-Q forward, backward, AdamATan2, sparse SignSGD).
 
     python -m benchmarks.train_step --preset sudoku_extreme --batch 384 [--batch 768] [--iters 50]
-        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...]
+        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...] [--torch eager|compile ...]
 
 Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
 the GPU's dense bf16 peak, and peak device memory; merges the numbers into
-benchmarks/results/<gpu>-<date>.json.
+benchmarks/results/<gpu>-<date>.json. On a CUDA machine the same step of the torch module
+(benchmarks/torch_train_step.py: the reference's train_batch on export.torch_model, eager and
+torch.compile) runs at the same shapes in the same process, and the JAX/torch ratios are printed.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
     flops = common.train_flops_per_example(model_config) * batch_size
     info = common.device_info()
-    result = {"preset": preset, "batch": batch_size, "attention_impl": attention_impl, "norm_impl": norm_impl,
+    result = {"preset": preset, "batch": batch_size, "backend": "jax", "attention_impl": attention_impl, "norm_impl": norm_impl,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
               "steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
               "window_examples_per_s": batch_size / timing["window_s"],
@@ -64,6 +66,63 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
     if info["peak_bf16_tflops"]:
         result["mfu"] = result["tflops"] / info["peak_bf16_tflops"]
     return result
+
+
+def bench_torch_train_step(preset: str, batch_size: int, iters: int, warmup: int, compiled: bool) -> dict:
+    """The reference's step in torch (benchmarks/torch_train_step.py) on the GPU, same shapes and schedule."""
+    import torch  # noqa: PLC0415
+
+    from benchmarks.torch_train_step import TorchTrainer, model_from_params  # noqa: PLC0415
+    from hrm_jax.model import init_params  # noqa: PLC0415
+
+    model_config = MODEL_PRESETS[preset]()
+    train_config = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["sudoku_extreme"]).replace(global_batch_size=batch_size)
+    total_steps = 26_042
+    cuda = torch.cuda.is_available()  # the CPU path only checks that the harness runs
+    device = "cuda" if cuda else "cpu"
+    model = model_from_params(init_params(model_config, jax.random.key(0)), model_config, device)
+    trainer = TorchTrainer(model, train_config, total_steps, compiled=compiled)
+    batches = [{k: torch.from_numpy(np.array(v)).to(device) for k, v in b.items()}
+               for b in random_batches(model_config, batch_size, 8)]
+    if cuda:  # the previous row's torch memory is free by now; give it back and reset the peak
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    timing = common.time_calls(lambda i: trainer.step(batches[i % len(batches)])["lm_loss"],
+                               lambda _: torch.cuda.synchronize() if cuda else None, warmup=warmup, iters=iters)
+    flops = common.train_flops_per_example(model_config) * batch_size
+    info = common.device_info()
+    result = {"preset": preset, "batch": batch_size, "backend": "torch.compile" if compiled else "torch eager",
+              "torch": torch.__version__, **timing, "steps_per_s": 1 / timing["median_s"],
+              "examples_per_s": batch_size / timing["median_s"],
+              "window_examples_per_s": batch_size / timing["window_s"],
+              "tflops": flops / timing["median_s"] / 1e12, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+              "steps_taken": trainer.step_count}
+    if info["peak_bf16_tflops"]:
+        result["mfu"] = result["tflops"] / info["peak_bf16_tflops"]
+    return result
+
+
+def _torch_modes(requested: list[str] | None) -> list[str]:
+    """--torch as given, else eager and compile when torch sees a CUDA device."""
+    if requested is not None:
+        return [m for m in requested if m != "none"]
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError:
+        return []
+    return ["eager", "compile"] if torch.cuda.is_available() else []
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    for r in rows:
+        print(f"{r.get('backend', 'jax'):>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} {r['batch']:>6} "
+              f"{1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
+              f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
+    for torch_row in (r for r in rows if r.get("backend", "jax") != "jax"):
+        for jax_row in (r for r in rows if r.get("backend", "jax") == "jax" and r["batch"] == torch_row["batch"]):
+            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}) / "
+                  f"{torch_row['backend']} = {jax_row['examples_per_s'] / torch_row['examples_per_s']:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -77,18 +136,22 @@ def main(argv=None) -> int:
     parser.add_argument("--norm-impl", action="append", choices=NORM_IMPLS,
                         help="residual add + RMSNorm implementation(s) to time (repeatable; default xla); "
                              "every attention x norm combination runs")
+    parser.add_argument("--torch", action="append", choices=("eager", "compile", "none"),
+                        help="torch module mode(s) to time beside JAX (repeatable; default eager and compile "
+                             "when torch sees a CUDA device; 'none' skips torch)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    common.share_gpu_with_torch()
     rows = []
-    for impl in args.attention_impl or ["xla"]:
-        for norm_impl in args.norm_impl or ["xla"]:
-            for batch in args.batch or [384, 768]:
+    for batch in args.batch or [384, 768]:
+        for impl in args.attention_impl or ["xla"]:
+            for norm_impl in args.norm_impl or ["xla"]:
                 rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, impl, norm_impl))
-                path = common.save_results(f"train_step_jax_{args.preset}", rows, args.out)
-    print(f"{'attn':>6} {'norm':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
-    for r in rows:
-        print(f"{r['attention_impl']:>6} {r['norm_impl']:>6} {r['batch']:>6} {1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
-              f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
+                path = common.save_results(f"train_step_{args.preset}", rows, args.out)
+        for mode in _torch_modes(args.torch):
+            rows.append(bench_torch_train_step(args.preset, batch, args.iters, args.warmup, mode == "compile"))
+            path = common.save_results(f"train_step_{args.preset}", rows, args.out)
+        _print_rows(rows)
     print(f"results: {path}")
     return 0
 
