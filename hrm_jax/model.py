@@ -220,7 +220,10 @@ def inner_forward(dense: Params, config: HRMConfig, z_H: jax.Array, z_L: jax.Arr
 
 def segment_forward(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array):
     """One inner forward on the carry's data -> (z_H, z_L, logits, q_logits f32[B, 2])."""
-    dense = params["dense"]
+    # Every layer casts its f32 parameters to the compute dtype; casting once here keeps those
+    # converts out of the H/L loops (the same values, so the result is unchanged).
+    dtype = forward_dtype(config)
+    dense = jax.tree_util.tree_map(lambda p: p.astype(dtype), params["dense"])
     x = _apply(config, dense, HRMInner.embed, carry.current_data["inputs"], puzzle_rows)
     z_H, z_L = inner_forward(dense, config, carry.z_H, carry.z_L, x)
     logits, q_logits = _apply(config, dense, HRMInner.heads, z_H)
