@@ -170,6 +170,10 @@ def print_run_summary(summary: dict[str, Any], best_note: str = "") -> None:
     print(f"\nsteps: {summary['step']} of {summary['total_steps']}"
           f"{' (stopped early)' if summary.get('stopped_early') else ''}; best test exact accuracy: "
           f"{'n/a' if best is None else f'{best:.2%}'}{best_note}")
+    train = summary.get("train") or {}
+    if "elapsed_s" in train:
+        print(f"wall time: {train['elapsed_s'] / 60:.1f} min; last window {train['steps_per_s']:.2f} steps/s "
+              "(training only)")
     paths = summary["paths"]
     print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
           f"metrics: {paths['metrics']}\nplot: {paths['plot']}")

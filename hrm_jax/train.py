@@ -38,6 +38,10 @@ Params = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
+# Wall-clock fields of the logged train metrics: they differ between otherwise identical runs.
+TIMING_METRICS = ("steps_per_s", "elapsed_s")
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a run needs to continue (the sampler's position aside, which is host-side JSON)."""
@@ -316,7 +320,7 @@ def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_eve
                                 total_steps=run.total_steps)
     bar = _progress_bar(progress, run.total_steps, step)
     window, train_metrics, eval_metrics, stopped_early = [], None, None, False
-    tick = time.perf_counter()
+    start = tick = time.perf_counter()
     while step < stop_at and not stopped_early:
         state, metrics = step_fn(state, sampler.next_batch())
         step += 1
@@ -324,11 +328,15 @@ def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_eve
         last = step == stop_at
         if step % log_every == 0 or last:
             train_metrics = _window_mean(jax.device_get(window))
-            run.log.log(step, "train", train_metrics)
             now = time.perf_counter()
+            # Training throughput of the window (evaluation and checkpoint time excluded: `tick` restarts
+            # after them; the first window includes compilation), and wall time since the loop began.
+            train_metrics["steps_per_s"] = len(window) / (now - tick)
+            train_metrics["elapsed_s"] = now - start
+            run.log.log(step, "train", train_metrics)
             bar.set_postfix(loss=f"{train_metrics['lm_loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}",
                             exact=f"{train_metrics['exact_accuracy']:.3f}",
-                            steps_s=f"{len(window) / (now - tick):.2f}")
+                            steps_s=f"{train_metrics['steps_per_s']:.2f}")
             bar.update(len(window))
             window, tick = [], now
             stopped_early = (early_stop_exact is not None and train_metrics["exact_accuracy"] >= early_stop_exact)
@@ -340,6 +348,8 @@ def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_eve
             eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
         if final or (checkpoint_every is not None and step % checkpoint_every == 0):
             run.checkpoints.save(state, run.meta(step, sampler))
+        if not window:  # a window just closed: time the next one from after any evaluation/checkpoint
+            tick = time.perf_counter()
     bar.close()
     if run.log is not None and os.path.exists(run.metrics_path):
         run.log.plot()

@@ -14,7 +14,7 @@ import hrm_jax as H
 from hrm_jax.checkpoint import CheckpointMismatchError
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
 from hrm_jax.logging_utils import read_metrics
-from hrm_jax.train import TrainingError, init_train_state, on_default_device, train, train_step
+from hrm_jax.train import TIMING_METRICS, TrainingError, init_train_state, on_default_device, train, train_step
 
 NUM_TRAIN, SEQ, VOCAB = 64, 8, 6
 CFG = H.tiny(seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=NUM_TRAIN + 1, hidden_size=32, num_heads=2,
@@ -127,9 +127,21 @@ def test_puzzle_table_sparse_update_and_carry_keeps_unhalted_examples():
     np.testing.assert_array_equal(np.asarray(state.carry.current_data["puzzle_identifiers"]), ids)
 
 
-def train_records(out_dir, split="train"):
-    return {r["step"]: r["metrics"] for r in read_metrics(os.path.join(out_dir, "metrics.jsonl"))
-            if r["split"] == split}
+def train_records(out_dir, split="train", timing=False):
+    """step -> metrics; the wall-clock fields are dropped unless `timing`."""
+    return {r["step"]: {k: v for k, v in r["metrics"].items() if timing or k not in TIMING_METRICS}
+            for r in read_metrics(os.path.join(out_dir, "metrics.jsonl")) if r["split"] == split}
+
+
+def test_train_records_carry_throughput_and_wall_time(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    summary = train(CFG, TC, data, tmp_path / "a", total_steps=TOTAL, max_steps=4, eval_every=2, log_every=2,
+                    progress=False)
+    records = train_records(tmp_path / "a", timing=True)
+    assert sorted(records) == [2, 4]
+    assert 0 < records[2]["elapsed_s"] < records[4]["elapsed_s"]
+    assert all(r["steps_per_s"] > 0 for r in records.values())
+    assert summary["train"]["elapsed_s"] == records[4]["elapsed_s"]
 
 
 def test_loop_resume_matches_uninterrupted_run(tmp_path):
