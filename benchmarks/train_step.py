@@ -39,11 +39,32 @@ def random_batches(config, batch_size: int, count: int, seed: int = 0) -> list[d
     return batches
 
 
+# The Sudoku-Extreme-1k protocol's schedule length (20,000 epochs x 1,000 puzzles / batch 768).
+TOTAL_STEPS = 26_042
+
+
+def _configs(preset: str, batch_size: int, **model_overrides):
+    model_config = MODEL_PRESETS[preset](**model_overrides)
+    train_config = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["sudoku_extreme"]).replace(global_batch_size=batch_size)
+    return model_config, train_config, TOTAL_STEPS
+
+
+def _throughput(model_config, batch_size: int, timing: dict) -> dict:
+    """Rates from the median step (and the back-to-back window), TFLOP/s by the analytic count, MFU."""
+    flops = common.train_flops_per_example(model_config) * batch_size
+    out = {"steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
+           "window_examples_per_s": batch_size / timing["window_s"],
+           "tflops": flops / timing["median_s"] / 1e12, "gflop_per_example": flops / batch_size / 1e9}
+    peak = common.device_info()["peak_bf16_tflops"]
+    if peak:
+        out["mfu"] = out["tflops"] / peak
+    return out
+
+
 def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, attention_impl: str = "xla",
                      norm_impl: str = "xla") -> dict:
-    model_config = MODEL_PRESETS[preset](attention_impl=attention_impl, norm_impl=norm_impl)
-    train_config = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["sudoku_extreme"]).replace(global_batch_size=batch_size)
-    total_steps = 26_042
+    model_config, train_config, total_steps = _configs(preset, batch_size, attention_impl=attention_impl,
+                                                       norm_impl=norm_impl)
     state = init_train_state(model_config, train_config, total_steps)
     batches = random_batches(model_config, batch_size, 8)
     holder = {"state": state}
@@ -54,18 +75,10 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
         return metrics["lm_loss"]
 
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
-    flops = common.train_flops_per_example(model_config) * batch_size
-    info = common.device_info()
-    result = {"preset": preset, "batch": batch_size, "backend": "jax", "attention_impl": attention_impl, "norm_impl": norm_impl,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
-              "steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
-              "window_examples_per_s": batch_size / timing["window_s"],
-              "tflops": flops / timing["median_s"] / 1e12, "gflop_per_example": flops / batch_size / 1e9,
-              "peak_memory_gib": common.peak_memory_gib(),
-              "steps_taken": int(holder["state"].step)}
-    if info["peak_bf16_tflops"]:
-        result["mfu"] = result["tflops"] / info["peak_bf16_tflops"]
-    return result
+    return {"preset": preset, "batch": batch_size, "backend": "jax", "attention_impl": attention_impl,
+            "norm_impl": norm_impl, "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
+            **_throughput(model_config, batch_size, timing), "peak_memory_gib": common.peak_memory_gib(),
+            "steps_taken": int(holder["state"].step)}
 
 
 def bench_torch_train_step(preset: str, batch_size: int, iters: int, warmup: int, compiled: bool) -> dict:
@@ -75,9 +88,7 @@ def bench_torch_train_step(preset: str, batch_size: int, iters: int, warmup: int
     from benchmarks.torch_train_step import TorchTrainer, model_from_params  # noqa: PLC0415
     from hrm_jax.model import init_params  # noqa: PLC0415
 
-    model_config = MODEL_PRESETS[preset]()
-    train_config = TRAIN_PRESETS.get(preset, TRAIN_PRESETS["sudoku_extreme"]).replace(global_batch_size=batch_size)
-    total_steps = 26_042
+    model_config, train_config, total_steps = _configs(preset, batch_size)
     cuda = torch.cuda.is_available()  # the CPU path only checks that the harness runs
     device = "cuda" if cuda else "cpu"
     model = model_from_params(init_params(model_config, jax.random.key(0)), model_config, device)
@@ -89,17 +100,10 @@ def bench_torch_train_step(preset: str, batch_size: int, iters: int, warmup: int
         torch.cuda.reset_peak_memory_stats()
     timing = common.time_calls(lambda i: trainer.step(batches[i % len(batches)])["lm_loss"],
                                lambda _: torch.cuda.synchronize() if cuda else None, warmup=warmup, iters=iters)
-    flops = common.train_flops_per_example(model_config) * batch_size
-    info = common.device_info()
-    result = {"preset": preset, "batch": batch_size, "backend": "torch.compile" if compiled else "torch eager",
-              "torch": torch.__version__, **timing, "steps_per_s": 1 / timing["median_s"],
-              "examples_per_s": batch_size / timing["median_s"],
-              "window_examples_per_s": batch_size / timing["window_s"],
-              "tflops": flops / timing["median_s"] / 1e12, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-              "steps_taken": trainer.step_count}
-    if info["peak_bf16_tflops"]:
-        result["mfu"] = result["tflops"] / info["peak_bf16_tflops"]
-    return result
+    return {"preset": preset, "batch": batch_size, "backend": "torch.compile" if compiled else "torch eager",
+            "torch": torch.__version__, **timing, **_throughput(model_config, batch_size, timing),
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "steps_taken": trainer.step_count}
 
 
 def _torch_modes(requested: list[str] | None) -> list[str]:
