@@ -158,11 +158,8 @@ class TorchTrainer:
                                     torch.ones_like(batch["puzzle_identifiers"], dtype=torch.bool),
                                     batch["inputs"], batch["labels"], batch["puzzle_identifiers"])
         c = self.carry
-        reset = c.halted.view(-1, 1, 1)
-        h_init, l_init = self.inner.initial_state(c.z_H.shape[0])
         row = c.halted.view(-1, 1)
-        return TorchCarry(torch.where(reset, h_init, c.z_H), torch.where(reset, l_init, c.z_L),
-                          torch.where(c.halted, 0, c.steps), c.halted,
+        return TorchCarry(*self.inner.restart_halted(c.halted, c.z_H, c.z_L, c.steps), c.halted,
                           torch.where(row, batch["inputs"], c.inputs), torch.where(row, batch["labels"], c.labels),
                           torch.where(c.halted, batch["puzzle_identifiers"], c.puzzle_identifiers))
 

@@ -210,6 +210,13 @@ class HRMInner(nn.Module):
         shape = (batch_size, self.config.total_seq_len, self.config.hidden_size)
         return self.H_init.to(self.dtype).expand(shape), self.L_init.to(self.dtype).expand(shape)
 
+    def restart_halted(self, halted: torch.Tensor, z_H: torch.Tensor, z_L: torch.Tensor, steps: torch.Tensor):
+        """Rows where `halted` restart: z_H/z_L from H_init/L_init (compute dtype), step count 0."""
+        reset = halted.view(-1, 1, 1)
+        h_init, l_init = self.initial_state(z_H.shape[0])
+        return (torch.where(reset, h_init, z_H.to(self.dtype)), torch.where(reset, l_init, z_L.to(self.dtype)),
+                torch.where(halted, torch.zeros_like(steps), steps))
+
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
                 puzzle_identifiers: torch.Tensor):
         """One segment: H_cycles x (L_cycles L-updates, one H-update).
@@ -258,11 +265,7 @@ class HRMACT(nn.Module):
         feeds the same batch every segment). A row halts only at config.halt_max_steps (eval ignores Q).
         Returns (z_H, z_L, steps, halted, inputs, puzzle_identifiers, logits, q_halt, q_continue).
         """
-        reset = halted.view(-1, 1, 1)
-        h_init, l_init = self.inner.initial_state(z_H.shape[0])
-        z_H = torch.where(reset, h_init, z_H.to(self.inner.dtype))
-        z_L = torch.where(reset, l_init, z_L.to(self.inner.dtype))
-        steps = torch.where(halted, torch.zeros_like(steps), steps)
+        z_H, z_L, steps = self.inner.restart_halted(halted, z_H, z_L, steps)
         if new_inputs is not None:
             inputs = torch.where(halted.view(-1, 1), new_inputs.to(inputs.dtype), inputs)
         if new_puzzle_identifiers is not None:
