@@ -338,7 +338,7 @@ def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_eve
                             exact=f"{train_metrics['exact_accuracy']:.3f}",
                             steps_s=f"{train_metrics['steps_per_s']:.2f}")
             bar.update(len(window))
-            window, tick = [], now
+            window = []
             stopped_early = (early_stop_exact is not None and train_metrics["exact_accuracy"] >= early_stop_exact)
             if stopped_early:
                 logger.info("early stop at step %d: train exact accuracy %.4f >= %.4f", step,
