@@ -25,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_step import random_batches
+from benchmarks.train_step import TOTAL_STEPS, random_batches
 from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, TRAIN_PRESETS
 from hrm_jax.train import init_train_state, train_step
 
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     model_config = MODEL_PRESETS[args.preset](attention_impl=args.attention_impl)
     train_config = TRAIN_PRESETS[args.preset].replace(global_batch_size=args.batch)
-    kwargs = dict(model_config=model_config, train_config=train_config, total_steps=26_042)
-    state = init_train_state(model_config, train_config, 26_042)
+    kwargs = dict(model_config=model_config, train_config=train_config, total_steps=TOTAL_STEPS)
+    state = init_train_state(model_config, train_config, TOTAL_STEPS)
     batches = random_batches(model_config, args.batch, 4)
     state, _ = _time_steps(state, batches, kwargs, 3)  # compile and warm up
     state, median_s = _time_steps(state, batches, kwargs, 10)

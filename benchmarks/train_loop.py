@@ -24,7 +24,7 @@ import time
 import jax
 
 from benchmarks import common
-from benchmarks.train_step import random_batches
+from benchmarks.train_step import TOTAL_STEPS, random_batches
 from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, TRAIN_PRESETS
 from hrm_jax.data.format import load_split
 from hrm_jax.data.sampler import TrainSampler
@@ -56,7 +56,7 @@ def run(args) -> dict:
 
     model_config = model_config_for_data(model_config, args.data)
     train_config = TRAIN_PRESETS[args.preset]
-    total_steps = 26_042
+    total_steps = TOTAL_STEPS
     split = load_split(args.data, "train")
     kwargs = dict(model_config=model_config, train_config=train_config, total_steps=total_steps)
     holder = {"state": init_train_state(model_config, train_config, total_steps)}
