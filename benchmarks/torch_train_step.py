@@ -145,6 +145,8 @@ class TorchTrainer:
         self.step_count = 0
         self.lrs = torch.from_numpy(_schedule_values(train_config.lr, train_config, total_steps)).to(device)
         self.emb_lrs = torch.from_numpy(_schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)).to(device)
+        # 1-based update counts on the device: a fresh host tensor per step would be a blocking copy.
+        self.update_counts = torch.arange(1, total_steps + 2, dtype=torch.float32, device=device)
         self.carry: TorchCarry | None = None
         self._forward = torch.compile(forward_and_loss, dynamic=False) if compiled else forward_and_loss
         self._update = torch.compile(adam_atan2_, dynamic=False) if compiled else adam_atan2_
@@ -177,9 +179,8 @@ class TorchTrainer:
         loss.backward()
         tc, index = self.train_config, self.step_count
         with torch.no_grad():
-            step = torch.tensor(float(index + 1), device=self.lrs.device)
-            self._update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq, step,
-                         self.lrs[index], tc.beta1, tc.beta2, tc.weight_decay)
+            self._update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq,
+                         self.update_counts[index], self.lrs[index], tc.beta1, tc.beta2, tc.weight_decay)
             if rows is not None:
                 self._sign_sgd(carry.puzzle_identifiers, rows.grad, self.emb_lrs[index])
         self.step_count += 1
