@@ -120,11 +120,11 @@ def _torch_modes(requested: list[str] | None) -> list[str]:
 def _print_rows(rows: list[dict]) -> None:
     print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:
-        print(f"{r.get('backend', 'jax'):>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} {r['batch']:>6} "
+        print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} {r['batch']:>6} "
               f"{1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
               f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
-    for torch_row in (r for r in rows if r.get("backend", "jax") != "jax"):
-        for jax_row in (r for r in rows if r.get("backend", "jax") == "jax" and r["batch"] == torch_row["batch"]):
+    for torch_row in (r for r in rows if r["backend"] != "jax"):
+        for jax_row in (r for r in rows if r["backend"] == "jax" and r["batch"] == torch_row["batch"]):
             print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}) / "
                   f"{torch_row['backend']} = {jax_row['examples_per_s'] / torch_row['examples_per_s']:.2f}x")
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         for mode in _torch_modes(args.torch):
             rows.append(bench_torch_train_step(args.preset, batch, args.iters, args.warmup, mode == "compile"))
             path = common.save_results(f"train_step_{args.preset}", rows, args.out)
-        _print_rows(rows)
+    _print_rows(rows)
     print(f"results: {path}")
     return 0
 

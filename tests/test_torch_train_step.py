@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from benchmarks.torch_train_step import TorchTrainer, model_from_params
+from benchmarks.train_step import random_batches
 from export.convert import from_torch_state_dict
 from hrm_jax.config import TrainConfig
 from hrm_jax.losses import IGNORE_LABEL_ID
@@ -25,15 +26,12 @@ METRIC_RTOL = 1e-4
 PARAM_ATOL = 2e-5  # parameters move ~lr = 3e-3 per step
 
 
-def batches(config, batch_size, count, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        labels = rng.integers(2, config.vocab_size, (batch_size, config.seq_len)).astype(np.int32)
-        inputs = np.where(rng.random(labels.shape) < 0.6, 1, labels).astype(np.int32)
-        labels[rng.random(labels.shape) < 0.1] = IGNORE_LABEL_ID
-        ids = rng.integers(0, config.num_puzzle_identifiers, (batch_size,)).astype(np.int32)
-        out.append({"inputs": inputs, "labels": labels, "puzzle_identifiers": ids})
+def batches(config, batch_size, count):
+    """The benchmark's random batches as NumPy, with ~10% of the labels ignored."""
+    rng = np.random.default_rng(1)
+    out = [jax.tree.map(np.array, b) for b in random_batches(config, batch_size, count)]
+    for batch in out:
+        batch["labels"][rng.random(batch["labels"].shape) < 0.1] = IGNORE_LABEL_ID
     return out
 
 
@@ -60,7 +58,7 @@ def runs():
         reduced = _reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, train_config.global_batch_size)
         torch_metrics.append({k: float(v) for k, v in reduced.items()})
     torch_params = from_torch_state_dict(trainer.inner.state_dict(prefix="model.inner."), config)
-    return jax_metrics, torch_metrics, jax.device_get(state.params), torch_params, trainer
+    return jax_metrics, torch_metrics, params, jax.device_get(state.params), torch_params, trainer
 
 
 def test_metrics_match_every_step(runs):
@@ -73,15 +71,13 @@ def test_metrics_match_every_step(runs):
 
 
 def test_parameters_match_after_the_steps(runs):
-    _, _, jax_params, torch_params, _ = runs
-    moved = 0.0
+    _, _, start, jax_params, torch_params, _ = runs
+    torch_leaves = dict(jax.tree_util.tree_leaves_with_path(torch_params))
     for path, want in jax.tree_util.tree_leaves_with_path(jax_params):
-        got = dict(jax.tree_util.tree_leaves_with_path(torch_params))[path]
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=PARAM_ATOL,
+        np.testing.assert_allclose(np.asarray(torch_leaves[path]), np.asarray(want), rtol=0, atol=PARAM_ATOL,
                                    err_msg=jax.tree_util.keystr(path))
-    start = random_params(small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0), seed=4)
-    for a, b in zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(jax_params)):
-        moved = max(moved, float(np.abs(np.asarray(a) - np.asarray(b)).max()))
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                for a, b in zip(jax.tree_util.tree_leaves(start), jax.tree_util.tree_leaves(jax_params)))
     assert moved > 10 * PARAM_ATOL, "the steps barely moved the parameters: the comparison would be vacuous"
 
 
