@@ -156,6 +156,34 @@ class SwiGLU(nn.Module):
         return CastedLinear(self.config.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
 
 
+class LinearKernel(nn.Module):
+    """The weight of a bias-free CastedLinear by itself (same name, shape and init), cast to `dtype`:
+    for fused kernels that do the matmul themselves."""
+
+    fan_in: int
+    features: int
+
+    @nn.compact
+    def __call__(self, dtype: jnp.dtype) -> jax.Array:
+        init = trunc_normal_init(1.0 / math.sqrt(self.fan_in))
+        return self.param("kernel", init, (self.fan_in, self.features), jnp.float32).astype(dtype)
+
+
+class SwiGLUAddNorm(nn.Module):
+    """rms_norm(h + SwiGLU(h)) in one Pallas kernel (kernels_pallas/mlp.py); SwiGLU's parameter tree."""
+
+    config: HRMConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        from kernels_pallas.mlp import swiglu_add_rms_norm  # imported only when selected
+
+        hidden, inter = self.config.hidden_size, self.config.intermediate_size
+        w_gate_up = LinearKernel(hidden, 2 * inter, name="gate_up_proj")(h.dtype)
+        w_down = LinearKernel(inter, hidden, name="down_proj")(h.dtype)
+        return swiglu_add_rms_norm(h, w_gate_up, w_down, self.config.rms_norm_eps)
+
+
 class Block(nn.Module):
     """Post-norm transformer block: h = norm(h + attn(h)); h = norm(h + mlp(h))."""
 
@@ -165,4 +193,6 @@ class Block(nn.Module):
     def __call__(self, h: jax.Array, cos_sin: tuple[jax.Array, jax.Array] | None) -> jax.Array:
         eps, impl = self.config.rms_norm_eps, self.config.norm_impl
         h = add_rms_norm(h, Attention(self.config, name="self_attn")(h, cos_sin), eps, impl)
+        if self.config.mlp_impl == "pallas":
+            return SwiGLUAddNorm(self.config, name="mlp")(h)
         return add_rms_norm(h, SwiGLU(self.config, name="mlp")(h), eps, impl)
