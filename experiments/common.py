@@ -73,6 +73,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--log-every", type=int, default=10)
     run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboardX)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--devices", type=device_count, default=1, metavar="N|all",
+                     help="split each batch over N local GPUs (data parallel; 'all': every one). The global and "
+                          "evaluation batch sizes must divide by N; the results match one device (default 1)")
 
 
 def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +116,7 @@ def run_training(model_config: HRMConfig, train_config: TrainConfig, data_dir: s
     options = dict(max_steps=args.max_steps, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
                    checkpoint_every=args.checkpoint_every, resume=args.resume,
                    early_stop_exact=args.early_stop_exact, log_every=args.log_every,
-                   progress=not args.no_progress, tensorboard=args.tensorboard)
+                   progress=not args.no_progress, tensorboard=args.tensorboard, num_devices=args.devices)
     options.update(overrides)
     return train(model_config, train_config, data_dir, out_dir, **options)
 
@@ -145,6 +148,11 @@ def _int_at_least(text: str, minimum: int) -> int:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     return _int_at_least(text, 1)
+
+
+def device_count(text: str) -> int | None:
+    """argparse type: a positive integer, or 'all' (None: every local device)."""
+    return None if text == "all" else _int_at_least(text, 1)
 
 
 def non_negative_int(text: str) -> int:

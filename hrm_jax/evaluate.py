@@ -14,6 +14,7 @@ exact_accuracy, q_halt_accuracy, steps, lm_loss, q_halt_loss; all are means over
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Iterator
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hrm_jax import parallel
 from hrm_jax.config import HRMConfig
 from hrm_jax.data.format import PuzzleSplit
 from hrm_jax.data.sampler import eval_batches
@@ -126,15 +128,33 @@ _PREDICTION_KEYS = ("inputs", "labels", "puzzle_identifiers", "predictions", "ea
                     "early_steps", "q_halt_logits", "q_continue_logits")
 
 
+@functools.cache
+def _parallel_rollout(mesh, config: HRMConfig, loss_type: str):
+    """rollout over the devices of `mesh`: params replicated, the batch split (rows are independent)."""
+    def local(params, batch):
+        return rollout(params, config, batch, loss_type)
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(parallel.P(), parallel.batch_spec()),
+                                 out_specs=parallel.batch_spec(), check_vma=False))
+
+
+def _rollout_fn(config: HRMConfig, loss_type: str, mesh):
+    if mesh is None:
+        return lambda params, batch: _rollout_jit(params, config, batch, loss_type=loss_type)
+    run = _parallel_rollout(mesh, config, loss_type)
+    return lambda params, batch: run(params, parallel.put_batch(batch, mesh))
+
+
 def _rows(params: Params, config: HRMConfig, split: PuzzleSplit, batch_size: int, loss_type: str,
-          max_batches: int | None, keep_predictions: bool) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+          max_batches: int | None, keep_predictions: bool, mesh=None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(set_name, per-row numpy results of the real rows) per batch; padding rows dropped here.
     Without keep_predictions the [B, seq_len] arrays are dropped at once (a large test set's
     predictions take hundreds of MB)."""
+    run = _rollout_fn(config, loss_type, mesh)
     for index, item in enumerate(eval_batches(split, batch_size)):
         if max_batches is not None and index >= max_batches:
             return
-        out = jax.device_get(_rollout_jit(params, config, item.batch, loss_type=loss_type))
+        out = jax.device_get(run(params, item.batch))
         keep = item.valid
         rows = {k: np.asarray(v)[keep] for k, v in out.items()}
         if keep_predictions:
@@ -158,7 +178,7 @@ def _mean_metrics(rows: dict[str, np.ndarray], select: np.ndarray, early_halt_st
 def evaluate(params: Params, model_config: HRMConfig, split: PuzzleSplit, batch_size: int, *,
              early_halt_stats: bool = True, group_by: np.ndarray | None = None,
              return_predictions: bool = False, max_batches: int | None = None,
-             loss_type: str = "stablemax_cross_entropy"):
+             loss_type: str = "stablemax_cross_entropy", mesh=None):
     """Evaluates every example of `split` (exactly halt_max_steps segments each).
 
     Returns {"all": metrics, "set/<name>": metrics (only with several sets),
@@ -172,6 +192,7 @@ def evaluate(params: Params, model_config: HRMConfig, split: PuzzleSplit, batch_
       predictions, early_predictions, early_steps, q_halt_logits, q_continue_logits, set_name), as
       `(metrics, predictions)`.
     max_batches: stop after this many batches (a quick look at a large test set).
+    mesh: split each batch over these devices (hrm_jax.parallel.data_mesh; batch_size must divide).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -183,8 +204,13 @@ def evaluate(params: Params, model_config: HRMConfig, split: PuzzleSplit, batch_
             raise EvaluationError(f"group_by must hold one label per example of {split.path} "
                                   f"(shape ({total},)), got shape {group_by.shape}")
     set_names, chunks = [], []
+    if mesh is not None:
+        try:
+            parallel.check_divisible(batch_size, mesh, "batch_size")
+        except parallel.ParallelError as err:
+            raise EvaluationError(str(err)) from None
     for set_name, rows in _rows(params, model_config, split, batch_size, loss_type, max_batches,
-                                return_predictions):
+                                return_predictions, mesh):
         set_names.extend([set_name] * len(rows["accuracy"]))
         chunks.append(rows)
     if not chunks:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hrm_jax.config import HRMConfig
+from hrm_jax.parallel import global_rows
 from hrm_jax.layers import (Block, CastedEmbedding, CastedLinear, rotary_cos_sin,
                             trunc_normal_init)
 
@@ -231,11 +232,14 @@ def segment_forward(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_r
 
 
 def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array,
-                rng: jax.Array | None, *, train: bool) -> tuple[ACTCarry, dict[str, jax.Array]]:
+                rng: jax.Array | None, *, train: bool,
+                axis_name: str | None = None) -> tuple[ACTCarry, dict[str, jax.Array]]:
     """One ACT segment on a refreshed carry. Differentiable w.r.t. params["dense"] and puzzle_rows.
 
     Returns the next carry (detached) and outputs: logits [B, seq_len, vocab] (forward dtype),
     q_halt_logits / q_continue_logits f32[B], and when training target_q_continue f32[B].
+    axis_name: inside shard_map over the batch (hrm_jax.parallel), the mesh axis; exploration is
+    then drawn for the global batch and this device's rows are taken from it.
     """
     z_H, z_L, logits, q_logits = segment_forward(params, config, carry, puzzle_rows)
     z_H, z_L = jax.lax.stop_gradient(z_H), jax.lax.stop_gradient(z_L)
@@ -249,7 +253,7 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
             raise ValueError("act_segment(train=True) needs an rng key for halting exploration")
         q_halt, q_cont = jax.lax.stop_gradient(q_logits[:, 0]), jax.lax.stop_gradient(q_logits[:, 1])
         halted = halted | (q_halt > q_cont)
-        halted = halted & (steps >= _min_halt_steps(config, rng, steps.shape[0]))
+        halted = halted & (steps >= _min_halt_steps(config, rng, steps.shape[0], axis_name))
         # Target Q from a second full inner forward on the new carry, without gradient (the
         # reference's PQN-style bootstrapping: no replay buffer, no target network).
         next_carry = carry.replace(z_H=z_H, z_L=z_L)
@@ -262,12 +266,16 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
     return new_carry, outputs
 
 
-def _min_halt_steps(config: HRMConfig, rng: jax.Array, batch_size: int) -> jax.Array:
-    """Exploration: one uniform per row; below the probability, a minimum of U{2..halt_max_steps}."""
+def _min_halt_steps(config: HRMConfig, rng: jax.Array, batch_size: int, axis_name: str | None) -> jax.Array:
+    """Exploration: one uniform per row; below the probability, a minimum of U{2..halt_max_steps}.
+
+    Drawn for the global batch and sliced to this device's rows, so the draws do not depend on the
+    number of devices."""
+    total, offset = global_rows(batch_size, axis_name)
     k_explore, k_steps = jax.random.split(rng)
-    explore = jax.random.uniform(k_explore, (batch_size,)) < config.halt_exploration_prob
-    minimum = jax.random.randint(k_steps, (batch_size,), 2, config.halt_max_steps + 1, jnp.int32)
-    return jnp.where(explore, minimum, 0)
+    explore = jax.random.uniform(k_explore, (total,)) < config.halt_exploration_prob
+    minimum = jax.random.randint(k_steps, (total,), 2, config.halt_max_steps + 1, jnp.int32)
+    return jax.lax.dynamic_slice_in_dim(jnp.where(explore, minimum, 0), offset, batch_size)
 
 
 def act_step(params: Params, config: HRMConfig, carry: ACTCarry, batch: Batch, rng: jax.Array | None,

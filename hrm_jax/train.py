@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 from hrm_jax import checkpoint as ckpt
+from hrm_jax import parallel
 from hrm_jax.config import HRMConfig, TrainConfig
 from hrm_jax.data.format import PuzzleSplit, load_split
 from hrm_jax.data.sampler import TrainSampler
@@ -97,7 +98,8 @@ def _reduce_metrics(sums: dict[str, jax.Array], global_batch_size: int) -> dict[
 
 
 def _train_step(state: TrainState, batch: Batch, model_config: HRMConfig, train_config: TrainConfig,
-                total_steps: int) -> tuple[TrainState, dict[str, jax.Array]]:
+                total_steps: int, axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The step; with axis_name (inside shard_map) on this device's rows, summing over the mesh."""
     rng, k_segment = jax.random.split(jax.random.wrap_key_data(state.rng))
     params = state.params
     carry = refresh_carry(params, model_config, state.carry, batch)
@@ -107,12 +109,18 @@ def _train_step(state: TrainState, batch: Batch, model_config: HRMConfig, train_
 
     def loss_fn(dense: Params, rows: jax.Array):
         segment_params = {"dense": dense, "buffers": params["buffers"]}
-        new_carry, outputs = act_segment(segment_params, model_config, carry, rows, k_segment, train=True)
+        new_carry, outputs = act_segment(segment_params, model_config, carry, rows, k_segment, train=True,
+                                         axis_name=axis_name)
         loss, sums = act_loss(outputs, new_carry)
         return loss / train_config.global_batch_size, (new_carry, sums)
 
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (_, (new_carry, sums)), (dense_grads, row_grads) = grad_fn(params["dense"], rows)
+    if axis_name is not None:
+        # Every device then holds the global gradient and sums, and updates its replica identically;
+        # the sign-SGD sees all rows of the global batch, in global order.
+        dense_grads, sums = jax.lax.psum((dense_grads, sums), axis_name)
+        ids, row_grads = jax.lax.all_gather((ids, row_grads), axis_name, tiled=True)
 
     optimizer = make_dense_optimizer(train_config, total_steps)
     updates, opt_state = optimizer.update(dense_grads, state.opt_state, params["dense"])
@@ -140,6 +148,35 @@ def train_step(state: TrainState, batch: Batch, *, model_config: HRMConfig, trai
     batch row); accuracy, exact_accuracy, q_halt_accuracy, steps (per halted row); count; lr.
     """
     return _train_step(state, batch, model_config, train_config, total_steps)
+
+
+def state_specs(state: TrainState) -> TrainState:
+    """PartitionSpecs of a TrainState (or of its abstract shapes) for data parallelism: the carry
+    split along the batch, everything else replicated."""
+    specs = jax.tree.map(lambda _: parallel.P(), state)
+    return specs.replace(carry=jax.tree.map(lambda _: parallel.batch_spec(), state.carry))
+
+
+def put_state(state: TrainState, mesh) -> TrainState:
+    """Places a state on the mesh (replicas and carry shards)."""
+    shardings = jax.tree.map(lambda spec: parallel.NamedSharding(mesh, spec), state_specs(state),
+                             is_leaf=lambda x: isinstance(x, parallel.P))
+    return jax.device_put(state, shardings)
+
+
+@functools.cache
+def parallel_train_step(mesh, model_config: HRMConfig, train_config: TrainConfig, total_steps: int):
+    """train_step over the devices of `mesh`: (state placed by put_state, batch split by
+    parallel.put_batch) -> (state, metrics), the state donated. Same results as train_step up to
+    the order of the gradient sums."""
+    parallel.check_divisible(train_config.global_batch_size, mesh, "global_batch_size")
+    specs = state_specs(abstract_train_state(model_config, train_config, total_steps))
+    local = functools.partial(_train_step, model_config=model_config, train_config=train_config,
+                              total_steps=total_steps, axis_name=parallel.BATCH_AXIS)
+    # check_vma=False: the replicated outputs are replicated by construction (psum / all_gather inputs).
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(specs, parallel.batch_spec()), out_specs=(specs, parallel.P()),
+                            check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
 
 
 # The loop --------------------------------------------------------------------------------------
@@ -189,8 +226,9 @@ class _Run:
     """Host-side bookkeeping of one call to `train`: logger, checkpoints, evaluation, best score."""
 
     def __init__(self, model_config, train_config, total_steps, out_dir, eval_data, *, tensorboard,
-                 keep_checkpoints, eval_batch_size, eval_max_batches):
+                 keep_checkpoints, eval_batch_size, eval_max_batches, mesh):
         self.model_config, self.train_config, self.total_steps = model_config, train_config, total_steps
+        self.mesh = mesh  # None: one device
         self.out_dir = out_dir
         self.checkpoints = ckpt.RunCheckpoints(out_dir, max_to_keep=keep_checkpoints)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
@@ -238,7 +276,7 @@ class _Run:
         if self.eval_data is None:
             return None
         results = evaluate(state.params, self.model_config, self.eval_data, self.eval_batch_size,
-                           group_by=self.group_by, max_batches=self.eval_max_batches)
+                           group_by=self.group_by, max_batches=self.eval_max_batches, mesh=self.mesh)
         for name, metrics in results.items():
             self.log.log(step, "eval" if name == "all" else f"eval/{name}", metrics)
         self.log.plot()
@@ -266,7 +304,7 @@ def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os
           eval_every: int | None = None, eval_split: str | None = "test", eval_batch_size: int | None = None,
           eval_max_batches: int | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 3,
           resume: bool = False, early_stop_exact: float | None = None, log_every: int = 10,
-          progress: bool = True, tensorboard: bool = False) -> dict[str, Any]:
+          progress: bool = True, tensorboard: bool = False, num_devices: int | None = 1) -> dict[str, Any]:
     """Trains on `<data_dir>/train`, evaluating on `<data_dir>/<eval_split>`; writes into out_dir.
 
     total_steps: schedule length (default: the reference's estimate from epochs and the data).
@@ -283,6 +321,8 @@ def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os
     keep_checkpoints: periodic checkpoints kept (the best one is kept apart in out_dir/best).
     progress: a tqdm bar (loss, token/exact accuracy, steps/s); tensorboard: also write
       TensorBoard scalars (needs `tensorboard` or `tensorboardX`).
+    num_devices: local devices to split each batch over (data parallel, hrm_jax.parallel; None: all).
+      The global batch and the evaluation batch must divide evenly. Checkpoints do not depend on it.
     Returns {"step", "total_steps", "stopped_early", "train" (last logged train metrics), "eval" (last
     eval metrics of the whole split), "best_exact_accuracy", "state" (the final TrainState), "paths"}.
     """
@@ -297,13 +337,14 @@ def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os
         raise TrainingError(f"total_steps is {total_steps}: the data gives less than one batch; raise epochs "
                             "or lower global_batch_size")
     stop_at = min(total_steps, max_steps) if max_steps is not None else total_steps
+    mesh = _mesh(num_devices, train_config, eval_batch_size)
     eval_every = _eval_every(eval_every, train_config, meta)
     # The reference's loader draws eval_interval epochs per iteration before dropping a short batch.
     sampler = TrainSampler(train_split, train_config.global_batch_size, train_config.seed,
                            epochs_per_iter=train_config.eval_interval or train_config.epochs)
     run = _Run(model_config, train_config, total_steps, out_dir, _load_eval_split(data_dir, eval_split, model_config),
                tensorboard=tensorboard, keep_checkpoints=keep_checkpoints, eval_batch_size=eval_batch_size,
-               eval_max_batches=eval_max_batches)
+               eval_max_batches=eval_max_batches, mesh=mesh)
     try:
         return _loop(run, sampler, resume, stop_at, eval_every, checkpoint_every, early_stop_exact,
                      log_every, progress)
@@ -311,13 +352,40 @@ def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os
         run.close()
 
 
+def _mesh(num_devices: int | None, train_config: TrainConfig, eval_batch_size: int | None):
+    """None for one device (the plain jitted step), else the data-parallel mesh, checked against the batches."""
+    if num_devices == 1:
+        if len(jax.local_devices()) > 1:
+            logger.info("%d devices visible, training on one; num_devices (--devices) splits batches over them",
+                        len(jax.local_devices()))
+        return None
+    try:
+        mesh = parallel.data_mesh(num_devices)
+        parallel.check_divisible(train_config.global_batch_size, mesh, "global_batch_size")
+        parallel.check_divisible(eval_batch_size or train_config.global_batch_size, mesh, "eval batch size")
+    except parallel.ParallelError as err:
+        raise TrainingError(str(err)) from None
+    logger.info("data parallel over %d devices", mesh.devices.size)
+    return mesh
+
+
+def _step_function(run: _Run):
+    """(state, host batch) -> (state, metrics) on one device or over run.mesh."""
+    if run.mesh is None:
+        return functools.partial(train_step, model_config=run.model_config, train_config=run.train_config,
+                                 total_steps=run.total_steps)
+    step = parallel_train_step(run.mesh, run.model_config, run.train_config, run.total_steps)
+    return lambda state, batch: step(state, parallel.put_batch(batch, run.mesh))
+
+
 def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_every: int | None,
           checkpoint_every: int | None, early_stop_exact: float | None, log_every: int,
           progress: bool) -> dict[str, Any]:
     state = run.start(sampler, resume)
+    if run.mesh is not None:
+        state = put_state(state, run.mesh)
     step = int(jax.device_get(state.step))
-    step_fn = functools.partial(train_step, model_config=run.model_config, train_config=run.train_config,
-                                total_steps=run.total_steps)
+    step_fn = _step_function(run)
     bar = _progress_bar(progress, run.total_steps, step)
     window, train_metrics, eval_metrics, stopped_early = [], None, None, False
     start = tick = time.perf_counter()
