@@ -28,10 +28,9 @@ import numpy as np
 from benchmarks import common
 from hrm_jax.layers import rms_norm
 from kernels_pallas import attention as attn
-from kernels_pallas import mlp
 from kernels_pallas import rms_norm as norm
 
-HIDDEN, HEADS, INTER, EPS = 512, 8, 1536, 1e-5
+HIDDEN, HEADS, EPS = 512, 8, 1e-5
 DTYPE = jnp.bfloat16
 
 
@@ -43,8 +42,7 @@ class Kernel:
     input_shapes: Callable[[int, int], list[tuple[int, ...]]]
     output_shape: Callable[[int, int], tuple[int, ...]]
     impls: Callable[[Any, bool], dict[str, Callable]]  # (block sizes or None, interpret) -> {impl: fn}
-    flops: Callable[[int, int], float] | None = None  # forward FLOPs (attention, mlp)
-    input_scales: tuple[float, ...] | None = None  # std of each random input (default 1)
+    flops: Callable[[int, int], float] | None = None  # forward FLOPs (attention)
 
 
 def _attention_impls(blocks, interpret):
@@ -58,23 +56,12 @@ def _norm_impls(blocks, interpret):
             "xla": lambda h, d: rms_norm(h + d, EPS)}
 
 
-def _mlp_impls(blocks, interpret):
-    return {"pallas": lambda h, wgu, wd: mlp.swiglu_add_rms_norm(h, wgu, wd, EPS, block_sizes=blocks,
-                                                                 interpret=interpret),
-            "xla": lambda h, wgu, wd: mlp.swiglu_add_rms_norm_reference(h, wgu, wd, EPS)}
-
-
 KERNELS = {
     "attention": Kernel("attention", lambda b, s: [(b, s, HEADS, HIDDEN // HEADS)] * 3,
                         lambda b, s: (b, s, HEADS, HIDDEN // HEADS), _attention_impls,
                         flops=lambda b, s: 4.0 * b * HEADS * s * s * (HIDDEN // HEADS)),
     "add_rms_norm": Kernel("add_rms_norm", lambda b, s: [(b, s, HIDDEN)] * 2, lambda b, s: (b, s, HIDDEN),
                            _norm_impls),
-    # SwiGLU (gate|up 512 -> 2 x 1536, down 1536 -> 512) + residual add + RMSNorm; the weights at
-    # the model's init scale, so that the activations have the model's range.
-    "mlp": Kernel("mlp", lambda b, s: [(b * s, HIDDEN), (HIDDEN, 2 * INTER), (INTER, HIDDEN)],
-                  lambda b, s: (b * s, HIDDEN), _mlp_impls, flops=lambda b, s: 2.0 * b * s * HIDDEN * 3 * INTER,
-                  input_scales=(1.0, HIDDEN ** -0.5, INTER ** -0.5)),
 }
 
 
@@ -92,23 +79,16 @@ def _sweep_blocks(kernel: str, seq: int) -> list:
         variants += [dict(zip(("block_q_bwd", "block_k_bwd", "num_warps_bwd"), v)) for v in bwd]
         variants += [{"num_stages": s} for s in (1, 3)]
         return [base] + [dataclasses.replace(base, **v) for v in variants]
-    if kernel == "mlp":
-        base = mlp.BlockSizes()
-        variants = [{"block_rows": r, "block_inter": i, "num_warps": w} for r, i, w in
-                    [(64, 32, 4), (64, 128, 8), (128, 64, 8), (128, 32, 8), (32, 64, 4), (64, 64, 4)]]
-        variants += [{"num_stages": s} for s in (1, 3, 4)]
-        return [base] + [dataclasses.replace(base, **v) for v in variants]
     base = norm.BlockSizes.for_shape(HIDDEN)
     return [base] + [norm.BlockSizes(block_rows=rows, num_warps=w)
                      for rows, w in [(1, 1), (1, 2), (2, 2), (4, 4), (16, 4), (16, 8), (32, 8)]]
 
 
-def _random_sets(shapes, count: int, seed: int, scales=None) -> list[tuple[jax.Array, ...]]:
-    """`count` input tuples on the device, normals of std `scales` (default 1; never zeros: METHOD.md)."""
+def _random_sets(shapes, count: int, seed: int) -> list[tuple[jax.Array, ...]]:
+    """`count` input tuples on the device, unit normals (never zeros: METHOD.md)."""
     rng = np.random.default_rng(seed)
-    scales = scales or (1.0,) * len(shapes)
-    return [tuple(jax.device_put(jnp.asarray(rng.standard_normal(s, np.float32) * c, DTYPE))
-                  for s, c in zip(shapes, scales)) for _ in range(count)]
+    return [tuple(jax.device_put(jnp.asarray(rng.standard_normal(s, np.float32), DTYPE)) for s in shapes)
+            for _ in range(count)]
 
 
 def _normwise_error(got, want) -> float:
@@ -137,7 +117,7 @@ def time_impl(fn: Callable, inputs: list, cotangents: list, iters: int, warmup: 
 
 def bench_kernel(kernel: Kernel, batch: int, seq: int, iters: int, warmup: int, blocks=None,
                  impls: tuple[str, ...] | None = None, interpret: bool = False) -> list[dict[str, Any]]:
-    inputs = _random_sets(kernel.input_shapes(batch, seq), 2, seed=batch + seq, scales=kernel.input_scales)
+    inputs = _random_sets(kernel.input_shapes(batch, seq), 2, seed=batch + seq)
     cotangents = [s[0] for s in _random_sets([kernel.output_shape(batch, seq)], 2, seed=1)]
     rows, outputs = [], {}
     fns = kernel.impls(blocks, interpret)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.train_step import TOTAL_STEPS, random_batches
-from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, MODEL_PRESETS, TRAIN_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, TRAIN_PRESETS
 from hrm_jax.train import init_train_state, train_step
 
 
@@ -41,8 +41,7 @@ def _time_steps(state, batches, kwargs, count):
 
 
 # Kernel families by name: cuBLAS/cuBLASLt GEMMs, attention, everything else XLA emits (fusions).
-KERNEL_FAMILIES = (("fused mlp (Pallas)", ("hrm_swiglu",)),
-                   ("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
+KERNEL_FAMILIES = (("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "cublas")),
                    ("attention", ("sdpa", "flash", "cudnn", "attention", "attn")),
                    ("memset/copy", ("Memset", "Memcpy")))
 
@@ -89,11 +88,10 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="sudoku_extreme", choices=sorted(set(MODEL_PRESETS) & set(TRAIN_PRESETS)))
     parser.add_argument("--batch", type=int, default=768)
     parser.add_argument("--attention-impl", default="cudnn", choices=ATTENTION_IMPLS)
-    parser.add_argument("--mlp-impl", default="xla", choices=MLP_IMPLS)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", default=None, help="folder for profile_step.json")
     args = parser.parse_args(argv)
-    model_config = MODEL_PRESETS[args.preset](attention_impl=args.attention_impl, mlp_impl=args.mlp_impl)
+    model_config = MODEL_PRESETS[args.preset](attention_impl=args.attention_impl)
     train_config = TRAIN_PRESETS[args.preset].replace(global_batch_size=args.batch)
     kwargs = dict(model_config=model_config, train_config=train_config, total_steps=TOTAL_STEPS)
     state = init_train_state(model_config, train_config, TOTAL_STEPS)
@@ -119,7 +117,6 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "profile_step.json"), "w") as f:
             json.dump({"preset": args.preset, "batch": args.batch, "attention_impl": args.attention_impl,
-                       "mlp_impl": args.mlp_impl,
                        "median_step_s": median_s, "nan_params_median_step_s": nan_median_s,
                        "device": str(jax.devices()[0]), "jax": jax.__version__,
                        "families_ms_per_step": family_totals(table), "kernels": table}, f, indent=2)

@@ -1,8 +1,7 @@
 """Time the full HRM training step (ACT segment, target-Q forward, backward, AdamATan2, sparse SignSGD).
 
     python -m benchmarks.train_step --preset sudoku_extreme --batch 384 [--batch 768] [--iters 50]
-        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...] [--mlp-impl xla|pallas ...]
-        [--torch eager|compile ...]
+        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...] [--torch eager|compile ...]
 
 Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
 the GPU's dense bf16 peak, and peak device memory; merges the numbers into
@@ -14,7 +13,6 @@ torch.compile) runs at the same shapes in the same process, and the JAX/torch ra
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 
@@ -23,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
 from hrm_jax.train import init_train_state, train_step
 
 
@@ -64,9 +62,9 @@ def _throughput(model_config, batch_size: int, timing: dict) -> dict:
 
 
 def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, attention_impl: str = "xla",
-                     norm_impl: str = "xla", mlp_impl: str = "xla") -> dict:
+                     norm_impl: str = "xla") -> dict:
     model_config, train_config, total_steps = _configs(preset, batch_size, attention_impl=attention_impl,
-                                                       norm_impl=norm_impl, mlp_impl=mlp_impl)
+                                                       norm_impl=norm_impl)
     state = init_train_state(model_config, train_config, total_steps)
     batches = random_batches(model_config, batch_size, 8)
     holder = {"state": state}
@@ -78,7 +76,7 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
 
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
     return {"preset": preset, "batch": batch_size, "backend": "jax", "attention_impl": attention_impl,
-            "norm_impl": norm_impl, "mlp_impl": mlp_impl, "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
+            "norm_impl": norm_impl, "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
             **_throughput(model_config, batch_size, timing), "peak_memory_gib": common.peak_memory_gib(),
             "steps_taken": int(holder["state"].step)}
 
@@ -120,16 +118,14 @@ def _torch_modes(requested: list[str] | None) -> list[str]:
 
 
 def _print_rows(rows: list[dict]) -> None:
-    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'mlp':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:
-        print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} "
-              f"{r.get('mlp_impl', '-'):>6} {r['batch']:>6} "
+        print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} {r['batch']:>6} "
               f"{1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
               f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
     for torch_row in (r for r in rows if r["backend"] != "jax"):
         for jax_row in (r for r in rows if r["backend"] == "jax" and r["batch"] == torch_row["batch"]):
-            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}, "
-                  f"{jax_row['mlp_impl']}) / "
+            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}) / "
                   f"{torch_row['backend']} = {jax_row['examples_per_s'] / torch_row['examples_per_s']:.2f}x")
 
 
@@ -143,9 +139,7 @@ def main(argv=None) -> int:
                         help="attention implementation(s) to time (repeatable; default xla)")
     parser.add_argument("--norm-impl", action="append", choices=NORM_IMPLS,
                         help="residual add + RMSNorm implementation(s) to time (repeatable; default xla); "
-                             "every attention x norm x mlp combination runs")
-    parser.add_argument("--mlp-impl", action="append", choices=MLP_IMPLS,
-                        help="SwiGLU MLP + add + RMSNorm implementation(s) to time (repeatable; default xla)")
+                             "every attention x norm combination runs")
     parser.add_argument("--torch", action="append", choices=("eager", "compile", "none"),
                         help="torch module mode(s) to time beside JAX (repeatable; default eager and compile "
                              "when torch sees a CUDA device; 'none' skips torch)")
@@ -154,10 +148,10 @@ def main(argv=None) -> int:
     common.share_gpu_with_torch()
     rows = []
     for batch in args.batch or [384, 768]:
-        for impls in itertools.product(args.attention_impl or ["xla"], args.norm_impl or ["xla"],
-                                       args.mlp_impl or ["xla"]):
-            rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, *impls))
-            path = common.save_results(f"train_step_{args.preset}", rows, args.out)
+        for impl in args.attention_impl or ["xla"]:
+            for norm_impl in args.norm_impl or ["xla"]:
+                rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, impl, norm_impl))
+                path = common.save_results(f"train_step_{args.preset}", rows, args.out)
         for mode in _torch_modes(args.torch):
             rows.append(bench_torch_train_step(args.preset, batch, args.iters, args.warmup, mode == "compile"))
             path = common.save_results(f"train_step_{args.preset}", rows, args.out)

@@ -15,8 +15,6 @@ FORWARD_DTYPES = ("bfloat16", "float16", "float32")
 # off GPU they run in Pallas interpret mode, correct but slow).
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 NORM_IMPLS = ("xla", "pallas")  # the residual add + RMSNorm of each block
-# The SwiGLU MLP with its residual add + RMSNorm; pallas: one fused forward kernel (XLA backward).
-MLP_IMPLS = ("xla", "pallas")
 
 
 class ConfigError(ValueError):
@@ -55,7 +53,6 @@ class HRMConfig:
     forward_dtype: str = "bfloat16"
     attention_impl: str = "xla"
     norm_impl: str = "xla"
-    mlp_impl: str = "xla"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
@@ -85,10 +82,6 @@ class HRMConfig:
                  "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
         _require(self.norm_impl in NORM_IMPLS, "norm_impl",
                  f"must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
-        _require(self.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
-        power_of_two = self.hidden_size >= 16 and self.hidden_size & (self.hidden_size - 1) == 0
-        _require(self.mlp_impl != "pallas" or power_of_two, "mlp_impl",
-                 f"the fused pallas MLP needs hidden_size a power of two >= 16, got {self.hidden_size}; use 'xla'")
 
     # Derived sizes -------------------------------------------------------------------------
     @property

@@ -14,10 +14,9 @@ import pytest
 
 import hrm_jax as H
 from hrm_jax.config import ConfigError
-from hrm_jax.layers import SwiGLU, rms_norm
+from hrm_jax.layers import rms_norm
 from hrm_jax.model import segment_forward
 from kernels_pallas import common
-from kernels_pallas import mlp
 from kernels_pallas.attention import BlockSizes, attention, attention_reference
 from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
 
@@ -112,53 +111,6 @@ def test_add_rms_norm_reference_is_the_layer():
     np.testing.assert_allclose(got, rms_norm(h + delta, 1e-5), rtol=1e-6, atol=1e-7)
 
 
-# SwiGLU MLP + residual add + RMSNorm --------------------------------------------------------
-def mlp_inputs(seed, rows_shape, hidden, inter, dtype):
-    """h, w_gate_up, w_down at the model's scales (weights ~ 1/sqrt(fan_in)), and a cotangent."""
-    (h,), (w_gate_up,), (w_down,), (cotangent,) = (
-        random_arrays(seed, 1, rows_shape + (hidden,), dtype, scale=1.0),
-        random_arrays(seed + 1, 1, (hidden, 2 * inter), dtype, scale=hidden ** -0.5),
-        random_arrays(seed + 2, 1, (inter, hidden), dtype, scale=inter ** -0.5),
-        random_arrays(seed + 3, 1, rows_shape + (hidden,), dtype))
-    return (h, w_gate_up, w_down), cotangent
-
-
-# 37 rows: a partial last block (masked rows); 82 x 2 rows of the Sudoku model's sizes in bf16.
-@pytest.mark.parametrize("rows_shape, hidden, inter, dtype, blocks", [
-    ((37,), 32, 96, jnp.float32, mlp.BlockSizes(block_rows=16, block_inter=32)),
-    ((3, 5), 64, 256, jnp.float32, None),
-    ((2, 82), 512, 1536, jnp.bfloat16, None),
-])
-def test_swiglu_add_rms_norm_matches_reference(rows_shape, hidden, inter, dtype, blocks):
-    inputs, cotangent = mlp_inputs(hidden, rows_shape, hidden, inter, dtype)
-    check_vjp(lambda *a: mlp.swiglu_add_rms_norm(*a, 1e-5, block_sizes=blocks, interpret=True),
-              lambda *a: mlp.swiglu_add_rms_norm_reference(*a, 1e-5), inputs, cotangent, TOL[dtype])
-
-
-def test_swiglu_add_rms_norm_reference_is_the_layers():
-    cfg = H.tiny(hidden_size=64, num_heads=2)
-    (h, w_gate_up, w_down), _ = mlp_inputs(0, (3, 7), 64, cfg.intermediate_size, jnp.float32)
-    params = {"gate_up_proj": {"kernel": w_gate_up}, "down_proj": {"kernel": w_down}}
-    layers = add_rms_norm_reference(h, SwiGLU(cfg).apply({"params": params}, h), 1e-5)
-    np.testing.assert_array_equal(mlp.swiglu_add_rms_norm_reference(h, w_gate_up, w_down, 1e-5), layers)
-
-
-def test_swiglu_add_rms_norm_checks_its_inputs():
-    (h, w_gate_up, w_down), _ = mlp_inputs(0, (4,), 32, 64, jnp.float32)
-    with pytest.raises(ValueError, match="w_down"):
-        mlp.swiglu_add_rms_norm(h, w_gate_up, w_down.T, 1e-5, interpret=True)
-    with pytest.raises(ValueError, match="dtype"):
-        mlp.swiglu_add_rms_norm(h.astype(jnp.bfloat16), w_gate_up, w_down, 1e-5, interpret=True)
-    with pytest.raises(ValueError, match="multiple of block_inter"):
-        mlp.swiglu_add_rms_norm(h, w_gate_up, w_down, 1e-5, block_sizes=mlp.BlockSizes(block_inter=128),
-                                interpret=True)
-    with pytest.raises(ValueError, match="power of two"):
-        mlp.BlockSizes(block_rows=48).validate(32, 64)
-    (h, w_gate_up, w_down), _ = mlp_inputs(0, (4,), 48, 64, jnp.float32)
-    with pytest.raises(ValueError, match="hidden size 48 must be a power of two"):
-        mlp.swiglu_add_rms_norm(h, w_gate_up, w_down, 1e-5, interpret=True)
-
-
 # The GPU lowering ---------------------------------------------------------------------------
 # Interpret mode hides what only the Triton lowering checks (power-of-two tiles, supported ops), so
 # lower for CUDA too. The CPU jaxlib builds the Triton IR without a GPU; jax >= 0.11 needs to be
@@ -175,24 +127,22 @@ def _fwd_and_vjp(fn):
     return run
 
 
-@pytest.mark.parametrize("name, fn, shapes, kernels", [
-    ("attention 82", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 82, 8, 64)] * 3, 2),
-    ("attention 900", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 900, 8, 64)] * 3, 2),
+@pytest.mark.parametrize("name, fn, shapes", [
+    ("attention 82", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 82, 8, 64)] * 3),
+    ("attention 900", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 900, 8, 64)] * 3),
     ("attention 82 two-scan", lambda q, k, v: attention(q, k, v, block_sizes=TWO_SCAN, interpret=False),
-     [(2, 82, 8, 64)] * 3, 2),
-    ("attention head_dim 24", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 50, 3, 24)] * 3, 2),
-    ("add_rms_norm", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(2, 82, 512)] * 2, 2),
-    ("add_rms_norm hidden 96", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(7, 96)] * 2, 2),
-    # Forward kernel only: its backward is XLA's.
-    ("swiglu_add_rms_norm", lambda h, wgu, wd: mlp.swiglu_add_rms_norm(h, wgu, wd, 1e-5, interpret=False),
-     [(2, 82, 512), (512, 3072), (1536, 512)], 1),
+     [(2, 82, 8, 64)] * 3),
+    ("attention head_dim 24", lambda q, k, v: attention(q, k, v, interpret=False), [(2, 50, 3, 24)] * 3),
+    ("add_rms_norm", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(2, 82, 512)] * 2),
+    ("add_rms_norm hidden 96", lambda h, d: add_rms_norm(h, d, 1e-5, interpret=False), [(7, 96)] * 2),
 ])
-def test_kernels_lower_to_triton_for_gpu(name, fn, shapes, kernels):
+def test_kernels_lower_to_triton_for_gpu(name, fn, shapes):
     avals = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in shapes]
     with jax.sharding.use_abstract_mesh(H100):
         text = jax.jit(_fwd_and_vjp(fn)).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
-    # Custom calls __gpu$xla.gpu.triton (or triton_kernel_call in jaxlibs that compile the IR themselves).
-    assert text.count("custom_call @__gpu$xla.gpu.triton") + text.count("custom_call @triton") == kernels, name
+    # Forward and backward kernels: custom calls __gpu$xla.gpu.triton (or triton_kernel_call in
+    # jaxlibs that compile the IR themselves).
+    assert text.count("custom_call @__gpu$xla.gpu.triton") + text.count("custom_call @triton") == 2, name
 
 
 # Wiring into the model ---------------------------------------------------------------------
@@ -205,12 +155,12 @@ def random_params(cfg, seed):
 
 
 def test_pallas_impls_give_the_xla_model():
-    """attention_impl/norm_impl/mlp_impl="pallas" (interpret mode on CPU) vs "xla": outputs and 1-step gradients
+    """attention_impl/norm_impl="pallas" (interpret mode on CPU) vs "xla": outputs and 1-step gradients
     of a Sudoku-shaped segment (81 cells + 1 puzzle slot). L_cycles=2: one L-update runs inside the
     no-gradient loop, one with gradients."""
     xla = H.tiny(seq_len=81, puzzle_emb_ndim=64, hidden_size=64, num_heads=2, H_layers=1, L_layers=1,
                  H_cycles=1, L_cycles=2)
-    pallas = xla.replace(attention_impl="pallas", norm_impl="pallas", mlp_impl="pallas")
+    pallas = xla.replace(attention_impl="pallas", norm_impl="pallas")
     params = random_params(xla, seed=0)
     rng = np.random.default_rng(1)
     batch = {"inputs": jnp.asarray(rng.integers(0, xla.vocab_size, (2, 81)), jnp.int32),
@@ -257,7 +207,3 @@ def test_config_accepts_pallas_and_rejects_unknown_impls():
         H.tiny(norm_impl="triton")
     with pytest.raises(ConfigError, match="attention_impl"):
         H.tiny(attention_impl="flash")
-    with pytest.raises(ConfigError, match="mlp_impl"):
-        H.tiny(mlp_impl="triton")
-    with pytest.raises(ConfigError, match="hidden_size a power of two"):
-        H.tiny(hidden_size=48, num_heads=2, mlp_impl="pallas")

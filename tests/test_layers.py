@@ -1,6 +1,7 @@
 """Layers against NumPy float64 transcriptions of the reference formulas, on random inputs."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import pytest
 
 from hrm_jax import tiny
 from hrm_jax.layers import (Attention, Block, CastedEmbedding, CastedLinear, SwiGLU, apply_rotary,
-                            rms_norm, rotary_cos_sin, trunc_normal_init)
+                            rms_norm, rotary_cos_sin, split_projection, trunc_normal_init)
 from tests import numpy_reference as ref
 
 RTOL = 2e-5  # float32 compute vs float64 reference
@@ -59,6 +60,31 @@ def test_swiglu_width_and_fused_layout():
     params = jax.eval_shape(lambda: SwiGLU(cfg).init(jax.random.key(0), jnp.zeros((1, 2, 512))))["params"]
     assert params["gate_up_proj"]["kernel"].shape == (512, 2 * 1536)
     assert params["down_proj"]["kernel"].shape == (1536, 512)
+
+
+def test_split_projection_is_one_matmul_split():
+    x, w = jnp.asarray(_rand(0, 3, 5, 16)), jnp.asarray(_rand(1, 16, 48))
+    parts = split_projection(x, w, 3)
+    assert [p.shape for p in parts] == [(3, 5, 16)] * 3
+    np.testing.assert_allclose(jnp.concatenate(parts, axis=-1), jnp.dot(x, w), rtol=1e-6, atol=1e-6)
+
+
+def test_block_gradient_concatenates_no_activations():
+    """The speed property of split_projection: neither pass builds a [batch, seq, k*hidden] array by
+    concatenation (only the small weight gradients are joined). A fused qkv/gate_up matmul puts a
+    concatenation of the blocks' gradients into the backward: 4 ms of an 85 ms H100 step."""
+    cfg = tiny(hidden_size=32, num_heads=4, seq_len=12)
+    x = jnp.ones((2, 12, 32), jnp.float32)
+    cos_sin = rotary_cos_sin(12, cfg.head_dim, cfg.rope_theta)
+    params = Block(cfg).init(jax.random.key(0), x, cos_sin)["params"]
+
+    def loss(params, x):
+        return jnp.sum(Block(cfg).apply({"params": params}, x, cos_sin))
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    # [2, 12, width] results only: rope's per-head rotate_half concatenates [2, 12, heads, head_dim].
+    joined = re.findall(r"= \w+\[2,12,(\d+)\]\{[^}]*\} concatenate\(", hlo)
+    assert "concatenate(" in hlo and not joined, f"activations of width {joined} concatenated"
 
 
 def test_casted_linear_init_statistics_and_dtype():
