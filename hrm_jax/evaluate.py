@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from hrm_jax import parallel
 from hrm_jax.config import HRMConfig
@@ -134,7 +135,7 @@ def _parallel_rollout(mesh, config: HRMConfig, loss_type: str):
     def local(params, batch):
         return rollout(params, config, batch, loss_type)
 
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(parallel.P(), parallel.batch_spec()),
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), parallel.batch_spec()),
                                  out_specs=parallel.batch_spec(), check_vma=False))
 
 
@@ -203,12 +204,12 @@ def evaluate(params: Params, model_config: HRMConfig, split: PuzzleSplit, batch_
         if group_by.shape != (total,):
             raise EvaluationError(f"group_by must hold one label per example of {split.path} "
                                   f"(shape ({total},)), got shape {group_by.shape}")
-    set_names, chunks = [], []
     if mesh is not None:
         try:
             parallel.check_divisible(batch_size, mesh, "batch_size")
         except parallel.ParallelError as err:
             raise EvaluationError(str(err)) from None
+    set_names, chunks = [], []
     for set_name, rows in _rows(params, model_config, split, batch_size, loss_type, max_batches,
                                 return_predictions, mesh):
         set_names.extend([set_name] * len(rows["accuracy"]))

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from hrm_jax.config import HRMConfig
-from hrm_jax.parallel import global_rows
 from hrm_jax.layers import (Block, CastedEmbedding, CastedLinear, rotary_cos_sin,
                             trunc_normal_init)
+from hrm_jax.parallel import global_rows
 
 Params = dict[str, Any]
 Batch = dict[str, jax.Array]

@@ -52,10 +52,6 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     return jax.device_put(batch, NamedSharding(mesh, batch_spec()))
 
 
-def put_replicated(tree, mesh: Mesh):
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 def global_rows(local_rows: int, axis_name: str | None) -> tuple[int, jax.Array | int]:
     """(rows of the global batch, offset of this device's rows) inside shard_map; (local, 0) outside."""
     if axis_name is None:

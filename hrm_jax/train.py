@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hrm_jax import checkpoint as ckpt
 from hrm_jax import parallel
@@ -153,14 +154,14 @@ def train_step(state: TrainState, batch: Batch, *, model_config: HRMConfig, trai
 def state_specs(state: TrainState) -> TrainState:
     """PartitionSpecs of a TrainState (or of its abstract shapes) for data parallelism: the carry
     split along the batch, everything else replicated."""
-    specs = jax.tree.map(lambda _: parallel.P(), state)
+    specs = jax.tree.map(lambda _: PartitionSpec(), state)
     return specs.replace(carry=jax.tree.map(lambda _: parallel.batch_spec(), state.carry))
 
 
 def put_state(state: TrainState, mesh) -> TrainState:
     """Places a state on the mesh (replicas and carry shards)."""
-    shardings = jax.tree.map(lambda spec: parallel.NamedSharding(mesh, spec), state_specs(state),
-                             is_leaf=lambda x: isinstance(x, parallel.P))
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
+                             is_leaf=lambda x: isinstance(x, PartitionSpec))
     return jax.device_put(state, shardings)
 
 
@@ -174,7 +175,7 @@ def parallel_train_step(mesh, model_config: HRMConfig, train_config: TrainConfig
     local = functools.partial(_train_step, model_config=model_config, train_config=train_config,
                               total_steps=total_steps, axis_name=parallel.BATCH_AXIS)
     # check_vma=False: the replicated outputs are replicated by construction (psum / all_gather inputs).
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(specs, parallel.batch_spec()), out_specs=(specs, parallel.P()),
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(specs, parallel.batch_spec()), out_specs=(specs, PartitionSpec()),
                             check_vma=False)
     return jax.jit(sharded, donate_argnums=0)
 

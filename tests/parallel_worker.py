@@ -60,13 +60,20 @@ def check_loop_and_evaluation(workdir: str) -> None:
     for key in ("lm_loss", "accuracy"):
         assert abs(two["train"][key] - one["train"][key]) <= 1e-4, (key, two["train"][key], one["train"][key])
         assert abs(two["eval"][key] - one["eval"][key]) <= 1e-4, (key, two["eval"][key], one["eval"][key])
+    # A two-device run stopped at step 4 and resumed (from its orbax checkpoint) ends where the
+    # uninterrupted one does.
+    resumed_dir = os.path.join(workdir, "resumed")
+    train(CFG_EXPLORE, TC, data, resumed_dir, num_devices=2, max_steps=4, **common)
+    resumed = train(CFG_EXPLORE, TC, data, resumed_dir, num_devices=2, resume=True, **common)
+    gap = max_relative_gap(jax.device_get(resumed["state"].params), jax.device_get(two["state"].params))
+    assert resumed["step"] == TOTAL and gap <= 1e-6, (resumed["step"], gap)
     # Evaluation alone, split over the mesh, equals the one-device evaluation of the same parameters.
     params = jax.device_get(one["state"].params)
     split = load_split(data, "test")
     want = evaluate(params, CFG_EXPLORE, split, 8)["all"]
     got = evaluate(params, CFG_EXPLORE, split, 8, mesh=parallel.data_mesh(2))["all"]
     assert all(abs(got[k] - want[k]) <= 1e-5 for k in want), (got, want)
-    print("loop and evaluation: two devices match one")
+    print("loop, resume and evaluation: two devices match one")
 
     for kwargs, message in ((dict(num_devices=3), "this host has 2"),
                             (dict(num_devices=2, eval_batch_size=7), "eval batch size 7 cannot be split")):
