@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step --preset sudoku_extreme --batch 384 [--batch 768] [--iters 50]
         [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...] [--torch eager|compile ...]
+        [--devices N ...]
 
 Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
 the GPU's dense bf16 peak, and peak device memory; merges the numbers into
@@ -13,6 +14,8 @@ torch.compile) runs at the same shapes in the same process, and the JAX/torch ra
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import os
 import sys
 
@@ -22,7 +25,8 @@ import numpy as np
 
 from benchmarks import common
 from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
-from hrm_jax.train import init_train_state, train_step
+from hrm_jax import parallel
+from hrm_jax.train import init_train_state, parallel_train_step, put_state, train_step
 
 
 def random_batches(config, batch_size: int, count: int, seed: int = 0) -> list[dict[str, jax.Array]]:
@@ -49,35 +53,44 @@ def _configs(preset: str, batch_size: int, **model_overrides):
     return model_config, train_config, TOTAL_STEPS
 
 
-def _throughput(model_config, batch_size: int, timing: dict) -> dict:
-    """Rates from the median step (and the back-to-back window), TFLOP/s by the analytic count, MFU."""
+def _throughput(model_config, batch_size: int, timing: dict, devices: int = 1) -> dict:
+    """Rates from the median step (and the back-to-back window), TFLOP/s by the analytic count, MFU
+    (against the peak of all `devices`)."""
     flops = common.train_flops_per_example(model_config) * batch_size
     out = {"steps_per_s": 1 / timing["median_s"], "examples_per_s": batch_size / timing["median_s"],
            "window_examples_per_s": batch_size / timing["window_s"],
            "tflops": flops / timing["median_s"] / 1e12, "gflop_per_example": flops / batch_size / 1e9}
     peak = common.device_info()["peak_bf16_tflops"]
     if peak:
-        out["mfu"] = out["tflops"] / peak
+        out["mfu"] = out["tflops"] / (peak * devices)
     return out
 
 
 def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, attention_impl: str = "xla",
-                     norm_impl: str = "xla") -> dict:
+                     norm_impl: str = "xla", devices: int = 1) -> dict:
+    """The JAX step on one device, or data parallel over `devices` (hrm_jax.parallel)."""
     model_config, train_config, total_steps = _configs(preset, batch_size, attention_impl=attention_impl,
                                                        norm_impl=norm_impl)
     state = init_train_state(model_config, train_config, total_steps)
     batches = random_batches(model_config, batch_size, 8)
+    if devices == 1:
+        step = functools.partial(train_step, model_config=model_config, train_config=train_config,
+                                 total_steps=total_steps)
+    else:
+        mesh = parallel.data_mesh(devices)
+        state, batches = put_state(state, mesh), [parallel.put_batch(b, mesh) for b in batches]
+        step = parallel_train_step(mesh, model_config, train_config, total_steps)
     holder = {"state": state}
 
     def call(i):
-        holder["state"], metrics = train_step(holder["state"], batches[i % len(batches)], model_config=model_config,
-                                              train_config=train_config, total_steps=total_steps)
+        holder["state"], metrics = step(holder["state"], batches[i % len(batches)])
         return metrics["lm_loss"]
 
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
-    return {"preset": preset, "batch": batch_size, "backend": "jax", "attention_impl": attention_impl,
-            "norm_impl": norm_impl, "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
-            **_throughput(model_config, batch_size, timing), "peak_memory_gib": common.peak_memory_gib(),
+    return {"preset": preset, "batch": batch_size, "backend": "jax" if devices == 1 else f"jax x{devices}",
+            "attention_impl": attention_impl, "norm_impl": norm_impl, "devices": devices,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
+            **_throughput(model_config, batch_size, timing, devices), "peak_memory_gib": common.peak_memory_gib(),
             "steps_taken": int(holder["state"].step)}
 
 
@@ -123,7 +136,7 @@ def _print_rows(rows: list[dict]) -> None:
         print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} {r['batch']:>6} "
               f"{1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
               f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
-    for torch_row in (r for r in rows if r["backend"] != "jax"):
+    for torch_row in (r for r in rows if not r["backend"].startswith("jax")):
         for jax_row in (r for r in rows if r["backend"] == "jax" and r["batch"] == torch_row["batch"]):
             print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}) / "
                   f"{torch_row['backend']} = {jax_row['examples_per_s'] / torch_row['examples_per_s']:.2f}x")
@@ -143,15 +156,16 @@ def main(argv=None) -> int:
     parser.add_argument("--torch", action="append", choices=("eager", "compile", "none"),
                         help="torch module mode(s) to time beside JAX (repeatable; default eager and compile "
                              "when torch sees a CUDA device; 'none' skips torch)")
+    parser.add_argument("--devices", type=int, action="append",
+                        help="JAX: split the batch over this many local GPUs, data parallel (repeatable; default 1)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     common.share_gpu_with_torch()
     rows = []
     for batch in args.batch or [384, 768]:
-        for impl in args.attention_impl or ["xla"]:
-            for norm_impl in args.norm_impl or ["xla"]:
-                rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, impl, norm_impl))
-                path = common.save_results(f"train_step_{args.preset}", rows, args.out)
+        for impls in itertools.product(args.attention_impl or ["xla"], args.norm_impl or ["xla"], args.devices or [1]):
+            rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, *impls))
+            path = common.save_results(f"train_step_{args.preset}", rows, args.out)
         for mode in _torch_modes(args.torch):
             rows.append(bench_torch_train_step(args.preset, batch, args.iters, args.warmup, mode == "compile"))
             path = common.save_results(f"train_step_{args.preset}", rows, args.out)
