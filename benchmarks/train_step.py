@@ -14,7 +14,6 @@ torch.compile) runs at the same shapes in the same process, and the JAX/torch ra
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import os
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 from benchmarks import common
 from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
 from hrm_jax import parallel
-from hrm_jax.train import init_train_state, parallel_train_step, put_state, train_step
+from hrm_jax.train import init_train_state, put_state, step_function
 
 
 def random_batches(config, batch_size: int, count: int, seed: int = 0) -> list[dict[str, jax.Array]]:
@@ -73,13 +72,10 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
                                                        norm_impl=norm_impl)
     state = init_train_state(model_config, train_config, total_steps)
     batches = random_batches(model_config, batch_size, 8)
-    if devices == 1:
-        step = functools.partial(train_step, model_config=model_config, train_config=train_config,
-                                 total_steps=total_steps)
-    else:
-        mesh = parallel.data_mesh(devices)
+    mesh = None if devices == 1 else parallel.data_mesh(devices)
+    if mesh is not None:  # placed once, so the timed calls move no data
         state, batches = put_state(state, mesh), [parallel.put_batch(b, mesh) for b in batches]
-        step = parallel_train_step(mesh, model_config, train_config, total_steps)
+    step = step_function(model_config, train_config, total_steps, mesh)
     holder = {"state": state}
 
     def call(i):

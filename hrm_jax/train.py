@@ -180,6 +180,16 @@ def parallel_train_step(mesh, model_config: HRMConfig, train_config: TrainConfig
     return jax.jit(sharded, donate_argnums=0)
 
 
+def step_function(model_config: HRMConfig, train_config: TrainConfig, total_steps: int, mesh=None):
+    """(state, batch) -> (state, metrics): train_step, or with a mesh parallel_train_step with the
+    batch split onto the mesh (the state must be placed by put_state)."""
+    if mesh is None:
+        return functools.partial(train_step, model_config=model_config, train_config=train_config,
+                                 total_steps=total_steps)
+    step = parallel_train_step(mesh, model_config, train_config, total_steps)
+    return lambda state, batch: step(state, parallel.put_batch(batch, mesh))
+
+
 # The loop --------------------------------------------------------------------------------------
 class TrainingError(ValueError):
     """Bad arguments to `train` or an out_dir that does not fit the requested run."""
@@ -370,15 +380,6 @@ def _mesh(num_devices: int | None, train_config: TrainConfig, eval_batch_size: i
     return mesh
 
 
-def _step_function(run: _Run):
-    """(state, host batch) -> (state, metrics) on one device or over run.mesh."""
-    if run.mesh is None:
-        return functools.partial(train_step, model_config=run.model_config, train_config=run.train_config,
-                                 total_steps=run.total_steps)
-    step = parallel_train_step(run.mesh, run.model_config, run.train_config, run.total_steps)
-    return lambda state, batch: step(state, parallel.put_batch(batch, run.mesh))
-
-
 def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_every: int | None,
           checkpoint_every: int | None, early_stop_exact: float | None, log_every: int,
           progress: bool) -> dict[str, Any]:
@@ -386,7 +387,7 @@ def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_eve
     if run.mesh is not None:
         state = put_state(state, run.mesh)
     step = int(jax.device_get(state.step))
-    step_fn = _step_function(run)
+    step_fn = step_function(run.model_config, run.train_config, run.total_steps, run.mesh)
     bar = _progress_bar(progress, run.total_steps, step)
     window, train_metrics, eval_metrics, stopped_early = [], None, None, False
     start = tick = time.perf_counter()
