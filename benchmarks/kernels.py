@@ -2,7 +2,8 @@
 
     python -m benchmarks.kernels [--shape 384x82 --shape 768x82 --shape 32x900] [--iters 50] [--sweep]
 
-A shape is batch x seq at HRM's hidden 512 (8 heads of 64, SwiGLU width 1536), bfloat16: Sudoku-Extreme
+A shape is batch x seq at HRM's hidden 512 (8 heads of 64, SwiGLU width 1536), bfloat16 (swiglu: the
+fused silu(x W_gate) * (x W_up) matmul, forward only; its backward is XLA's by design): Sudoku-Extreme
 runs seq 82 (81 cells + the puzzle-embedding slot) at global batch 384 or 768, Maze/ARC seq 900.
 Per kernel and shape: the median over --iters synchronised calls of the jitted forward and of the
 jitted forward + vjp of a random cotangent (warm-up and compilation excluded, two input sets
@@ -29,8 +30,9 @@ from benchmarks import common
 from hrm_jax.layers import rms_norm
 from kernels_pallas import attention as attn
 from kernels_pallas import rms_norm as norm
+from kernels_pallas import swiglu_matmul as swiglu
 
-HIDDEN, HEADS, EPS = 512, 8, 1e-5
+HIDDEN, HEADS, EPS, INTER = 512, 8, 1e-5, 1536
 DTYPE = jnp.bfloat16
 
 
@@ -56,12 +58,19 @@ def _norm_impls(blocks, interpret):
             "xla": lambda h, d: rms_norm(h + d, EPS)}
 
 
+def _swiglu_impls(tiles, interpret):
+    return {"pallas": lambda x, w: swiglu.swiglu_matmul(x, w, tiles=tiles, interpret=interpret),
+            "xla": swiglu.swiglu_matmul_reference}
+
+
 KERNELS = {
     "attention": Kernel("attention", lambda b, s: [(b, s, HEADS, HIDDEN // HEADS)] * 3,
                         lambda b, s: (b, s, HEADS, HIDDEN // HEADS), _attention_impls,
                         flops=lambda b, s: 4.0 * b * HEADS * s * s * (HIDDEN // HEADS)),
     "add_rms_norm": Kernel("add_rms_norm", lambda b, s: [(b, s, HIDDEN)] * 2, lambda b, s: (b, s, HIDDEN),
                            _norm_impls),
+    "swiglu": Kernel("swiglu", lambda b, s: [(b, s, HIDDEN), (HIDDEN, 2 * INTER)], lambda b, s: (b, s, INTER),
+                     _swiglu_impls, flops=lambda b, s: 4.0 * b * s * HIDDEN * INTER),
 }
 
 
@@ -79,6 +88,12 @@ def _sweep_blocks(kernel: str, seq: int) -> list:
         variants += [dict(zip(("block_q_bwd", "block_k_bwd", "num_warps_bwd"), v)) for v in bwd]
         variants += [{"num_stages": s} for s in (1, 3)]
         return [base] + [dataclasses.replace(base, **v) for v in variants]
+    if kernel == "swiglu":
+        # (tile_m, tile_n, tile_k, stages): SMEM per stage is 2 tile_m x tile_k + 2 tile_k x tile_n bf16.
+        base = swiglu.TileConfig()
+        variants = [(64, 128, 64, 2), (64, 128, 64, 4), (64, 64, 64, 4), (64, 64, 64, 6), (64, 128, 128, 2),
+                    (64, 64, 128, 3)]
+        return [base] + [swiglu.TileConfig(tile_m=m, tile_n=n, tile_k=k, stages=s) for m, n, k, s in variants]
     base = norm.BlockSizes.for_shape(HIDDEN)
     return [base] + [norm.BlockSizes(block_rows=rows, num_warps=w)
                      for rows, w in [(1, 1), (1, 2), (2, 2), (4, 4), (16, 4), (16, 8), (32, 8)]]
@@ -111,7 +126,8 @@ def time_impl(fn: Callable, inputs: list, cotangents: list, iters: int, warmup: 
     fwd = common.time_calls(lambda i: forward(*inputs[i % n]), jax.block_until_ready, warmup=warmup, iters=iters)
     both = common.time_calls(lambda i: forward_backward(inputs[i % n], cotangents[i % n]), jax.block_until_ready,
                              warmup=warmup, iters=iters)
-    outputs = jax.device_get(forward_backward(inputs[0], cotangents[0]))
+    # The forward output from the plain forward: under vjp a kernel may run another forward rule (swiglu).
+    outputs = jax.device_get((forward(*inputs[0]), forward_backward(inputs[0], cotangents[0])[1]))
     return {"fwd": fwd, "fwd_bwd": both}, outputs
 
 

@@ -1,7 +1,7 @@
 """Time a full evaluation rollout (halt_max_steps ACT segments) in JAX and in the torch module.
 
     python -m benchmarks.rollout --preset sudoku_extreme [--batch 1 --batch 64 --batch 1024]
-        [--attention-impl xla|cudnn|pallas ...] [--no-torch]
+        [--attention-impl xla|cudnn|pallas ...] [--mlp-impl xla|pallas ...] [--no-torch]
 
 JAX: hrm_jax.evaluate.rollout under jit (what evaluation runs). Torch: export.torch_model.HRMTorch, one
 ACT segment per call (eager, and torch.compile'd as the reference compiles its model), looped over
@@ -12,6 +12,7 @@ numbers into benchmarks/results/<gpu>-<date>.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.train_step import random_batches
-from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, MODEL_PRESETS
 from hrm_jax.evaluate import rollout
 from hrm_jax.model import init_params
 
@@ -38,7 +39,8 @@ def bench_jax(config, params, batch_size, iters, warmup):
     run = jax.jit(rollout, static_argnames=("config",))
     timing = common.time_calls(lambda i: run(params, config, batches[i % 4])["predictions"],
                                jax.block_until_ready, warmup=warmup, iters=iters)
-    return {"backend": f"jax {config.attention_impl}", "batch": batch_size, **timing,
+    name = f"jax {config.attention_impl}" + ("" if config.mlp_impl == "xla" else f"+{config.mlp_impl} mlp")
+    return {"backend": name, "batch": batch_size, **timing,
             "puzzles_per_s": batch_size / timing["median_s"]}
 
 
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attention-impl", action="append", choices=ATTENTION_IMPLS,
                         help="JAX attention implementation(s) (repeatable; default xla)")
+    parser.add_argument("--mlp-impl", action="append", choices=MLP_IMPLS,
+                        help="JAX SwiGLU implementation(s) (repeatable; default xla); every attention x mlp pair runs")
     parser.add_argument("--no-torch", action="store_true", help="time only the JAX rollout")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
@@ -88,16 +92,17 @@ def main(argv=None) -> int:
     params = _randomise_heads(jax.device_get(init_params(config, jax.random.key(0))))
     rows = []
     for batch in args.batch or [1, 64, 1024]:
-        for impl in args.attention_impl or ["xla"]:
-            rows.append(bench_jax(config.replace(attention_impl=impl), params, batch, args.iters, args.warmup))
+        for attention, mlp in itertools.product(args.attention_impl or ["xla"], args.mlp_impl or ["xla"]):
+            rows.append(bench_jax(config.replace(attention_impl=attention, mlp_impl=mlp), params, batch, args.iters,
+                                  args.warmup))
         if not args.no_torch:
             for compiled in (False, True):
                 rows.append(bench_torch(config, params, batch, args.iters, args.warmup, compiled))
         path = common.save_results(f"rollout_{args.preset}", rows, args.out)
-    print(f"{'batch':>6} {'backend':>14} {'ms/rollout':>10} {'puzzles/s':>10} {'TFLOP/s':>8}")
+    print(f"{'batch':>6} {'backend':>22} {'ms/rollout':>10} {'puzzles/s':>10} {'TFLOP/s':>8}")
     flops = common.rollout_flops_per_example(config)
     for r in rows:
-        print(f"{r['batch']:>6} {r['backend']:>14} {1e3 * r['median_s']:10.2f} {r['puzzles_per_s']:10.1f} "
+        print(f"{r['batch']:>6} {r['backend']:>22} {1e3 * r['median_s']:10.2f} {r['puzzles_per_s']:10.1f} "
               f"{r['puzzles_per_s'] * flops / 1e12:8.1f}")
     for r in rows:
         for torch_row in (t for t in rows if t["batch"] == r["batch"] and t["backend"].startswith("torch")):

@@ -1,7 +1,8 @@
 """Time the full HRM training step (ACT segment, target-Q forward, backward, AdamATan2, sparse SignSGD).
 
     python -m benchmarks.train_step --preset sudoku_extreme --batch 384 [--batch 768] [--iters 50]
-        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...] [--torch eager|compile ...]
+        [--attention-impl xla|cudnn|pallas ...] [--norm-impl xla|pallas ...] [--mlp-impl xla|pallas ...]
+        [--torch eager|compile ...]
         [--devices N ...]
 
 Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
 from hrm_jax import parallel
 from hrm_jax.train import init_train_state, put_state, step_function
 
@@ -66,10 +67,10 @@ def _throughput(model_config, batch_size: int, timing: dict, devices: int = 1) -
 
 
 def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, attention_impl: str = "xla",
-                     norm_impl: str = "xla", devices: int = 1) -> dict:
+                     norm_impl: str = "xla", devices: int = 1, mlp_impl: str = "xla") -> dict:
     """The JAX step on one device, or data parallel over `devices` (hrm_jax.parallel)."""
     model_config, train_config, total_steps = _configs(preset, batch_size, attention_impl=attention_impl,
-                                                       norm_impl=norm_impl)
+                                                       norm_impl=norm_impl, mlp_impl=mlp_impl)
     state = init_train_state(model_config, train_config, total_steps)
     batches = random_batches(model_config, batch_size, 8)
     mesh = None if devices == 1 else parallel.data_mesh(devices)
@@ -84,7 +85,7 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
 
     timing = common.time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
     return {"preset": preset, "batch": batch_size, "backend": "jax" if devices == 1 else f"jax x{devices}",
-            "attention_impl": attention_impl, "norm_impl": norm_impl, "devices": devices,
+            "attention_impl": attention_impl, "norm_impl": norm_impl, "mlp_impl": mlp_impl, "devices": devices,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), **timing,
             **_throughput(model_config, batch_size, timing, devices), "peak_memory_gib": common.peak_memory_gib(),
             "steps_taken": int(holder["state"].step)}
@@ -127,14 +128,15 @@ def _torch_modes(requested: list[str] | None) -> list[str]:
 
 
 def _print_rows(rows: list[dict]) -> None:
-    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'mlp':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:
-        print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} {r['batch']:>6} "
+        print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} "
+              f"{r.get('mlp_impl', '-'):>6} {r['batch']:>6} "
               f"{1e3 * r['median_s']:8.2f} {r['steps_per_s']:8.2f} {r['examples_per_s']:9.0f} "
               f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
     for torch_row in (r for r in rows if not r["backend"].startswith("jax")):
         for jax_row in (r for r in rows if r["backend"] == "jax" and r["batch"] == torch_row["batch"]):
-            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}) / "
+            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}, {jax_row['mlp_impl']}) / "
                   f"{torch_row['backend']} = {jax_row['examples_per_s'] / torch_row['examples_per_s']:.2f}x")
 
 
@@ -148,7 +150,9 @@ def main(argv=None) -> int:
                         help="attention implementation(s) to time (repeatable; default xla)")
     parser.add_argument("--norm-impl", action="append", choices=NORM_IMPLS,
                         help="residual add + RMSNorm implementation(s) to time (repeatable; default xla); "
-                             "every attention x norm combination runs")
+                             "every attention x norm x mlp combination runs")
+    parser.add_argument("--mlp-impl", action="append", choices=MLP_IMPLS,
+                        help="silu(x W_gate) * (x W_up) implementation(s) to time (repeatable; default xla)")
     parser.add_argument("--torch", action="append", choices=("eager", "compile", "none"),
                         help="torch module mode(s) to time beside JAX (repeatable; default eager and compile "
                              "when torch sees a CUDA device; 'none' skips torch)")
@@ -159,7 +163,8 @@ def main(argv=None) -> int:
     common.share_gpu_with_torch()
     rows = []
     for batch in args.batch or [384, 768]:
-        for impls in itertools.product(args.attention_impl or ["xla"], args.norm_impl or ["xla"], args.devices or [1]):
+        for impls in itertools.product(args.attention_impl or ["xla"], args.norm_impl or ["xla"], args.devices or [1],
+                                       args.mlp_impl or ["xla"]):
             rows.append(bench_train_step(args.preset, batch, args.iters, args.warmup, *impls))
             path = common.save_results(f"train_step_{args.preset}", rows, args.out)
         for mode in _torch_modes(args.torch):

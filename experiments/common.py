@@ -13,7 +13,7 @@ import pathlib
 import sys
 from typing import Any, Callable
 
-from hrm_jax.config import ATTENTION_IMPLS, NORM_IMPLS, HRMConfig, TrainConfig
+from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, NORM_IMPLS, HRMConfig, TrainConfig
 from hrm_jax.data.format import load_metadata
 
 RUNS_DIR = pathlib.Path(os.environ.get("HRM_RUNS_DIR", "runs"))
@@ -79,12 +79,15 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
-    """--attention-impl / --norm-impl: how (not what) the model computes; numbers in BUILD_NOTES."""
+    """--attention-impl / --norm-impl / --mlp-impl: how (not what) the model computes; numbers in BUILD_NOTES."""
     parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
                         help="attention kernel (default xla); cudnn and pallas (NVIDIA GPUs, bf16) make the "
                              "Sudoku step 1.3x faster on an H100")
     parser.add_argument("--norm-impl", choices=NORM_IMPLS, default=None,
                         help="residual add + RMSNorm (default xla); pallas: a fused Triton kernel")
+    parser.add_argument("--mlp-impl", choices=MLP_IMPLS, default=None,
+                        help="silu(x W_gate) * (x W_up) (default xla); pallas: one Mosaic GPU matmul with the "
+                             "activation in its epilogue (Hopper GPUs, bf16)")
 
 
 def train_config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
@@ -161,7 +164,7 @@ def train_from_args(args: argparse.Namespace, model_base: HRMConfig, train_base:
                     data_dir: str | os.PathLike, task: str) -> dict[str, Any]:
     """The `train` command of every task CLI: size the preset to the data, apply the flags, run."""
     model_config = model_config_for_data(model_base, data_dir)
-    for field in ("attention_impl", "norm_impl"):
+    for field in ("attention_impl", "norm_impl", "mlp_impl"):
         if getattr(args, field, None):
             model_config = model_config.replace(**{field: getattr(args, field)})
     train_config = train_config_from_args(train_base, args)

@@ -150,7 +150,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 
 
 # Fields that choose how, not what, is computed: a run may resume with another kernel.
-IMPLEMENTATION_FIELDS = ("attention_impl", "norm_impl")
+IMPLEMENTATION_FIELDS = ("attention_impl", "norm_impl", "mlp_impl")
 
 
 def check_compatible(meta: dict[str, Any], model_config: HRMConfig, train_config: TrainConfig,

@@ -15,6 +15,7 @@ FORWARD_DTYPES = ("bfloat16", "float16", "float32")
 # off GPU they run in Pallas interpret mode, correct but slow).
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 NORM_IMPLS = ("xla", "pallas")  # the residual add + RMSNorm of each block
+MLP_IMPLS = ("xla", "pallas")  # silu(x @ W_gate) * (x @ W_up) of each block ("pallas": Hopper only)
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,7 @@ class HRMConfig:
     forward_dtype: str = "bfloat16"
     attention_impl: str = "xla"
     norm_impl: str = "xla"
+    mlp_impl: str = "xla"
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
@@ -82,6 +84,9 @@ class HRMConfig:
                  "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
         _require(self.norm_impl in NORM_IMPLS, "norm_impl",
                  f"must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        _require(self.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
+        _require(self.mlp_impl != "pallas" or self.forward_dtype in ("bfloat16", "float16"),
+                 "mlp_impl", "the pallas SwiGLU kernel needs forward_dtype bfloat16 or float16")
 
     # Derived sizes -------------------------------------------------------------------------
     @property

@@ -176,8 +176,15 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         hidden, inter = self.config.hidden_size, self.config.intermediate_size
-        gate, up = split_projection(x, LinearKernel(hidden, 2 * inter, name="gate_up_proj")(x.dtype), 2)
-        return CastedLinear(self.config.hidden_size, name="down_proj")(jax.nn.silu(gate) * up)
+        gate_up = LinearKernel(hidden, 2 * inter, name="gate_up_proj")(x.dtype)
+        if self.config.mlp_impl == "pallas":
+            from kernels_pallas.swiglu_matmul import swiglu_matmul  # imported only when selected
+
+            h = swiglu_matmul(x, gate_up)
+        else:
+            gate, up = split_projection(x, gate_up, 2)
+            h = jax.nn.silu(gate) * up
+        return CastedLinear(self.config.hidden_size, name="down_proj")(h)
 
 
 class Block(nn.Module):

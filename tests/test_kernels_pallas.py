@@ -5,6 +5,7 @@ Errors are normwise: max|got - want| / max|want| over the whole array. Tolerance
 kernels round probabilities and gradients to bf16 at other points than XLA does).
 """
 
+import functools
 import logging
 
 import jax
@@ -19,6 +20,7 @@ from hrm_jax.model import segment_forward
 from kernels_pallas import common
 from kernels_pallas.attention import BlockSizes, attention, attention_reference
 from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
+from kernels_pallas.swiglu_matmul import TileConfig, swiglu_matmul, swiglu_matmul_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # Interpret-mode kernels are large XLA programs; LLVM's -O0 halves their compile time (numerics unchanged).
@@ -111,6 +113,45 @@ def test_add_rms_norm_reference_is_the_layer():
     np.testing.assert_allclose(got, rms_norm(h + delta, 1e-5), rtol=1e-6, atol=1e-7)
 
 
+# Fused SwiGLU matmul (Mosaic GPU) -----------------------------------------------------------------
+# GPU interpret mode simulates the kernel's warpgroups, TMA copies, barriers and wgmma on the CPU.
+# Rows 82 and 200 are padded to the CTA's 128. The defaults (delay_release 1) at hidden 64 have one
+# pipeline step and fall back to delay_release 0; at 128, two steps with the delay; then tile_n 64
+# with two epilogue stores, and one 128-deep step without the delay.
+@pytest.mark.parametrize("rows, hidden, inter, dtype, tiles", [
+    (82, 64, 128, jnp.bfloat16, None),
+    (200, 128, 256, jnp.bfloat16, None),
+    (130, 128, 256, jnp.bfloat16, TileConfig(tile_n=64, epilogue_n=32, stages=2, delay_release=1)),
+    (128, 128, 128, jnp.float16, TileConfig(tile_k=128, stages=2, delay_release=0)),
+])
+def test_swiglu_matmul_matches_reference(rows, hidden, inter, dtype, tiles):
+    x, cotangent = random_arrays(rows, 1, (rows, hidden), dtype)[0], random_arrays(1, 1, (rows, inter), dtype)[0]
+    (w,) = random_arrays(hidden, 1, (hidden, 2 * inter), dtype, scale=hidden ** -0.5)
+    got = jax.jit(lambda x, w: swiglu_matmul(x, w, tiles=tiles, interpret=True), compiler_options=FAST_COMPILE)(x, w)
+    assert_close(got, swiglu_matmul_reference(x, w), TOL[jnp.bfloat16], "forward")
+    # Differentiated calls run the XLA path (custom_vjp forward rule), so gradients are XLA's.
+    check_vjp(lambda x, w: swiglu_matmul(x, w, tiles=tiles, interpret=True), swiglu_matmul_reference, (x, w),
+              cotangent, TOL[jnp.bfloat16])
+
+
+def test_swiglu_matmul_keeps_leading_dims_and_rejects_bad_inputs():
+    x = jnp.ones((2, 3, 64), jnp.bfloat16)
+    assert jax.eval_shape(lambda x, w: swiglu_matmul(x, w, interpret=True), x,
+                          jnp.ones((64, 256), jnp.bfloat16)).shape == (2, 3, 128)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        swiglu_matmul(x.astype(jnp.float32), jnp.ones((64, 256), jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match="multiple of tile_k"):
+        swiglu_matmul(jnp.ones((4, 96), jnp.bfloat16), jnp.ones((96, 256), jnp.bfloat16), interpret=True)
+    with pytest.raises(ValueError, match="multiple of tile_n"):
+        swiglu_matmul(x, jnp.ones((64, 2 * 96), jnp.bfloat16), interpret=True)
+    with pytest.raises(ValueError, match="w must be"):
+        swiglu_matmul(x, jnp.ones((32, 256), jnp.bfloat16), interpret=True)
+    with pytest.raises(ConfigError, match="mlp_impl"):
+        H.tiny(mlp_impl="pallas")  # float32 compute
+    with pytest.raises(ConfigError, match="mlp_impl"):
+        H.tiny(mlp_impl="triton")
+
+
 # The GPU lowering ---------------------------------------------------------------------------
 # Interpret mode hides what only the Triton lowering checks (power-of-two tiles, supported ops), so
 # lower for CUDA too. The CPU jaxlib builds the Triton IR without a GPU; jax >= 0.11 needs to be
@@ -145,6 +186,39 @@ def test_kernels_lower_to_triton_for_gpu(name, fn, shapes):
     assert text.count("custom_call @__gpu$xla.gpu.triton") + text.count("custom_call @triton") == 2, name
 
 
+def _mosaic_calls(fn, *avals) -> int:
+    with jax.sharding.use_abstract_mesh(H100):
+        text = jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count("custom_call @mosaic_gpu")
+
+
+def test_swiglu_lowers_to_one_mosaic_gpu_kernel_and_differentiates_through_xla():
+    """The Mosaic GPU lowering runs on the CPU jaxlib too (it checks layouts and ops interpret mode
+    does not): one kernel for the forward, none under vjp (the XLA forward rule)."""
+    x, w = jax.ShapeDtypeStruct((768 * 82, 512), jnp.bfloat16), jax.ShapeDtypeStruct((512, 3072), jnp.bfloat16)
+    fused = functools.partial(swiglu_matmul, interpret=False)
+    assert _mosaic_calls(fused, x, w) == 1
+    assert _mosaic_calls(_fwd_and_vjp(fused), x, w) == 0
+
+
+def test_train_step_fuses_only_the_mlps_without_gradient():
+    """mlp_impl="pallas" in a train step: the kernel serves every MLP of the no-gradient H/L steps
+    and of the target-Q forward, and none of the 1-step-gradient part. The loops are traced once,
+    so the lowered text holds one call per MLP in a loop body or straight-line code: main forward
+    3 (H-cycle body: L loop body + H step; the last no-grad L loop) + target-Q forward 3 + its
+    final L and H steps 2 = 8. The differentiated L and H steps would add 2 more."""
+    from hrm_jax.train import _fresh_state_jit, step_function
+
+    cfg = H.tiny(H_layers=1, L_layers=1, forward_dtype="bfloat16", mlp_impl="pallas")
+    train_config = H.TrainConfig(global_batch_size=4, lr_warmup_steps=1)
+    state = jax.eval_shape(lambda: _fresh_state_jit(cfg, train_config, 10))
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+             for k, shape in (("inputs", (4, 81)), ("labels", (4, 81)), ("puzzle_identifiers", (4,)))}
+    with pytest.MonkeyPatch.context() as patch:  # lower for the GPU, not interpret mode
+        patch.setattr("kernels_pallas.swiglu_matmul.default_interpret", lambda: False)
+        assert _mosaic_calls(step_function(cfg, train_config, 10), state, batch) == 8
+
+
 # Wiring into the model ---------------------------------------------------------------------
 def random_params(cfg, seed):
     """Random values in init_params' layout (flax init itself compiles for seconds on CPU)."""
@@ -154,41 +228,58 @@ def random_params(cfg, seed):
                                                          s.shape), jnp.float32), shapes)
 
 
-def test_pallas_impls_give_the_xla_model():
-    """attention_impl/norm_impl="pallas" (interpret mode on CPU) vs "xla": outputs and 1-step gradients
-    of a Sudoku-shaped segment (81 cells + 1 puzzle slot). L_cycles=2: one L-update runs inside the
-    no-gradient loop, one with gradients."""
-    xla = H.tiny(seq_len=81, puzzle_emb_ndim=64, hidden_size=64, num_heads=2, H_layers=1, L_layers=1,
-                 H_cycles=1, L_cycles=2)
-    pallas = xla.replace(attention_impl="pallas", norm_impl="pallas")
-    params = random_params(xla, seed=0)
+def segment_and_grads(cfg, params):
+    """Logits, q logits and the dense gradients of a random linear loss, for one Sudoku-shaped segment
+    (81 cells + 1 puzzle slot) from a fresh carry."""
     rng = np.random.default_rng(1)
-    batch = {"inputs": jnp.asarray(rng.integers(0, xla.vocab_size, (2, 81)), jnp.int32),
+    batch = {"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 81)), jnp.int32),
              "labels": jnp.zeros((2, 81), jnp.int32), "puzzle_identifiers": jnp.zeros((2,), jnp.int32)}
-    (cotangent,) = random_arrays(2, 1, (2, 81, xla.vocab_size), jnp.float32)
+    (cotangent,) = random_arrays(2, 1, (2, 81, cfg.vocab_size), jnp.float32)
 
-    @jax.jit
-    def prepare(params, batch):
-        carry = H.refresh_carry(params, xla, H.initial_carry(xla, batch), batch)
-        return carry, H.gather_puzzle_rows(params, xla, batch["puzzle_identifiers"])
+    def loss(dense):
+        carry = H.refresh_carry(params, cfg, H.initial_carry(cfg, batch), batch)
+        rows = H.gather_puzzle_rows(params, cfg, batch["puzzle_identifiers"])
+        *_, logits, q = segment_forward({**params, "dense": dense}, cfg, carry, rows)
+        return jnp.sum(logits.astype(jnp.float32) * cotangent) + jnp.sum(q), (logits, q)
 
-    carry, rows = prepare(params, batch)
+    (_, (logits, q)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                      compiler_options=FAST_COMPILE)(params["dense"])
+    return logits, q, grads
 
-    def run(cfg):
-        def loss(dense):
-            *_, logits, q = segment_forward({**params, "dense": dense}, cfg, carry, rows)
-            return jnp.sum(logits * cotangent) + jnp.sum(q), (logits, q)
-        return jax.jit(jax.value_and_grad(loss, has_aux=True), compiler_options=FAST_COMPILE)(params["dense"])
 
-    (_, (logits, q)), grads = run(pallas)
-    (_, (want_logits, want_q)), want_grads = run(xla)
-    assert_close(logits, want_logits, 1e-5, "logits")
-    assert_close(q, want_q, 1e-5, "q logits")
+def assert_model_close(got, want, tol, grad_tol):
+    (logits, q, grads), (want_logits, want_q, want_grads) = got, want
+    assert_close(logits, want_logits, tol, "logits")
+    assert_close(q, want_q, tol, "q logits")
     flat, want_flat = jax.tree.leaves_with_path(grads), jax.tree.leaves(want_grads)
     assert len(flat) == len(want_flat)
     for (path, g), w in zip(flat, want_flat):
-        # 5e-5: gradients pass through every layer, each adding f32 rounding differences (seen: 1.5e-5).
-        assert_close(g, w, 5e-5, f"gradient of {jax.tree_util.keystr(path)}")
+        assert_close(g, w, grad_tol, f"gradient of {jax.tree_util.keystr(path)}")
+
+
+# L_cycles=2: one L-update runs inside the no-gradient loop, one with gradients.
+SEGMENT = dict(seq_len=81, puzzle_emb_ndim=64, hidden_size=64, num_heads=2, H_layers=1, L_layers=1,
+               H_cycles=1, L_cycles=2)
+
+
+def test_pallas_impls_give_the_xla_model():
+    """attention_impl/norm_impl="pallas" (interpret mode on CPU) vs "xla" at float32."""
+    xla = H.tiny(**SEGMENT)
+    params = random_params(xla, seed=0)
+    # 5e-5 for gradients: they pass through every layer, each adding f32 rounding differences (seen: 1.5e-5).
+    assert_model_close(segment_and_grads(xla.replace(attention_impl="pallas", norm_impl="pallas"), params),
+                       segment_and_grads(xla, params), 1e-5, 5e-5)
+
+
+def test_mlp_pallas_gives_the_xla_model_in_bf16():
+    """mlp_impl="pallas" (bf16 only) vs "xla", both bf16. The kernel rounds once where XLA rounds
+    per op; through the layers that is 2.1% (logits) and 2.7% (gradients) normwise here, while bf16
+    itself is 7% / 10% away from the float32 model. A wrong kernel (no silu, gate and up swapped)
+    is off by O(1)."""
+    xla = H.tiny(**SEGMENT, forward_dtype="bfloat16")
+    params = random_params(xla, seed=0)
+    assert_model_close(segment_and_grads(xla.replace(mlp_impl="pallas"), params),
+                       segment_and_grads(xla, params), 5e-2, 5e-2)
 
 
 def test_default_interpret_on_cpu_warns_once(caplog):
