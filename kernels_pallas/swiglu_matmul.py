@@ -34,13 +34,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels_pallas.common import default_interpret
+from kernels_pallas.mosaic import check_device, interpret_params, num_ctas
 
 # Compute warpgroups per CTA; each owns tile_m rows of the CTA's block.
 _COMPUTE_WARPGROUPS = 2
 # Registers left to the memory warpgroup: it only issues TMA copies (jax's example uses 40 on H100).
 _MEMORY_REGISTERS = 40
-# Persistent CTAs in interpret mode, where there are no SMs to count.
-_INTERPRET_CTAS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,35 +150,15 @@ def _kernel(x_gmem, w_gmem, h_gmem, *, tiles: TileConfig):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
-def _num_ctas(interpret: bool) -> int:
-    """One persistent CTA per SM (of the abstract mesh's device when lowering without a GPU; a CPU
-    device, which only lowers the kernel in tests, has no SMs to count)."""
-    if interpret:
-        return _INTERPRET_CTAS
-    abstract = jax.sharding.get_abstract_mesh().abstract_device
-    if abstract is not None:
-        return abstract.num_cores
-    return getattr(jax.devices()[0], "core_count", _INTERPRET_CTAS)
-
-
-def _interpret_params(interpret: bool):
-    if not interpret:
-        return None
-    # GPU interpret mode (simulated SMEM, TMA, barriers and wgmma on the CPU) is not public API yet.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
 def _fused_call(x2d: jax.Array, w: jax.Array, tiles: TileConfig, interpret: bool) -> jax.Array:
     rows, inter = x2d.shape[0], w.shape[1] // 2
     call = plgpu.kernel(
         functools.partial(_kernel, tiles=tiles),
         out_type=jax.ShapeDtypeStruct((rows, inter), x2d.dtype),
-        grid=(_num_ctas(interpret),), grid_names=("cta",),
+        grid=(num_ctas(interpret),), grid_names=("cta",),
         num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-        interpret=_interpret_params(interpret),
+        interpret=interpret_params(interpret),
     )
     return call(x2d, w)
 
@@ -221,18 +200,6 @@ def check_supported(hidden: int, inter: int, dtype, tiles: TileConfig | None = N
                          f"tile_n={tiles.tile_n} (and tile_n of epilogue_n={tiles.epilogue_n})")
 
 
-def _check_device(interpret: bool) -> None:
-    """A clear error on a GPU without wgmma (Ampere, Jetson Orin). Off GPU (interpret=False there
-    only lowers the kernel, as the tests do) there is nothing to check."""
-    device = jax.devices()[0]
-    if interpret or device.platform != "gpu":
-        return
-    capability = getattr(device, "compute_capability", None)
-    if capability is None or float(capability) < 9.0:
-        raise ValueError(f"mlp_impl='pallas' needs an NVIDIA Hopper GPU (compute capability 9.0+); "
-                         f"{device.device_kind} has {capability}. Use mlp_impl='xla'.")
-
-
 def swiglu_matmul(x: jax.Array, w: jax.Array, *, tiles: TileConfig | None = None,
                   interpret: bool | None = None) -> jax.Array:
     """silu(x @ w[:, :inter]) * (x @ w[:, inter:]); x [..., hidden], w [hidden, 2 * inter] -> [..., inter].
@@ -251,7 +218,7 @@ def swiglu_matmul(x: jax.Array, w: jax.Array, *, tiles: TileConfig | None = None
         # interpret mode reports the barrier phase mismatch): wait for every step instead.
         tiles = dataclasses.replace(tiles, delay_release=0)
     interpret = default_interpret() if interpret is None else interpret
-    _check_device(interpret)
+    check_device(interpret)
     x2d = x.reshape(-1, hidden)
     rows = x2d.shape[0]
     padded = -(-rows // tiles.cta_rows) * tiles.cta_rows

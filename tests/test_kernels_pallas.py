@@ -20,6 +20,7 @@ from hrm_jax.model import segment_forward
 from kernels_pallas import common
 from kernels_pallas.attention import BlockSizes, attention, attention_reference
 from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
+from kernels_pallas.matmul_add_rms_norm import matmul_add_rms_norm, matmul_add_rms_norm_reference
 from kernels_pallas.swiglu_matmul import TileConfig, swiglu_matmul, swiglu_matmul_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -132,6 +133,14 @@ def test_swiglu_matmul_matches_reference(rows, hidden, inter, dtype, tiles):
     # Differentiated calls run the XLA path (custom_vjp forward rule), so gradients are XLA's.
     check_vjp(lambda x, w: swiglu_matmul(x, w, tiles=tiles, interpret=True), swiglu_matmul_reference, (x, w),
               cotangent, TOL[jnp.bfloat16])
+
+
+@pytest.mark.parametrize("rows, k_dim, hidden", [(64, 64, 128), (130, 128, 256), (128, 192, 512)])
+def test_matmul_add_rms_norm_matches_reference(rows, k_dim, hidden):
+    h, x = random_arrays(rows, 1, (rows, hidden), jnp.bfloat16)[0], random_arrays(1, 1, (rows, k_dim), jnp.bfloat16)[0]
+    (w,) = random_arrays(k_dim, 1, (k_dim, hidden), jnp.bfloat16, scale=k_dim ** -0.5)
+    got = jax.jit(lambda h, x, w: matmul_add_rms_norm(h, x, w, 1e-5, interpret=True), compiler_options=FAST_COMPILE)(h, x, w)
+    assert_close(got, matmul_add_rms_norm_reference(h, x, w, 1e-5), TOL[jnp.bfloat16], "forward")
 
 
 def test_swiglu_matmul_keeps_leading_dims_and_rejects_bad_inputs():
@@ -271,15 +280,29 @@ def test_pallas_impls_give_the_xla_model():
                        segment_and_grads(xla, params), 1e-5, 5e-5)
 
 
+def _errors(got, want) -> list[float]:
+    """Normwise errors of logits, q logits and the worst gradient."""
+    grads = max(normwise_error(g, w) for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])))
+    return [normwise_error(got[0], want[0]), normwise_error(got[1], want[1]), grads]
+
+
 def test_mlp_pallas_gives_the_xla_model_in_bf16():
-    """mlp_impl="pallas" (bf16 only) vs "xla", both bf16. The kernel rounds once where XLA rounds
-    per op; through the layers that is 2.1% (logits) and 2.7% (gradients) normwise here, while bf16
-    itself is 7% / 10% away from the float32 model. A wrong kernel (no silu, gate and up swapped)
-    is off by O(1)."""
-    xla = H.tiny(**SEGMENT, forward_dtype="bfloat16")
+    """mlp_impl="pallas" (bf16 only) against XLA in bf16, measured by what bf16 itself costs.
+
+    The kernel rounds once where XLA rounds per op, so it cannot match XLA's bf16 model to f32
+    precision. The bar: it moves logits, q logits and gradients less than bf16 moves them from the
+    float32 model (seen at hidden 128: 4.2%, 0.24%, 8.5% from XLA; bf16 is 10%, 0.7%, 20% from
+    f32), and stays as close to the float32 model as XLA's bf16. A wrong kernel (no silu, gate and
+    up swapped) is off by O(1)."""
+    xla = H.tiny(**{**SEGMENT, "hidden_size": 128}, forward_dtype="bfloat16")
     params = random_params(xla, seed=0)
-    assert_model_close(segment_and_grads(xla.replace(mlp_impl="pallas"), params),
-                       segment_and_grads(xla, params), 5e-2, 5e-2)
+    want, f32 = segment_and_grads(xla, params), segment_and_grads(xla.replace(forward_dtype="float32"), params)
+    got = segment_and_grads(xla.replace(mlp_impl="pallas"), params)
+    bf16_cost = _errors(want, f32)
+    for name, to_xla, to_f32, budget in zip(("logits", "q logits", "gradients"), _errors(got, want),
+                                            _errors(got, f32), bf16_cost):
+        assert to_xla <= 0.6 * budget, f"{name}: {to_xla:.3g} from XLA's bf16 model, bf16 itself costs {budget:.3g}"
+        assert to_f32 <= 1.1 * budget, f"{name}: {to_f32:.3g} from the f32 model, XLA's bf16 is {budget:.3g} away"
 
 
 def test_default_interpret_on_cpu_warns_once(caplog):
