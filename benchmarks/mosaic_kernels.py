@@ -1,16 +1,17 @@
-"""Tune and time the Mosaic GPU kernels on this GPU, then the whole step and rollout with them.
+"""Tune and time the Mosaic GPU kernel (fused SwiGLU matmul), then the whole step and rollout with it.
 
-    python -m benchmarks.mosaic_kernels [--rows 768x82] [--iters 50] [--whole] [--out DIR]
+    python -m benchmarks.mosaic_kernels [--rows 768x82] [--iters 50] [--whole | --whole-only] [--out DIR]
 
-Kernels (bf16, HRM's hidden 512, SwiGLU width 1536): swiglu_matmul (x [rows, 512] -> silu(x W_gate) *
-(x W_up)) and matmul_add_rms_norm (rms_norm(h + x W) with x of width 512, as o_proj, and 1536, as
-down_proj). For each candidate tile config: the median forward time over --iters synchronised
-calls, TFLOP/s, and the normwise error against the XLA reference, beside two XLA rows: the
-reference itself and the ceiling, its matmul alone (no activation, add or norm). --whole then makes
-the fastest configs the defaults and times the Sudoku-Extreme train step (batch 768) and rollout
-(batch 1024), cuDNN attention, for mlp/norm implementations xla/xla, pallas/xla and
-pallas/pallas_matmul (the last no longer wired into the model). Merges the numbers into benchmarks/results/<gpu>-<date>.json (or --out)
-under "mosaic_kernels".
+swiglu_matmul (kernels_pallas/swiglu_matmul.py) at HRM's hidden 512 and SwiGLU width 1536, bf16: for
+each candidate tile config, the median forward time over --iters synchronised calls, TFLOP/s, and
+the normwise error against the XLA reference, beside two XLA rows: the reference itself (two
+matmuls and the silu * up pass) and the ceiling, `x @ W_gate_up` alone. --whole then makes the
+fastest config the default and times the Sudoku-Extreme train step (batch 768) and rollout (batch
+1024), cuDNN attention, with mlp_impl pallas and xla. Merges the numbers into
+benchmarks/results/<gpu>-<date>.json (or --out) under "mosaic_kernels".
+
+The fused projection + residual add + RMSNorm kernel this script also timed was dropped (commit
+7740b86 has it; BUILD_NOTES, session 6).
 """
 
 from __future__ import annotations
@@ -25,19 +26,13 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.kernels import _shape
-from kernels_pallas import matmul_add_rms_norm as norm
 from kernels_pallas import swiglu_matmul as swiglu
 
-HIDDEN, INTER, EPS = 512, 1536, 1e-5
+HIDDEN, INTER = 512, 1536
 SWIGLU_TILES = [swiglu.TileConfig(tile_m=64, tile_n=n, tile_k=k, stages=s, epilogue_n=e, delay_release=d)
                 for n, k, s, e, d in [(128, 64, 3, 128, 1), (128, 64, 3, 64, 0), (128, 64, 4, 64, 1),
-                                      (128, 128, 2, 64, 0)]]
-# tile_k 32 (a 64-byte swizzle) fails Mosaic GPU's layout inference here (H100, jax 0.11.2); 128 needs
-# more SMEM than there is with the 64 KB output tile.
-NORM_TILES = [norm.TileConfig(tile_m=64, tile_k=64, stages=2, delay_release=d) for d in (0, 1)]
-# (mlp_impl, norm_impl). ("pallas", "pallas_matmul") was measured through a model wiring that is not
-# kept (BUILD_NOTES, session 6).
-WHOLE_IMPLS = [("pallas", "xla"), ("xla", "xla")]
+                                      (128, 128, 2, 64, 0), (64, 64, 4, 64, 1)]]
+MLP_IMPLS = ("pallas", "xla")
 
 
 def _random(rng, shape, scale=1.0):
@@ -62,43 +57,17 @@ def _row(name, tiles, fn, inputs, want, flops, iters) -> dict:
     return row
 
 
-def sweep_swiglu(rows: int, iters: int) -> list[dict]:
+def sweep(rows: int, iters: int) -> list[dict]:
     rng = np.random.default_rng(0)
     inputs = [(_random(rng, (rows, HIDDEN)), _random(rng, (HIDDEN, 2 * INTER), HIDDEN ** -0.5)) for _ in range(2)]
     want = np.asarray(jax.jit(swiglu.swiglu_matmul_reference)(*inputs[0]), np.float32)
     flops = 4.0 * rows * HIDDEN * INTER
-    out = [_row("swiglu xla reference", None, swiglu.swiglu_matmul_reference, inputs, want, flops, iters),
-           _row("swiglu xla matmul only", None, jnp.dot, inputs, want, flops, iters)]
+    out = [_row("xla reference", None, swiglu.swiglu_matmul_reference, inputs, want, flops, iters),
+           _row("xla matmul only", None, jnp.dot, inputs, want, flops, iters)]
     for tiles in SWIGLU_TILES:
-        out.append(_row("swiglu pallas", tiles, lambda x, w, t=tiles: swiglu.swiglu_matmul(x, w, tiles=t),
+        out.append(_row("pallas", tiles, lambda x, w, t=tiles: swiglu.swiglu_matmul(x, w, tiles=t),
                         inputs, want, flops, iters))
-    return [dict(r, kernel="swiglu_matmul", rows=rows) for r in out]
-
-
-def sweep_norm(rows: int, k_dim: int, iters: int) -> list[dict]:
-    rng = np.random.default_rng(1)
-    inputs = [(_random(rng, (rows, HIDDEN)), _random(rng, (rows, k_dim)), _random(rng, (k_dim, HIDDEN), k_dim ** -0.5))
-              for _ in range(2)]
-    reference = lambda h, x, w: norm.matmul_add_rms_norm_reference(h, x, w, EPS)  # noqa: E731
-    want = np.asarray(jax.jit(reference)(*inputs[0]), np.float32)
-    flops = 2.0 * rows * k_dim * HIDDEN
-    out = [_row(f"norm k={k_dim} xla reference", None, reference, inputs, want, flops, iters),
-           _row(f"norm k={k_dim} xla matmul only", None, lambda h, x, w: jnp.dot(x, w), inputs, want, flops, iters)]
-    for tiles in NORM_TILES:
-        out.append(_row(f"norm k={k_dim} pallas", tiles,
-                        lambda h, x, w, t=tiles: norm.matmul_add_rms_norm(h, x, w, EPS, tiles=t),
-                        inputs, want, flops, iters))
-    return [dict(r, kernel="matmul_add_rms_norm", rows=rows, k=k_dim) for r in out]
-
-
-def _fastest(rows: list[dict]):
-    """The tile config with the least total time over the shapes it ran at (None if none ran)."""
-    totals: dict[tuple, float] = {}
-    for r in rows:
-        if r["tiles"] and "ms" in r:
-            key = tuple(r["tiles"].items())
-            totals[key] = totals.get(key, 0.0) + r["ms"]
-    return dict(min(totals, key=totals.get)) if totals else None
+    return [dict(r, rows=rows) for r in out]
 
 
 def whole_step_and_rollout(iters: int) -> list[dict]:
@@ -108,48 +77,43 @@ def whole_step_and_rollout(iters: int) -> list[dict]:
     from hrm_jax.model import init_params  # noqa: PLC0415
 
     rows = []
-    for mlp, norm_impl in WHOLE_IMPLS:
-        row = bench_train_step("sudoku_extreme", 768, iters, 5, "cudnn", norm_impl, 1, mlp)
+    for mlp in MLP_IMPLS:
+        row = bench_train_step("sudoku_extreme", 768, iters, 5, "cudnn", "xla", 1, mlp)
         rows.append(row)
-        print(f"train step, mlp {mlp}, norm {norm_impl}: {1e3 * row['median_s']:.2f} ms, "
-              f"{row['examples_per_s']:.0f} ex/s, MFU {row.get('mfu', float('nan')):.1%}", flush=True)
+        print(f"train step, mlp {mlp}: {1e3 * row['median_s']:.2f} ms, {row['examples_per_s']:.0f} ex/s, "
+              f"MFU {row.get('mfu', float('nan')):.1%}", flush=True)
     config = MODEL_PRESETS["sudoku_extreme"](attention_impl="cudnn")
     params = _randomise_heads(jax.device_get(init_params(config, jax.random.key(0))))
-    for mlp, norm_impl in WHOLE_IMPLS:
-        row = bench_jax(config.replace(mlp_impl=mlp, norm_impl=norm_impl), params, 1024, iters, 3)
-        rows.append(dict(row, mlp_impl=mlp, norm_impl=norm_impl))
-        print(f"rollout 1024, mlp {mlp}, norm {norm_impl}: {row['puzzles_per_s']:.1f} puzzles/s", flush=True)
+    for mlp in MLP_IMPLS:
+        row = bench_jax(config.replace(mlp_impl=mlp), params, 1024, iters, 3)
+        rows.append(dict(row, mlp_impl=mlp))
+        print(f"rollout 1024, mlp {mlp}: {row['puzzles_per_s']:.1f} puzzles/s", flush=True)
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=_shape, default=(768, 82), help="BATCHxSEQ of the kernel sweeps")
+    parser.add_argument("--rows", type=_shape, default=(768, 82), help="BATCHxSEQ of the kernel sweep")
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--whole", action="store_true",
-                        help="then time the train step and rollout with the fastest tiles as defaults")
-    parser.add_argument("--whole-only", action="store_true", help="skip the sweeps: --whole with the default tiles")
+                        help="then time the train step and rollout with the fastest tiles as the default")
+    parser.add_argument("--whole-only", action="store_true", help="skip the sweep: --whole with the default tiles")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
     if jax.default_backend() != "gpu":
         parser.exit(2, "benchmarks.mosaic_kernels: needs a Hopper GPU\n")
-    if args.whole_only:
-        path = common.save_results("mosaic_kernels", {"whole": whole_step_and_rollout(args.iters)}, args.out)
-        print(f"results: {path}")
-        return 0
-    rows = args.rows[0] * args.rows[1]
-    results = {"swiglu": sweep_swiglu(rows, args.iters),
-               "norm": sweep_norm(rows, HIDDEN, args.iters) + sweep_norm(rows, INTER, args.iters)}
-    best_swiglu, best_norm = _fastest(results["swiglu"]), _fastest(results["norm"])
-    results["fastest"] = {"swiglu": best_swiglu, "norm": best_norm}
-    print("fastest:", results["fastest"])
+    results = {}
+    if not args.whole_only:
+        results["sweep"] = sweep(args.rows[0] * args.rows[1], args.iters)
+        timed = [r for r in results["sweep"] if r["tiles"] and "ms" in r]
+        if not timed:
+            parser.exit(1, "benchmarks.mosaic_kernels: no tile config ran\n")
+        results["fastest"] = min(timed, key=lambda r: r["ms"])["tiles"]
+        print("fastest:", results["fastest"])
+        swiglu.DEFAULT_TILES = swiglu.TileConfig(**results["fastest"])
     path = common.save_results("mosaic_kernels", results, args.out)
-    if args.whole:
-        if best_swiglu:
-            swiglu.DEFAULT_TILES = swiglu.TileConfig(**best_swiglu)
-        if best_norm:
-            norm.DEFAULT_TILES = norm.TileConfig(**best_norm)
-        results["whole"] = whole_step_and_rollout(30)
+    if args.whole or args.whole_only:
+        results["whole"] = whole_step_and_rollout(args.iters)
         path = common.save_results("mosaic_kernels", results, args.out)
     print(f"results: {path}")
     return 0

@@ -1,4 +1,4 @@
-"""What the Pallas Mosaic GPU kernels (swiglu_matmul, matmul_add_rms_norm) share.
+"""What the Pallas Mosaic GPU kernels (swiglu_matmul) share.
 
 They use wgmma and TMA, so they need a Hopper GPU; off GPU they run in Pallas' GPU interpret mode,
 which simulates warpgroups, shared memory, TMA copies, barriers and wgmma on the CPU (and reports
@@ -41,5 +41,5 @@ def check_device(interpret: bool) -> None:
         return
     capability = getattr(device, "compute_capability", None)
     if capability is None or float(capability) < 9.0:
-        raise ValueError(f"The Mosaic GPU kernels (mlp_impl / norm_impl 'pallas'/'mosaic') need an NVIDIA Hopper "
-                         f"GPU (compute capability 9.0+); {device.device_kind} has {capability}. Use 'xla'.")
+        raise ValueError(f"The Mosaic GPU kernels (mlp_impl='pallas') need an NVIDIA Hopper GPU (compute "
+                         f"capability 9.0+); {device.device_kind} has {capability}. Use mlp_impl='xla'.")

@@ -47,7 +47,9 @@ class TileConfig:
     """Tile sizes of one CTA: (2 * tile_m) rows x tile_n columns of h, tile_k deep per pipeline step.
 
     The defaults were the fastest of 9 configs on an H100 at 62,976 x 512 -> 1536 (the Sudoku step's
-    rows): 0.536 ms, against 0.567-0.630 ms for the others (benchmarks/swiglu_tiles.py).
+    rows): 0.536 ms, against 0.567-0.630 ms for the others. A second sweep put stages=3,
+    epilogue_n=64, delay_release=0 4% ahead of them, about the run-to-run spread
+    (benchmarks/mosaic_kernels.py, BUILD_NOTES).
     """
 
     tile_m: int = 64

@@ -20,7 +20,6 @@ from hrm_jax.model import segment_forward
 from kernels_pallas import common
 from kernels_pallas.attention import BlockSizes, attention, attention_reference
 from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
-from kernels_pallas.matmul_add_rms_norm import matmul_add_rms_norm, matmul_add_rms_norm_reference
 from kernels_pallas.swiglu_matmul import TileConfig, swiglu_matmul, swiglu_matmul_reference
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -133,14 +132,6 @@ def test_swiglu_matmul_matches_reference(rows, hidden, inter, dtype, tiles):
     # Differentiated calls run the XLA path (custom_vjp forward rule), so gradients are XLA's.
     check_vjp(lambda x, w: swiglu_matmul(x, w, tiles=tiles, interpret=True), swiglu_matmul_reference, (x, w),
               cotangent, TOL[jnp.bfloat16])
-
-
-@pytest.mark.parametrize("rows, k_dim, hidden", [(64, 64, 128), (130, 128, 256), (128, 192, 512)])
-def test_matmul_add_rms_norm_matches_reference(rows, k_dim, hidden):
-    h, x = random_arrays(rows, 1, (rows, hidden), jnp.bfloat16)[0], random_arrays(1, 1, (rows, k_dim), jnp.bfloat16)[0]
-    (w,) = random_arrays(k_dim, 1, (k_dim, hidden), jnp.bfloat16, scale=k_dim ** -0.5)
-    got = jax.jit(lambda h, x, w: matmul_add_rms_norm(h, x, w, 1e-5, interpret=True), compiler_options=FAST_COMPILE)(h, x, w)
-    assert_close(got, matmul_add_rms_norm_reference(h, x, w, 1e-5), TOL[jnp.bfloat16], "forward")
 
 
 def test_swiglu_matmul_keeps_leading_dims_and_rejects_bad_inputs():
