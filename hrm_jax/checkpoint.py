@@ -190,12 +190,30 @@ def restore(path: str | os.PathLike, abstract_state: Any, *, model_config: HRMCo
     return state, meta
 
 
+def runnable_here(config: HRMConfig) -> HRMConfig:
+    """`config` with its kernel choices (IMPLEMENTATION_FIELDS) set to "xla" where this machine cannot
+    run them: every GPU kernel off GPU, the Hopper-only SwiGLU kernel on older GPUs. They change how,
+    not what, is computed, so a run trained with cuDNN attention on an H100 evaluates on a CPU."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        changes = {field: "xla" for field in IMPLEMENTATION_FIELDS if getattr(config, field) != "xla"}
+    elif config.mlp_impl == "pallas" and float(getattr(device, "compute_capability", 0) or 0) < 9.0:
+        changes = {"mlp_impl": "xla"}
+    else:
+        changes = {}
+    if changes:
+        logger.info("running with %s on %s (the checkpoint's choices need another GPU)",
+                    ", ".join(f"{k}='xla'" for k in changes), device.device_kind)
+    return config.replace(**changes)
+
+
 def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], HRMConfig]:
     """(params, model_config) of a checkpoint, for evaluation or the solve CLI. `path` is a run's
-    out_dir (its latest periodic checkpoint), `<out_dir>/best`, a manager dir or a step dir."""
+    out_dir (its latest periodic checkpoint), `<out_dir>/best`, a manager dir or a step dir.
+    Kernel choices this machine cannot run fall back to XLA (`runnable_here`)."""
     manager, step, where = _resolve(path, step)
     meta = read_meta(where)
-    config = config_from_dict(HRMConfig, meta["model_config"], where)
+    config = runnable_here(config_from_dict(HRMConfig, meta["model_config"], where))
     abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     try:
         params = manager.restore(step, args=ocp.args.Composite(

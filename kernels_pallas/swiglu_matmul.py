@@ -139,6 +139,10 @@ def _kernel(x_gmem, w_gmem, h_gmem, *, tiles: TileConfig):
                     plgpu.wgmma_wait(0)
                     h = _swiglu_epilogue(acc_gate[...], acc_up[...], dtype)
                     out = h_gmem.at[cta_rows, cols].at[my_rows]
+                    # The previous tile's stores have read their slots (they drained during this
+                    # tile's matmul; without this wait, a tile of one part would rewrite slot 0
+                    # while its last store may still be reading it).
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     for part in range(tn // en):
                         slot = part % 2
                         plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this slot's last store has drained

@@ -78,6 +78,16 @@ def test_periodic_keeps_newest_best_kept_apart_and_params_for_eval(tmp_path):
         assert_same_tree(params, jax.device_get(expected.params))
 
 
+def test_gpu_kernel_choices_fall_back_to_xla_off_gpu(tmp_path):
+    """A run trained with cuDNN attention and the Hopper kernels evaluates on this CPU (with XLA)."""
+    gpu_config = CFG.replace(forward_dtype="bfloat16", attention_impl="cudnn", norm_impl="pallas", mlp_impl="pallas")
+    params = jax.device_get(random_state().params)
+    ckpt.save_params(tmp_path, params, gpu_config)
+    loaded, config = ckpt.load_params_for_eval(tmp_path)
+    assert config == gpu_config.replace(attention_impl="xla", norm_impl="xla", mlp_impl="xla")
+    assert_same_tree(loaded, params)
+
+
 def test_mismatched_config_is_refused_naming_each_field(tmp_path):
     save(tmp_path, random_state())
     abstract = abstract_train_state(CFG, TC, TOTAL)

@@ -2,7 +2,8 @@
 # Start the Sudoku-Extreme-1k protocol (paper preset, global batch 768, the 26,041-step schedule) in
 # the background for as many steps as one machine lease allows; poll with poll.sh (keep calls less
 # than 30 s apart so the machine stays). Data from .gpu_data/ (the shared Sudoku collections).
-# DEVICES=N splits each batch over N GPUs (data parallel); STEPS caps the steps (the schedule is 26,041).
+# DEVICES=N splits each batch over N GPUs (data parallel); STEPS caps the steps (the schedule is 26,041);
+# MLP=xla turns off the fused SwiGLU kernel (Hopper only).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,7 +21,7 @@ for _ in range(200):
 ts.sort(); print('bf16 matmul TFLOP/s over 200 calls: median %.0f, min-time %.0f' % (2 * 8192**3 / ts[100] / 1e12, 2 * 8192**3 / ts[0] / 1e12))
 " 2>&1 | grep -v Warning | tee "$OUT/ceiling.txt"
 setsid nohup python3 -m experiments.sudoku train --data /tmp/sudoku-1k --preset sudoku_extreme --out /tmp/long \
-  --attention-impl "${ATTN:-cudnn}" --max-steps "${STEPS:-15000}" --eval-every "${EVAL_EVERY:-1500}" --log-every 100 \
+  --attention-impl "${ATTN:-cudnn}" --mlp-impl "${MLP:-pallas}" --max-steps "${STEPS:-15000}" --eval-every "${EVAL_EVERY:-1500}" --log-every 100 \
   --eval-batch-size 1024 --devices "${DEVICES:-1}" \
   --no-progress > /tmp/long.log 2>&1 < /dev/null &
 sleep "${FIRST_WAIT:-150}"; grep -v Warning /tmp/long.log | tail -4; tail -2 /tmp/long/metrics.jsonl 2>/dev/null | cut -c1-400
