@@ -58,6 +58,13 @@ def _norm_impls(blocks, interpret):
             "xla": lambda h, d: rms_norm(h + d, EPS)}
 
 
+# Tile configs tried besides the default (benchmarks.mosaic_kernels sweeps the same ones). SMEM per
+# stage: 2 tile_m x tile_k + 2 tile_k x tile_n bf16, plus the epilogue's staging slots.
+SWIGLU_TILES = [swiglu.TileConfig(tile_m=64, tile_n=n, tile_k=k, stages=s, epilogue_n=e, delay_release=d)
+                for n, k, s, e, d in [(128, 64, 3, 64, 0), (128, 64, 4, 64, 1), (128, 128, 2, 64, 0),
+                                      (64, 64, 4, 64, 1)]]
+
+
 def _swiglu_impls(tiles, interpret):
     return {"pallas": lambda x, w: swiglu.swiglu_matmul(x, w, tiles=tiles, interpret=interpret),
             "xla": swiglu.swiglu_matmul_reference}
@@ -89,11 +96,7 @@ def _sweep_blocks(kernel: str, seq: int) -> list:
         variants += [{"num_stages": s} for s in (1, 3)]
         return [base] + [dataclasses.replace(base, **v) for v in variants]
     if kernel == "swiglu":
-        # (tile_m, tile_n, tile_k, stages): SMEM per stage is 2 tile_m x tile_k + 2 tile_k x tile_n bf16.
-        base = swiglu.TileConfig()
-        variants = [(64, 128, 64, 2), (64, 128, 64, 4), (64, 64, 64, 4), (64, 64, 64, 6), (64, 128, 128, 2),
-                    (64, 64, 128, 3)]
-        return [base] + [swiglu.TileConfig(tile_m=m, tile_n=n, tile_k=k, stages=s) for m, n, k, s in variants]
+        return [swiglu.TileConfig()] + SWIGLU_TILES
     base = norm.BlockSizes.for_shape(HIDDEN)
     return [base] + [norm.BlockSizes(block_rows=rows, num_warps=w)
                      for rows, w in [(1, 1), (1, 2), (2, 2), (4, 4), (16, 4), (16, 8), (32, 8)]]

@@ -25,13 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.kernels import _shape
+from benchmarks.kernels import SWIGLU_TILES, _shape
 from kernels_pallas import swiglu_matmul as swiglu
 
 HIDDEN, INTER = 512, 1536
-SWIGLU_TILES = [swiglu.TileConfig(tile_m=64, tile_n=n, tile_k=k, stages=s, epilogue_n=e, delay_release=d)
-                for n, k, s, e, d in [(128, 64, 3, 128, 1), (128, 64, 3, 64, 0), (128, 64, 4, 64, 1),
-                                      (128, 128, 2, 64, 0), (64, 64, 4, 64, 1)]]
 MLP_IMPLS = ("pallas", "xla")
 
 
@@ -64,7 +61,7 @@ def sweep(rows: int, iters: int) -> list[dict]:
     flops = 4.0 * rows * HIDDEN * INTER
     out = [_row("xla reference", None, swiglu.swiglu_matmul_reference, inputs, want, flops, iters),
            _row("xla matmul only", None, jnp.dot, inputs, want, flops, iters)]
-    for tiles in SWIGLU_TILES:
+    for tiles in [swiglu.TileConfig()] + SWIGLU_TILES:
         out.append(_row("pallas", tiles, lambda x, w, t=tiles: swiglu.swiglu_matmul(x, w, tiles=t),
                         inputs, want, flops, iters))
     return [dict(r, rows=rows) for r in out]
