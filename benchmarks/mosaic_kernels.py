@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from benchmarks.kernels import SWIGLU_TILES, _shape
+from benchmarks.kernels import SWIGLU_TILES, _normwise_error, _shape
 from kernels_pallas import swiglu_matmul as swiglu
 
 HIDDEN, INTER = 512, 1536
@@ -44,8 +44,7 @@ def _row(name, tiles, fn, inputs, want, flops, iters) -> dict:
         timing = common.time_calls(lambda i: run(*inputs[i % len(inputs)]), jax.block_until_ready,
                                    warmup=3, iters=iters)
         if tiles is not None:
-            got = np.asarray(run(*inputs[0]), np.float32)
-            row["error"] = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+            row["error"] = _normwise_error(run(*inputs[0]), want)
         row.update(ms=1e3 * timing["median_s"], tflops=flops / timing["median_s"] / 1e12)
     except Exception as error:  # noqa: BLE001 - a config over the SMEM limit is reported, not fatal
         row["failed"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"

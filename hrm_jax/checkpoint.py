@@ -194,10 +194,12 @@ def runnable_here(config: HRMConfig) -> HRMConfig:
     """`config` with its kernel choices (IMPLEMENTATION_FIELDS) set to "xla" where this machine cannot
     run them: every GPU kernel off GPU, the Hopper-only SwiGLU kernel on older GPUs. They change how,
     not what, is computed, so a run trained with cuDNN attention on an H100 evaluates on a CPU."""
+    from kernels_pallas.mosaic import has_wgmma  # noqa: PLC0415  (jax only; kernels stay optional imports)
+
     device = jax.devices()[0]
     if device.platform != "gpu":
         changes = {field: "xla" for field in IMPLEMENTATION_FIELDS if getattr(config, field) != "xla"}
-    elif config.mlp_impl == "pallas" and float(getattr(device, "compute_capability", 0) or 0) < 9.0:
+    elif config.mlp_impl == "pallas" and not has_wgmma(device):
         changes = {"mlp_impl": "xla"}
     else:
         changes = {}

@@ -143,6 +143,13 @@ def split_projection(x: jax.Array, kernel: jax.Array, parts: int) -> list[jax.Ar
     return [jnp.dot(x, block) for block in jnp.split(kernel, parts, axis=1)]
 
 
+def gated_silu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
+    """silu(x @ W_gate) * (x @ W_up), gate_up [hidden, 2 * inter] with columns gate|up (XLA): SwiGLU
+    before its down projection, and the reference of kernels_pallas.swiglu_matmul."""
+    gate, up = split_projection(x, gate_up, 2)
+    return jax.nn.silu(gate) * up
+
+
 class Attention(nn.Module):
     """Non-causal multi-head self-attention, one stored qkv_proj weight (columns q|k|v), rotary positions."""
 
@@ -182,8 +189,7 @@ class SwiGLU(nn.Module):
 
             h = swiglu_matmul(x, gate_up)
         else:
-            gate, up = split_projection(x, gate_up, 2)
-            h = jax.nn.silu(gate) * up
+            h = gated_silu(x, gate_up)
         return CastedLinear(self.config.hidden_size, name="down_proj")(h)
 
 

@@ -33,6 +33,11 @@ def interpret_params(interpret: bool):
     return InterpretGPUParams()
 
 
+def has_wgmma(device) -> bool:
+    """True for an NVIDIA GPU of compute capability 9.0+ (Hopper), which the Mosaic kernels need."""
+    return device.platform == "gpu" and float(getattr(device, "compute_capability", 0) or 0) >= 9.0
+
+
 def check_device(interpret: bool) -> None:
     """A clear error on a GPU without wgmma (Ampere, Jetson Orin). Off GPU (interpret=False there
     only lowers the kernel, as the tests do) there is nothing to check."""
@@ -40,6 +45,6 @@ def check_device(interpret: bool) -> None:
     if interpret or device.platform != "gpu":
         return
     capability = getattr(device, "compute_capability", None)
-    if capability is None or float(capability) < 9.0:
+    if not has_wgmma(device):
         raise ValueError(f"The Mosaic GPU kernels (mlp_impl='pallas') need an NVIDIA Hopper GPU (compute "
                          f"capability 9.0+); {device.device_kind} has {capability}. Use mlp_impl='xla'.")

@@ -170,9 +170,11 @@ def _fused_call(x2d: jax.Array, w: jax.Array, tiles: TileConfig, interpret: bool
 
 
 def swiglu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Plain jnp, as hrm_jax.layers.SwiGLU: w [hidden, 2 * inter] has columns gate|up."""
-    gate, up = (jnp.dot(x, block) for block in jnp.split(w, 2, axis=1))
-    return jax.nn.silu(gate) * up
+    """Plain jnp: the layer's own XLA path (hrm_jax.layers.gated_silu), w [hidden, 2 * inter] with
+    columns gate|up. Differentiated calls run exactly this (the custom_vjp forward rule below)."""
+    from hrm_jax.layers import gated_silu  # noqa: PLC0415  (hrm_jax imports this module lazily)
+
+    return gated_silu(x, w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
