@@ -235,6 +235,7 @@ def test_pickled_objects_and_nested_dicts_are_refused(tmp_path):
 # One config, batch shape and rollout per variant, so each variant compiles act_step once.
 JAX_STEP = jax.jit(H.act_step, static_argnames=("config", "train"))
 PARITY_BATCH, PARITY_SEGMENTS = 6, 5
+FREE_RUNNING_RTOL = 1e-3  # float32 after PARITY_SEGMENTS chaotic segments, against float64
 
 
 def random_batch(cfg, batch_size, seed):
@@ -250,7 +251,8 @@ def jax_rollout(cfg, params, batch, segments):
     history = []
     for _ in range(segments):
         carry, out = JAX_STEP(params, cfg, carry, batch, None, train=False)
-        history.append({k: np.asarray(v) for k, v in out.items()} | {"z_H": np.asarray(carry.z_H)})
+        history.append({k: np.asarray(v) for k, v in out.items()}
+                       | {name: np.asarray(getattr(carry, name)) for name in ("z_H", "z_L", "steps", "halted")})
     return history
 
 
@@ -307,19 +309,40 @@ def test_two_segment_rollout_matches_jax(index):
 
 
 @pytest.mark.parametrize("index", range(len(VARIANTS)))
-def test_full_rollout_is_as_close_to_float64_as_jax(index):
-    """Over many segments float32 rounding grows through the recurrence (random weights make it
-    chaotic: ~2x per segment in some variants), so torch-vs-jax cannot stay under 1e-5 however exact
-    the port. Both float32 implementations must then be equally far from a float64 run of the torch
-    module; a wrong formula would be O(1) away."""
+def test_every_segment_matches_jax_from_the_same_carry(index):
+    """Segments 2..PARITY_SEGMENTS, each started from the carry hrm_jax reached before it: every
+    segment of a long rollout (step counters, halting flags, z values far from the initial ones)
+    within PARITY_RTOL, without the float32 rounding that a free-running rollout amplifies."""
     cfg, params, batch, history = parity_case(index)
     model = torch_model(cfg, params)
-    got = solve(model, batch)
+    t = {k: torch.from_numpy(v) for k, v in batch.items()}
+    for segment in range(1, PARITY_SEGMENTS):
+        before, want = history[segment - 1], history[segment]
+        carry = [torch.tensor(before[name]) for name in ("z_H", "z_L", "steps", "halted")]
+        with torch.no_grad():
+            z_H, z_L, steps, halted, *_, logits, q_halt, q_cont = model(*carry, t["inputs"], t["puzzle_identifiers"])
+        errors = {"z_H": rel_err(z_H, want["z_H"]), "z_L": rel_err(z_L, want["z_L"]),
+                  "logits": rel_err(logits, want["logits"]), "q_halt": rel_err(q_halt, want["q_halt_logits"]),
+                  "q_cont": rel_err(q_cont, want["q_continue_logits"])}
+        assert max(errors.values()) <= PARITY_RTOL, (VARIANTS[index], segment + 1, errors)
+        assert steps.tolist() == want["steps"].tolist() and halted.tolist() == want["halted"].tolist()
+
+
+@pytest.mark.parametrize("index", range(len(VARIANTS)))
+def test_full_rollout_stays_near_float64_like_jax(index):
+    """A free-running rollout: float32 rounding grows through the recurrence (random weights make it
+    chaotic, ~3x per segment in some variants), so torch and jax drift apart by far more than
+    PARITY_RTOL however exact the port, and which of the two drifts further depends on the CPU's
+    kernels (measured: torch 0.4x-4x jax's drift). Both must stay near a float64 run of the torch
+    module (measured worst 8.4e-5 after 5 segments); a wrong formula is O(1e-2) or more away. The
+    per-segment parity is the test above."""
+    cfg, params, batch, history = parity_case(index)
+    got = solve(torch_model(cfg, params), batch)
     truth = solve(torch_model(cfg, params, dtype=torch.float64), batch).logits.numpy()
     torch_err, jax_err = rel_err(got.logits, truth), rel_err(history[-1]["logits"], truth)
     print(VARIANTS[index], f"torch-jax {rel_err(got.logits, history[-1]['logits']):.1e}; vs float64: "
           f"torch {torch_err:.1e} jax {jax_err:.1e}")
-    assert torch_err <= 3 * jax_err + PARITY_RTOL / 10
+    assert max(torch_err, jax_err) <= FREE_RUNNING_RTOL, (torch_err, jax_err)
     assert got.steps.tolist() == [PARITY_SEGMENTS] * PARITY_BATCH
 
 
