@@ -37,7 +37,7 @@ def data_mesh(num_devices: int | None) -> Mesh:
 
 
 def check_divisible(batch_size: int, mesh: Mesh, what: str) -> None:
-    count = mesh.devices.size
+    count = mesh.size
     if batch_size % count:
         raise ParallelError(f"{what} {batch_size} cannot be split evenly over {count} devices; choose a batch "
                             f"size divisible by {count} or another device count")

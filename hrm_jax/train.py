@@ -376,7 +376,7 @@ def _mesh(num_devices: int | None, train_config: TrainConfig, eval_batch_size: i
         parallel.check_divisible(eval_batch_size or train_config.global_batch_size, mesh, "eval batch size")
     except parallel.ParallelError as err:
         raise TrainingError(str(err)) from None
-    logger.info("data parallel over %d devices", mesh.devices.size)
+    logger.info("data parallel over %d devices", mesh.size)
     return mesh
 
 

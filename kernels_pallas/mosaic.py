@@ -14,14 +14,15 @@ INTERPRET_CTAS = 2
 
 
 def num_ctas(interpret: bool) -> int:
-    """One persistent CTA per SM (of the abstract mesh's device when lowering without a GPU; a CPU
-    device, which only lowers the kernel in tests, has no SMs to count)."""
+    """One persistent CTA per SM: of the current mesh's device (inside shard_map, or an abstract
+    GPU when lowering without one), else of the first device. A CPU device, which only lowers the
+    kernel in tests, has no SMs to count (its abstract device says num_cores=None)."""
     if interpret:
         return INTERPRET_CTAS
     abstract = jax.sharding.get_abstract_mesh().abstract_device
-    if abstract is not None:
+    if abstract is not None and abstract.num_cores:
         return abstract.num_cores
-    return getattr(jax.devices()[0], "core_count", INTERPRET_CTAS)
+    return getattr(jax.devices()[0], "core_count", None) or INTERPRET_CTAS
 
 
 def interpret_params(interpret: bool):

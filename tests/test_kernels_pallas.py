@@ -19,6 +19,7 @@ from hrm_jax.layers import rms_norm
 from hrm_jax.model import segment_forward
 from kernels_pallas import common
 from kernels_pallas.attention import BlockSizes, attention, attention_reference
+from kernels_pallas.mosaic import num_ctas
 from kernels_pallas.rms_norm import add_rms_norm, add_rms_norm_reference
 from kernels_pallas.swiglu_matmul import TileConfig, swiglu_matmul, swiglu_matmul_reference
 
@@ -201,22 +202,62 @@ def test_swiglu_lowers_to_one_mosaic_gpu_kernel_and_differentiates_through_xla()
     assert _mosaic_calls(_fwd_and_vjp(fused), x, w) == 0
 
 
-def test_train_step_fuses_only_the_mlps_without_gradient():
+def _abstract_train_step_inputs(cfg, train_config):
+    from hrm_jax.train import _fresh_state_jit
+
+    state = jax.eval_shape(lambda: _fresh_state_jit(cfg, train_config, 10))
+    rows = train_config.global_batch_size
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
+             for k, shape in (("inputs", (rows, 81)), ("labels", (rows, 81)), ("puzzle_identifiers", (rows,)))}
+    return state, batch
+
+
+@pytest.fixture
+def kernels_for_gpu(monkeypatch):
+    """Lower the Pallas kernels for the GPU rather than run them in interpret mode; returns the
+    persistent-CTA counts the SwiGLU kernels were built with."""
+    from kernels_pallas import swiglu_matmul as module
+
+    ctas = []
+    monkeypatch.setattr(module, "default_interpret", lambda: False)
+    monkeypatch.setattr(module, "num_ctas", lambda interpret: ctas.append(num_ctas(interpret)) or ctas[-1])
+    return ctas
+
+
+def test_train_step_fuses_only_the_mlps_without_gradient(kernels_for_gpu):
     """mlp_impl="pallas" in a train step: the kernel serves every MLP of the no-gradient H/L steps
     and of the target-Q forward, and none of the 1-step-gradient part. The loops are traced once,
     so the lowered text holds one call per MLP in a loop body or straight-line code: main forward
     3 (H-cycle body: L loop body + H step; the last no-grad L loop) + target-Q forward 3 + its
     final L and H steps 2 = 8. The differentiated L and H steps would add 2 more."""
-    from hrm_jax.train import _fresh_state_jit, step_function
+    from hrm_jax.train import step_function
 
     cfg = H.tiny(H_layers=1, L_layers=1, forward_dtype="bfloat16", mlp_impl="pallas")
     train_config = H.TrainConfig(global_batch_size=4, lr_warmup_steps=1)
-    state = jax.eval_shape(lambda: _fresh_state_jit(cfg, train_config, 10))
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32)
-             for k, shape in (("inputs", (4, 81)), ("labels", (4, 81)), ("puzzle_identifiers", (4,)))}
-    with pytest.MonkeyPatch.context() as patch:  # lower for the GPU, not interpret mode
-        patch.setattr("kernels_pallas.swiglu_matmul.default_interpret", lambda: False)
-        assert _mosaic_calls(step_function(cfg, train_config, 10), state, batch) == 8
+    inputs = _abstract_train_step_inputs(cfg, train_config)
+    kernels_for_gpu.clear()  # (flax's init traced the model too)
+    assert _mosaic_calls(step_function(cfg, train_config, 10), *inputs) == 8
+    assert kernels_for_gpu == [132] * 8  # one CTA per SM of the H100
+
+
+def test_data_parallel_train_step_runs_the_same_kernels_per_device(kernels_for_gpu):
+    """The data-parallel step (shard_map over two abstract H100s, as `--devices 2` on a GPU host
+    builds it): each device's program holds the same 8 SwiGLU kernels, sized for one H100 each, and
+    the gradients are summed over the mesh."""
+    from hrm_jax.train import parallel_train_step
+
+    two_h100s = jax.sharding.AbstractMesh((2,), ("data",), (jax.sharding.AxisType.Auto,),
+                                          abstract_device=H100.abstract_device)
+    cfg = H.tiny(H_layers=1, L_layers=1, forward_dtype="bfloat16", mlp_impl="pallas")
+    train_config = H.TrainConfig(global_batch_size=4, lr_warmup_steps=1)
+    inputs = _abstract_train_step_inputs(cfg, train_config)
+    step = parallel_train_step(two_h100s, cfg, train_config, 10)
+    kernels_for_gpu.clear()  # (flax's init traced the model too, for the shapes of the state)
+    with jax.sharding.use_abstract_mesh(two_h100s):
+        text = step.trace(*inputs).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 8
+    assert kernels_for_gpu == [132] * 8
+    assert "all_reduce" in text
 
 
 # Wiring into the model ---------------------------------------------------------------------
