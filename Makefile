@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch==2.13.0 is pinned in the same pip command: an unpinned torch pulls several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: sudoku test test-slow install clean
+.PHONY: sudoku test test-slow test-reference install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# hrm_jax against the reference's own code: HRM_REFERENCE_DIR=/path/to/a/checkout/of/sapientinc/HRM
+test-reference: $(STAMP)
+	@test -f "$(HRM_REFERENCE_DIR)/models/hrm/hrm_act_v1.py" || { echo "Set HRM_REFERENCE_DIR to a checkout of \
+	https://github.com/sapientinc/HRM (git clone https://github.com/sapientinc/HRM /tmp/HRM)"; exit 2; }
+	$(PY) -m pip install -q pydantic
+	HRM_REFERENCE_DIR="$(HRM_REFERENCE_DIR)" $(PY) -m pytest -q tests/test_reference_checkout.py
 
 clean:
 	rm -rf $(VENV) runs
