@@ -333,7 +333,7 @@ def test_full_rollout_stays_near_float64_like_jax(index):
     """A free-running rollout: float32 rounding grows through the recurrence (random weights make it
     chaotic, ~3x per segment in some variants), so torch and jax drift apart by far more than
     PARITY_RTOL however exact the port, and which of the two drifts further depends on the CPU's
-    kernels (measured: torch 0.4x-4x jax's drift). Both must stay near a float64 run of the torch
+    kernels (measured here: torch 0.6x-4.2x jax's drift). Both must stay near a float64 run of the torch
     module (measured worst 8.4e-5 after 5 segments); a wrong formula is O(1e-2) or more away. The
     per-segment parity is the test above."""
     cfg, params, batch, history = parity_case(index)

@@ -135,7 +135,7 @@ def test_embedding_equals_gather_and_its_gradient_has_no_scatter(dtype, num_rows
     want = np.zeros(table.shape, np.float64)
     np.add.at(want, np.asarray(ids).reshape(-1), np.asarray(cotangent, np.float64).reshape(-1, 48))
     # bf16: the sums are accumulated in f32 and rounded once to bf16 (half an ulp, 2**-9 of the
-    # largest); summing in bf16, as XLA:CPU does in jax 0.12 unless told otherwise, is 1e-2 off.
+    # largest); summing in bf16, as XLA:CPU in jax 0.12 did here unless told otherwise, is 1e-2 off.
     tol = 1e-5 if dtype == jnp.float32 else 2**-8
     assert np.max(np.abs(np.asarray(grad) - want)) <= tol * np.max(np.abs(want))
     # Small tables: the backward is a matmul, never a scatter-add (GPU atomics serialise on few rows).
