@@ -10,8 +10,11 @@ import functools
 import logging
 import os
 import pathlib
+import re
 import sys
 from typing import Any, Callable
+
+import jax
 
 from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, NORM_IMPLS, HRMConfig, TrainConfig
 from hrm_jax.data.format import load_metadata
@@ -29,7 +32,8 @@ class CLIError(ValueError):
 
 
 def cli_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wraps a CLI's main so that expected errors (bad input, data, checkpoints) print one line.
+    """Wraps a CLI's main so that expected errors (bad input, data, checkpoints, a batch too large
+    for the device) print one line.
 
     Every error class the package raises for bad input derives from ValueError or OSError; a
     traceback is kept only for real bugs (anything else).
@@ -42,11 +46,32 @@ def cli_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | N
         except (ValueError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except jax.errors.JaxRuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
             return 130
 
     return wrapper
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """XLA's allocation failure (the same status on CPU and GPU)."""
+    return "RESOURCE_EXHAUSTED" in str(error)
+
+
+def out_of_memory_message(error: Exception) -> str:
+    """What ran out, how much was asked for, and the flags that make a run fit."""
+    device = jax.devices()[0]
+    asked = re.search(r"allocat(?:e|ing) (\d+) bytes", str(error))  # XLA:CPU "allocating N", XLA:GPU "allocate N"
+    amount = f" (an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed)" if asked else ""
+    return (f"out of memory on {device.platform} device {device.device_kind!r}{amount}. Use smaller batches "
+            "(train: --global-batch-size, --eval-batch-size or a smaller --preset; eval: --batch-size), split "
+            "them over more GPUs (--devices N), or a device with more memory. Files already written are kept: "
+            "train --resume continues from the last checkpoint")
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -4,6 +4,7 @@ clear one-line errors for bad input."""
 import json
 import pathlib
 
+import jax
 import pytest
 
 from experiments import sudoku
@@ -41,6 +42,29 @@ def test_missing_data_is_one_clear_line(tmp_path, capsys):
     assert sudoku.main(["train", "--data", str(tmp_path / "none"), "--preset", "quickstart"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err
+
+
+def _raise(error):
+    def run(*args, **kwargs):
+        raise error
+    return run
+
+
+@pytest.mark.parametrize("status", ["Out of memory while trying to allocate 26158132600 bytes.",  # XLA:GPU
+                                    "Out of memory allocating 26158132600 bytes."])  # XLA:CPU
+def test_out_of_device_memory_is_one_clear_line(built, tmp_path, monkeypatch, capsys, status):
+    """XLA's allocation failure (the paper's batch 768 on the CPU asks for 24 GiB) names the flags
+    that make the run fit; other runtime errors keep their traceback (real bugs)."""
+    oom = jax.errors.JaxRuntimeError(f"RESOURCE_EXHAUSTED: {status}")
+    monkeypatch.setattr("hrm_jax.train.train", _raise(oom))
+    args = ["train", "--data", str(built), "--preset", "quickstart", "--no-progress", "--out"]
+    assert sudoku.main(args + [str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: out of memory on cpu device") and "24.4 GiB" in err
+    assert "--global-batch-size" in err and "--devices" in err and "--resume" in err and "\n" not in err
+    monkeypatch.setattr("hrm_jax.train.train", _raise(jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="compiler bug"):
+        sudoku.main(args + [str(tmp_path / "run2")])
 
 
 @pytest.fixture(scope="module")
