@@ -24,7 +24,7 @@ if [ -n "$BASES" ]; then bases=(--bases "$BASES"); else bases=(--source "$SOURCE
 $PY -m experiments.sudoku build-mixed "${bases[@]}" --out "$DATA" --variants 32 > "$OUT/build.log" 2>&1
 start=$(date +%s)
 timeout --signal=INT --kill-after=120 "$((MINUTES * 60))" \
-  $PY -m experiments.sudoku train --data "$DATA" --preset sudoku_edge --out "$RUN" --attention-impl cudnn \
+  $PY -m experiments.sudoku train --data "$DATA" --preset sudoku_edge --out "$RUN" \
     --eval-every 2000 --checkpoint-every 1000 --eval-batch-size 1000 --log-every 100 --no-progress \
     > "$OUT/train.log" 2>&1 || echo "training stopped (exit $?) after $(( $(date +%s) - start )) s" >> "$OUT/train.log"
 cp "$RUN/metrics.jsonl" "$OUT/" && cp "$RUN"/*.png "$OUT/" 2>/dev/null || true
