@@ -60,6 +60,7 @@ class Client:
         self._waiting: set[int] = set()
         self._answers: dict[int, Response] = {}
         self._receiving = False
+        self.duplicates = 0  # answers to ids not awaited: re-sent after a server crash, or after wait gave up
 
     def __enter__(self) -> Self:
         return self
@@ -126,6 +127,8 @@ class Client:
                         if response.request_id in self._waiting:
                             self._waiting.discard(response.request_id)
                             self._answers[response.request_id] = response
+                        else:
+                            self.duplicates += 1
                     self._cond.notify_all()
 
     def _server_state(self) -> str:

@@ -184,8 +184,6 @@ class Server:
         while True:
             if not self.stopping:
                 self._receive()
-            elif drain_deadline is None:
-                drain_deadline = time.monotonic() + self.drain_timeout
             self.engine.step()
             now = time.monotonic()
             if now >= next_stats:
@@ -195,6 +193,7 @@ class Server:
                 self.carries.flush()
                 next_snapshot = now + self.snapshot_interval
             if self.stopping:
+                drain_deadline = drain_deadline or now + self.drain_timeout
                 if self.engine.idle:
                     break
                 if now > drain_deadline:
@@ -267,25 +266,30 @@ def main(args: argparse.Namespace) -> int:
             raise ServerError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     state_dir = args.state_dir or default_state_dir(args.inbox)
     lock = lock_state_dir(state_dir)
+    try:
+        return _serve(args, state_dir)
+    finally:
+        os.close(lock)
+
+
+def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     backend = load_backend(args.model, args.backend, device=args.device, config_path=args.config,
                            cache_dir=state_dir / "models", threads=args.threads)
     inbox = open_or_create(args.inbox, args.record_size, args.capacity)
     outbox = open_or_create(args.outbox, args.record_size, args.capacity)
-    server = Server(backend, inbox, outbox, state_dir, max_batch=args.max_batch, max_wait=args.max_wait_ms / 1e3,
-                    max_live_streams=args.max_streams, snapshot_interval=args.snapshot_interval,
-                    drain_timeout=args.drain_timeout)
-    if args.metrics_port:
-        from prometheus_client import start_http_server  # an HTTP thread only when asked
-
-        start_http_server(args.metrics_port, registry=server.telemetry.registry)
-    signal.signal(signal.SIGTERM, server.request_stop)
-    signal.signal(signal.SIGINT, server.request_stop)
-    logger.info("serving %s (%s) on inbox %r, state in %s", args.model, backend.name, inbox.name, state_dir)
-    print(f"sage serve: {backend.name} model {args.model} on inbox {inbox.name!r}, answers to {outbox.name!r}, "
-          f"state in {state_dir}", flush=True)
     try:
+        server = Server(backend, inbox, outbox, state_dir, max_batch=args.max_batch,
+                        max_wait=args.max_wait_ms / 1e3, max_live_streams=args.max_streams,
+                        snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout)
+        if args.metrics_port:
+            from prometheus_client import start_http_server  # an HTTP thread only when asked
+
+            start_http_server(args.metrics_port, registry=server.telemetry.registry)
+        signal.signal(signal.SIGTERM, server.request_stop)
+        signal.signal(signal.SIGINT, server.request_stop)
+        print(f"sage serve: {backend.name} model {args.model} on inbox {inbox.name!r}, answers to {outbox.name!r}, "
+              f"state in {state_dir}", flush=True)
         return server.run()
     finally:
         inbox.close()
         outbox.close()
-        os.close(lock)
