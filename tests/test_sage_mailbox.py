@@ -67,14 +67,14 @@ def test_file_bytes_match_the_documented_offsets(name):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(record_size=0, capacity=4), "record_size"),
-    (dict(record_size=-3, capacity=4), "record_size"),
-    (dict(record_size=1.5, capacity=4), "record_size"),
-    (dict(record_size=64, capacity=0), "capacity"),
-    (dict(record_size=64, capacity=True), "capacity"),
-    (dict(record_size=64 << 20, capacity=1000), "needs"),
-    (dict(record_size=64, capacity=4, wait="busy"), "wait"),
-    (dict(record_size=64, capacity=4, stale="keep"), "stale"),
+    ({"record_size": 0, "capacity": 4}, "record_size"),
+    ({"record_size": -3, "capacity": 4}, "record_size"),
+    ({"record_size": 1.5, "capacity": 4}, "record_size"),
+    ({"record_size": 64, "capacity": 0}, "capacity"),
+    ({"record_size": 64, "capacity": True}, "capacity"),
+    ({"record_size": 64 << 20, "capacity": 1000}, "needs"),
+    ({"record_size": 64, "capacity": 4, "wait": "busy"}, "wait"),
+    ({"record_size": 64, "capacity": 4, "stale": "keep"}, "stale"),
 ])
 def test_bad_geometry_is_one_clear_error(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -95,8 +95,8 @@ def test_missing_mailbox(name):
 def test_bad_push_arguments_and_closed_handle(name):
     box = Mailbox.create(name, record_size=8, capacity=2)
     assert box.push(b"123456789") is PushStatus.TOO_BIG
-    for kwargs, match in [(dict(tag=-1), "tag"), (dict(tag=2**32), "tag"), (dict(ttl=-1), "ttl"),
-                          (dict(ttl=float("nan")), "ttl"), (dict(ttl="1"), "ttl")]:
+    for kwargs, match in [({"tag": -1}, "tag"), ({"tag": 2**32}, "tag"), ({"ttl": -1}, "ttl"),
+                          ({"ttl": float("nan")}, "ttl"), ({"ttl": "1"}, "ttl")]:
         with pytest.raises(ValueError, match=match):
             box.push(b"x", **kwargs)
     assert box.stats().too_big == 1 and box.stats().pushed == 0
@@ -109,9 +109,9 @@ def test_bad_push_arguments_and_closed_handle(name):
 
 
 @pytest.mark.parametrize("edit, match", [
-    (dict(magic=b"XXXX"), "not a mailbox"),
-    (dict(version=2), "layout version 2"),
-    (dict(b=64), "geometry"),
+    ({"magic": b"XXXX"}, "not a mailbox"),
+    ({"version": 2}, "layout version 2"),
+    ({"b": 64}, "geometry"),
 ])
 def test_corrupted_header_is_refused(name, edit, match):
     Mailbox.create(name, record_size=100, capacity=3).close()
@@ -193,7 +193,7 @@ def test_stale_ring_adopted_keeps_records(name):
     box.close()
 
 
-@pytest.mark.parametrize("edit", [dict(creator_start=1), dict(boot_id=b"\x01" * 16)])
+@pytest.mark.parametrize("edit", [{"creator_start": 1}, {"boot_id": b"\x01" * 16}])
 def test_recycled_pid_or_other_boot_counts_as_stale(name, edit):
     """Our own pid in the header with another start time (a recycled pid), or another boot id."""
     Mailbox.create(name, record_size=16, capacity=4).close()
