@@ -237,6 +237,7 @@ def lock_state_dir(state_dir: Path) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--model", required=True, help="an exported .onnx file (python -m export onnx), an orbax "
                         "checkpoint directory, or a state dict .safetensors/.pt (with --config)")
     parser.add_argument("--backend", choices=BACKENDS, default="onnx")

@@ -252,3 +252,32 @@ def test_cli_errors_are_one_line_with_exit_code_2(model, tmp_path, capsys):
     _one_line_error(capsys, base + ["--model", str(tmp_path / "nope.onnx")], "no such file")
     _one_line_error(capsys, base + ["--model", str(path), "--backend", "torch"], "needs the weights")
     _one_line_error(capsys, ["stats", "--state-dir", str(tmp_path / "empty")], "no server has run")
+
+
+@pytest.mark.slow
+def test_sigkill_restart_answers_every_acknowledged_request(model, tmp_path):
+    """SIGKILL mid-batch: the next server replays the journal, so each acknowledged request is
+    answered at least once (an answer sent just before the kill may come twice; the client drops it)."""
+    _, path = model
+    inbox, state = name("kill"), tmp_path / "state"
+    first = start_server(path, inbox, state)
+    try:
+        with Client(inbox) as client:
+            ids = [client.submit(row) for row in puzzles(60, seed=7)]
+            first_answer = client.wait(ids[0], 60)  # the server is working through the backlog
+            first.kill()
+            first.wait(30)
+            second = start_server(path, inbox, state)
+            try:
+                answers = [first_answer] + [client.wait(i, 60) for i in ids[1:]]
+                second.send_signal(signal.SIGTERM)
+                assert second.wait(60) == 0
+            finally:
+                second.kill()
+    finally:
+        first.kill()
+        with contextlib.suppress(MailboxNotFoundError):
+            for box_name in (inbox, inbox + "-out"):
+                Mailbox.attach(box_name).unlink()
+    assert [a.request_id for a in answers] == ids and all(a.status is Status.OK for a in answers)
+    assert Journal(state / "journal.log").unfinished() == []
