@@ -267,6 +267,9 @@ def test_sigkill_restart_answers_every_acknowledged_request(model, tmp_path):
             first_answer = client.wait(ids[0], 60)  # the server is working through the backlog
             first.kill()
             first.wait(30)
+            journal = Journal(state / "journal.log")
+            assert len(journal.unfinished()) > 0  # taken from the inbox, unanswered: only the journal has them
+            journal.close()
             second = start_server(path, inbox, state)
             try:
                 answers = [first_answer] + [client.wait(i, 60) for i in ids[1:]]
