@@ -284,3 +284,22 @@ def test_sigkill_restart_answers_every_acknowledged_request(model, tmp_path):
                 Mailbox.attach(box_name).unlink()
     assert [a.request_id for a in answers] == ids and all(a.status is Status.OK for a in answers)
     assert Journal(state / "journal.log").unfinished() == []
+
+
+@pytest.mark.slow  # orbax save/restore twice and a jit compile: ~35 s on 2 shared cores
+def test_jax_and_torch_backends_from_one_orbax_checkpoint_agree(tmp_path):
+    import jax
+
+    from hrm_jax.checkpoint import save_params
+    from hrm_jax.model import init_params
+
+    params = jax.device_get(init_params(CONFIG, jax.random.key(1)))
+    save_params(tmp_path / "ckpt", params, CONFIG)
+    jax_backend, torch_backend = load_backend(tmp_path / "ckpt", "jax"), load_backend(tmp_path / "ckpt", "torch")
+    rng = np.random.default_rng(8)
+    z = rng.standard_normal((2, 3, CONFIG.total_seq_len, CONFIG.hidden_size)).astype(np.float32)
+    fresh, inputs, ids = np.array([True, False, True]), puzzles(3, seed=9), np.zeros(3, np.int32)
+    a, b = jax_backend.step(z[0], z[1], fresh, inputs, ids), torch_backend.step(z[0], z[1], fresh, inputs, ids)
+    np.testing.assert_allclose(a.z_H, b.z_H, atol=1e-4)
+    np.testing.assert_allclose(a.q_halt, b.q_halt, atol=1e-4)
+    np.testing.assert_array_equal(a.predictions, b.predictions)
