@@ -48,12 +48,10 @@ class SudokuAnswer:
 
 
 class Client:
-    def __init__(self, inbox: str, *, reply_capacity: int = 1024) -> None:
-        try:
-            self.inbox = Mailbox.attach(inbox)
-        except MailboxNotFoundError:
-            raise ServerUnavailableError(f"no mailbox {inbox!r}: start a server with `python -m sage serve --inbox "
-                                         f"{inbox} --outbox {inbox}-out --model MODEL`") from None
+    def __init__(self, inbox: str, *, focus_inbox: str | None = None, reply_capacity: int = 1024) -> None:
+        """inbox: the server's --inbox; focus_inbox: its --focus-inbox, for submit(focus=True)."""
+        self.inbox = _attach(inbox, "--inbox")
+        self.focus = _attach(focus_inbox, "--focus-inbox") if focus_inbox else None
         name = f"sage-reply-{os.getpid()}-{secrets.token_hex(4)}"
         self.replies = Mailbox.create(name, record_size=REPLY_RECORD_SIZE, capacity=reply_capacity)
         self._cond = threading.Condition()
@@ -70,6 +68,8 @@ class Client:
 
     def close(self) -> None:
         self.inbox.close()
+        if self.focus is not None:
+            self.focus.close()
         self.replies.unlink()
         self.replies.close()
 
@@ -79,27 +79,30 @@ class Client:
 
     def submit(self, inputs, *, puzzle_identifier: int = 0, stream: str = "", priority: int = 0,
                timeout: float | None = None, reset_carry: bool = False, max_steps: int = 0,
-               block: float = 1.0) -> int:
+               block: float = 1.0, focus: bool = False) -> int:
         """Send one example; returns its request id once the inbox holds it (acknowledged).
         timeout: seconds from now to the request's deadline (None: no deadline); block: how long to wait
-        for room in a full inbox."""
+        for room in a full inbox; focus: send it to the focus inbox (ahead of all inbox requests)."""
+        if focus and self.focus is None:
+            raise ClientError("submit(focus=True) needs Client(..., focus_inbox=NAME), the server's --focus-inbox")
+        box = self.focus if focus else self.inbox
         now = time.time()
         request = Request(secrets.randbits(63), np.asarray(inputs).reshape(-1), puzzle_identifier, stream, priority,
                           0.0 if timeout is None else now + timeout, now, max_steps, reset_carry, self.replies.name)
         payload = encode_request(request)
         with self._cond:
             self._waiting.add(request.request_id)
-        status = self.inbox.push(payload, timeout=block)
+        status = box.push(payload, timeout=block)
         if status is PushStatus.OK:
             return request.request_id
         with self._cond:
             self._waiting.discard(request.request_id)
         if status is PushStatus.TOO_BIG:
             raise ClientError(f"a request of {len(payload)} bytes does not fit the records of inbox "
-                              f"{self.inbox.name!r} ({self.inbox.record_size} bytes); restart the server with a "
+                              f"{box.name!r} ({box.record_size} bytes); restart the server with a "
                               "larger --record-size")
-        raise ServerUnavailableError(f"inbox {self.inbox.name!r} stayed full for {block} s "
-                                     f"({self.inbox.capacity} records): {self._server_state()}")
+        raise ServerUnavailableError(f"inbox {box.name!r} stayed full for {block} s "
+                                     f"({box.capacity} records): {self._server_state()}")
 
     def wait(self, request_id: int, timeout: float = 30.0) -> Response:
         """The answer to `request_id`; ServerUnavailableError if none comes within `timeout` seconds."""
@@ -160,10 +163,19 @@ class Client:
         return SudokuAnswer("".join(str(int(d)) if 0 <= d <= 9 else "?" for d in digits), valid, response)
 
 
+def _attach(name: str, flag: str) -> Mailbox:
+    try:
+        return Mailbox.attach(name)
+    except MailboxNotFoundError:
+        raise ServerUnavailableError(f"no mailbox {name!r}: start a server with `python -m sage serve {flag} "
+                                     f"{name} ... --model MODEL`") from None
+
+
 # ---- python -m sage solve ----
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("puzzle", help="81 characters, row by row: '1'-'9' givens, '.' or '0' blanks")
     parser.add_argument("--inbox", required=True, help="the server's inbox mailbox")
+    parser.add_argument("--focus-inbox", default=None, help="send to the server's focus inbox instead")
     parser.add_argument("--stream", default="", help="stream id (keeps the carry between calls)")
     parser.add_argument("--reset", action="store_true", help="start the stream from H_init/L_init")
     parser.add_argument("--priority", type=int, default=0)
@@ -175,12 +187,13 @@ def main(args: argparse.Namespace) -> int:
     from hrm_jax.data.sudoku_solver import parse_puzzle  # hrm_jax (and jax): only Sudoku callers pay
 
     parse_puzzle(args.puzzle)  # a malformed puzzle is reported before any mailbox is touched
-    with Client(args.inbox) as client:
+    with Client(args.inbox, focus_inbox=args.focus_inbox) as client:
         if not client.server_alive():
             raise ServerUnavailableError(f"the server of inbox {args.inbox!r} (pid {client.inbox.creator.pid}) "
                                          "is not running; start one with `python -m sage serve`")
         answer = client.solve_sudoku(args.puzzle, stream=args.stream, reset_carry=args.reset,
-                                     priority=args.priority, timeout=args.deadline, wait=args.wait)
+                                     priority=args.priority, timeout=args.deadline, wait=args.wait,
+                                     focus=args.focus_inbox is not None)
     r = answer.response
     for row in range(9):
         print(" ".join(answer.grid[row * 9:row * 9 + 9]))

@@ -8,8 +8,8 @@ filled by the next request at the following segment, so easy inputs leave early 
 going while the batch stays full.
 
 Scheduling rules, each tested in tests/test_sage_engine.py:
-- Focus before periphery: the queue is served highest priority first (FIFO within a priority), at
-  every refill. A request never waits for a lower-priority one queued after it; with the batch full
+- Focus before periphery: the queue is served focus lane first (requests from the server's focus
+  inbox), then highest priority first, FIFO within a priority, at every refill. A request never waits for a lower-priority one queued after it; with the batch full
   it waits at most until the first row in flight halts (at most the largest segment limit in flight).
 - Dynamic batching: a new batch starts when `max_batch` requests are eligible or the oldest has
   waited `max_wait` seconds; a running batch is refilled at every segment without waiting.
@@ -48,6 +48,7 @@ class Job:
     received: float  # monotonic seconds when the server took it
     order: int
     journal_id: int | None = None
+    focus: bool = False
     state: str = PENDING
     z_H: np.ndarray | None = None
     z_L: np.ndarray | None = None
@@ -64,7 +65,7 @@ class PendingQueue:
     """Jobs waiting for a slot: by (-priority, arrival), with per-stream order and deadlines."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[int, int, Job]] = []
+        self._heap: list[tuple[int, int, int, Job]] = []
         self._deadlines: list[tuple[float, int, Job]] = []
         self._arrivals: collections.deque[Job] = collections.deque()
         self._streams: dict[str, collections.deque[Job]] = {}
@@ -74,7 +75,7 @@ class PendingQueue:
         return self._size
 
     def push(self, job: Job) -> None:
-        heapq.heappush(self._heap, (-job.request.priority, job.order, job))
+        heapq.heappush(self._heap, (-int(job.focus), -job.request.priority, job.order, job))
         if job.request.deadline > 0:
             heapq.heappush(self._deadlines, (job.request.deadline, job.order, job))
         if job.request.stream:
@@ -103,7 +104,7 @@ class PendingQueue:
         out, skipped, taken = [], [], set()
         while self._heap and len(out) < n:
             item = heapq.heappop(self._heap)
-            job = item[2]
+            job = item[-1]
             if job.state != PENDING:
                 continue
             stream = job.request.stream
@@ -127,11 +128,11 @@ class PendingQueue:
         return out
 
     def drain(self) -> list[Job]:
-        jobs = sorted((item for item in self._heap if item[2].state == PENDING), key=lambda item: item[:2])
-        for _, _, job in jobs:
+        jobs = [item[-1] for item in sorted(item for item in self._heap if item[-1].state == PENDING)]
+        for job in jobs:
             self._leave(job, DONE)
         self._heap.clear()
-        return [job for _, _, job in jobs]
+        return jobs
 
 
 class Engine:
@@ -152,9 +153,10 @@ class Engine:
     def idle(self) -> bool:
         return not self.active and not len(self.queue)
 
-    def submit(self, request: Request, journal_id: int | None = None) -> None:
-        """Queue a request, or answer it at once when it is invalid or already past its deadline."""
-        job = Job(request, self.clock(), next(self._order), journal_id)
+    def submit(self, request: Request, journal_id: int | None = None, *, focus: bool = False) -> None:
+        """Queue a request (focus: from the focus inbox), or answer it at once when it is invalid or
+        already past its deadline."""
+        job = Job(request, self.clock(), next(self._order), journal_id, focus)
         problem = self._check(request)
         if problem:
             self._finish(job, Status.BAD_REQUEST, problem)

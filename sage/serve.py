@@ -2,8 +2,10 @@
 
     python -m sage serve --model model.onnx --backend onnx --inbox hrm --outbox hrm-out
 
-Requests (sage/protocol.py) arrive on the inbox PBM ring (sage/mailbox.py); answers go to the
-request's reply-to mailbox, or to --outbox when it names none. The ACT loop, batching and priorities
+Requests (sage/protocol.py) arrive on the inbox PBM ring (sage/mailbox.py), and on the optional
+--focus-inbox, a second ring for high-trust work: it is read first (sage.schedule.FocusScheduler),
+its requests rank ahead of every inbox request, and a flood that fills the inbox cannot keep them
+out. Answers go to the request's reply-to mailbox, or to --outbox when it names none. The ACT loop, batching and priorities
 are sage/engine.py; carries per stream sage/carry.py; the write-ahead journal sage/journal.py;
 telemetry sage/telemetry.py. Everything the server keeps lives in --state-dir (default
 $SAGE_STATE_DIR or ~/.local/state/sage, then the inbox name): carries/, journal.log, stats.json,
@@ -40,12 +42,19 @@ from sage.engine import Engine, Job
 from sage.journal import Journal
 from sage.mailbox import Mailbox, MailboxNotFoundError, PushStatus
 from sage.protocol import ProtocolError, Request, Response, Status, decode_request, encode_response, peek_request_id
+from sage.schedule import FocusScheduler, Lane
 from sage.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RECORD_SIZE = 4096
 DEFAULT_CAPACITY = 1024
+# Journal entries start with the lane, so a replayed request keeps its place ahead of the periphery.
+_LANE_TAGS = {False: b"P", True: b"F"}
+
+
+def journal_entry(payload: bytes, focus: bool = False) -> bytes:
+    return _LANE_TAGS[focus] + payload
 
 
 class ServerError(ValueError):
@@ -102,10 +111,11 @@ class ReplyBoxes:
 
 class Server:
     def __init__(self, backend: SegmentBackend, inbox: Mailbox, outbox: Mailbox, state_dir: Path, *,
-                 max_batch: int = 32, max_wait: float = 0.002, max_live_streams: int = 1024,
+                 focus: Mailbox | None = None, max_batch: int = 32, max_wait: float = 0.002, max_live_streams: int = 1024,
                  max_pending: int = 4096, snapshot_interval: float = 5.0, stats_interval: float = 0.5,
                  drain_timeout: float = 30.0, reply_timeout: float = 1.0) -> None:
-        self.backend, self.inbox, self.state_dir = backend, inbox, state_dir
+        self.backend, self.inbox, self.focus, self.state_dir = backend, inbox, focus, state_dir
+        self.lanes = FocusScheduler(focus, inbox) if focus is not None else None
         self.replies = ReplyBoxes(outbox)
         self.max_pending, self.drain_timeout, self.reply_timeout = max_pending, drain_timeout, reply_timeout
         self.snapshot_interval, self.stats_interval = snapshot_interval, stats_interval
@@ -134,7 +144,7 @@ class Server:
             self.journal.done(job.journal_id)
 
     # ---- requests ----
-    def _take(self, payload: bytes, journal_id: int) -> None:
+    def _take(self, payload: bytes, journal_id: int, focus: bool) -> None:
         self.telemetry.on_received()
         try:
             request = decode_request(payload)
@@ -149,23 +159,36 @@ class Server:
             self._send(Job(request, 0.0, -1, journal_id), Response(request_id, Status.BAD_REQUEST, message=str(err)))
             self.telemetry.on_answer("bad_request", 0.0, 0.0, 0)
             return
-        self.engine.submit(request, journal_id)
+        self.engine.submit(request, journal_id, focus=focus)
+
+    def _pop(self, timeout: float) -> tuple[bool, bytes] | None:
+        """(focus?, payload) of the next record: focus first; past max_pending queued, focus only
+        (up to twice that), so a backlog of peripheral work never shuts focus requests out."""
+        queued = len(self.engine.queue)
+        if self.lanes is None:
+            record = self.inbox.pop(timeout=timeout) if queued < self.max_pending else None
+            return None if record is None else (False, record.payload)
+        if queued >= 2 * self.max_pending:
+            return None
+        if queued >= self.max_pending:
+            record = self.focus.pop(timeout=timeout)
+            return None if record is None else (True, record.payload)
+        got = self.lanes.next(timeout)
+        return None if got is None else (got[0] is Lane.FOCUS, got[1].payload)
 
     def _receive(self) -> None:
-        """Take what the inbox holds (up to max_pending queued); block briefly only when there is no work."""
+        """Take what the mailboxes hold; block briefly only when there is no work."""
         hint = self.engine.wait_hint()
         timeout = 0.05 if hint is None else min(hint, 0.05)
-        while len(self.engine.queue) < self.max_pending:
-            record = self.inbox.pop(timeout=timeout)
-            if record is None:
-                return
-            self._take(record.payload, self.journal.begin(record.payload))
+        while (got := self._pop(timeout)) is not None:
+            focus, payload = got
+            self._take(payload, self.journal.begin(journal_entry(payload, focus)), focus)
             timeout = 0
 
     def replay_journal(self) -> int:
         unfinished = self.journal.unfinished()
-        for ident, payload in unfinished:
-            self._take(payload, ident)
+        for ident, entry in unfinished:
+            self._take(entry[1:], ident, entry[:1] == _LANE_TAGS[True])
         if unfinished:
             logger.info("replaying %d requests a previous server took and did not answer", len(unfinished))
         return len(unfinished)
@@ -245,6 +268,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="HRMConfig JSON for a state-dict --model")
     parser.add_argument("--inbox", required=True, help="mailbox the requests arrive on (created if missing)")
     parser.add_argument("--outbox", required=True, help="mailbox for answers to requests without a reply-to")
+    parser.add_argument("--focus-inbox", default=None, help="a second inbox read first, whose requests rank "
+                        "ahead of every --inbox request (created if missing)")
     parser.add_argument("--state-dir", type=Path, default=None, help="carries, journal, stats (default "
                         "$SAGE_STATE_DIR/INBOX or ~/.local/state/sage/INBOX)")
     parser.add_argument("--max-batch", type=int, default=32, help="rows per segment (default 32)")
@@ -278,8 +303,9 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
                            cache_dir=state_dir / "models", threads=args.threads)
     inbox = open_or_create(args.inbox, args.record_size, args.capacity)
     outbox = open_or_create(args.outbox, args.record_size, args.capacity)
+    focus = open_or_create(args.focus_inbox, args.record_size, args.capacity) if args.focus_inbox else None
     try:
-        server = Server(backend, inbox, outbox, state_dir, max_batch=args.max_batch,
+        server = Server(backend, inbox, outbox, state_dir, focus=focus, max_batch=args.max_batch,
                         max_wait=args.max_wait_ms / 1e3, max_live_streams=args.max_streams,
                         snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout)
         if args.metrics_port:
@@ -292,5 +318,6 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
               f"state in {state_dir}", flush=True)
         return server.run()
     finally:
-        inbox.close()
-        outbox.close()
+        for box in (inbox, outbox, focus):
+            if box is not None:
+                box.close()

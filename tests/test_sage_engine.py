@@ -138,6 +138,14 @@ def test_focus_before_periphery_under_a_flood(tmp_path):
     assert len(answers) == 55
 
 
+def test_focus_lane_ranks_ahead_of_any_priority(tmp_path):
+    engine, backend, _ = make_engine(tmp_path, max_batch=1)
+    engine.submit(request(1, priority=100))
+    engine.submit(request(2, priority=-5), focus=True)
+    engine.step()
+    assert backend.batches == [[2]]
+
+
 def test_expired_requests_are_answered_not_dropped(tmp_path):
     clock = Clock()
     engine, _, answers = make_engine(tmp_path, max_batch=1, clock=clock)

@@ -30,11 +30,11 @@ from hrm_jax.config import tiny
 from sage.__main__ import main as sage_main
 from sage.backends import ModelError, OnnxBackend, TorchBackend, load_backend
 from sage.carry import CarryStore
-from sage.client import Client
+from sage.client import Client, ServerUnavailableError
 from sage.journal import Journal
 from sage.mailbox import Mailbox, MailboxNotFoundError
 from sage.protocol import Request, Status, decode_response, encode_request
-from sage.serve import Server, open_or_create
+from sage.serve import Server, journal_entry, open_or_create
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tiny(halt_max_steps=4, H_cycles=2, L_cycles=1, H_layers=1, L_layers=1, hidden_size=32, num_heads=2)
@@ -68,10 +68,13 @@ def puzzles(n: int, seed: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def thread_server(model_path, state_dir, **kwargs):
+def thread_server(model_path, state_dir, capacity=256, focus=False, **kwargs):
     inbox, outbox = name("in"), name("out")
-    in_box, out_box = open_or_create(inbox, 4096, 256), open_or_create(outbox, 4096, 256)
-    server = Server(OnnxBackend(model_path, threads=1), in_box, out_box, Path(state_dir), **kwargs)
+    boxes = [open_or_create(inbox, 4096, capacity), open_or_create(outbox, 4096, capacity)]
+    if focus:
+        boxes.append(open_or_create(inbox + "-focus", 4096, capacity))
+    server = Server(OnnxBackend(model_path, threads=1), *boxes[:2], Path(state_dir),
+                    focus=boxes[2] if focus else None, **kwargs)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -80,7 +83,7 @@ def thread_server(model_path, state_dir, **kwargs):
         server.request_stop()
         thread.join(30)
         assert not thread.is_alive()
-        for box in (in_box, out_box):
+        for box in boxes:
             box.unlink()
             box.close()
 
@@ -103,6 +106,25 @@ def test_answers_equal_the_in_process_solver(model, tmp_path, capsys):
     assert stats["counts"]["answers_ok"] == 25 and stats["batch_size"]["mean"] > 1
     out = capsys.readouterr().out
     assert "ACT steps" in out and len(out.splitlines()) == 10
+
+
+def test_focus_inbox_gets_through_a_flood_that_fills_the_inbox(model, tmp_path):
+    """Priority inside the server is not enough when the periphery fills the inbox ring itself: the
+    focus inbox has its own ring, is read first and ranks ahead, so its request is answered while
+    most of the flood still waits."""
+    _, path = model
+    with thread_server(path, tmp_path, capacity=16, focus=True, max_batch=2, max_pending=8) as (_, inbox), \
+            Client(inbox, focus_inbox=inbox + "-focus") as client:
+        flood = []
+        with contextlib.suppress(ServerUnavailableError):
+            while len(flood) < 200:
+                flood.append(client.submit(puzzles(1, seed=len(flood))[0], block=0.001))
+        assert len(flood) < 200  # the inbox ring is full: further pushes answer FULL
+        urgent = client.submit(puzzles(1, seed=99)[0], focus=True, block=0.001)
+        assert client.wait(urgent, 60).status is Status.OK
+        answered_before = len(client._answers)  # flood answers that arrived while we waited
+        assert answered_before < len(flood) // 2, (answered_before, len(flood))
+        assert all(client.wait(i, 60).status is Status.OK for i in flood)
 
 
 def test_torch_backend_matches_onnx_backend(model):
@@ -150,7 +172,7 @@ def test_journal_replay_answers_what_a_killed_server_had_taken(model, tmp_path):
     reply = Mailbox.create(name("reply"), record_size=4096, capacity=16)
     journal = Journal(tmp_path / "journal.log")
     for i, row in enumerate(inputs):
-        journal.begin(encode_request(Request(100 + i, row, reply_to=reply.name)))
+        journal.begin(journal_entry(encode_request(Request(100 + i, row, reply_to=reply.name))))
     journal.close()
     try:
         with thread_server(path, tmp_path):
