@@ -46,12 +46,22 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 # ---- transports: setup in the parent, sender in the parent, receiver in the forked child ----
 class SageRing:
-    def __init__(self, wait: str):
-        self.name, self.wait = f"sage-{wait}", wait
+    """batch > 1: push_many / pop_many of up to `batch` records per lock."""
+
+    def __init__(self, wait: str, batch: int = 1, checksum: bool = True):
+        self.wait, self.batch, self.checksum = wait, batch, checksum
+        self.name = f"sage-{wait}" + (f"-b{batch}" if batch > 1 else "") + ("" if checksum else "-nocrc")
 
     def setup(self, size: int) -> None:
         self.box_name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.box = Mailbox.create(self.box_name, record_size=size, capacity=1024)
+        self.box = Mailbox.create(self.box_name, record_size=size, capacity=1024, checksum=self.checksum)
+
+    def send_many(self, payloads: list[bytes]) -> None:
+        while payloads:
+            pushed = self.box.push_many(payloads)
+            payloads = payloads[pushed:]
+            if payloads:
+                time.sleep(20e-6)  # full: let the consumer run
 
     def sender(self):
         push = self.box.push
@@ -63,6 +73,8 @@ class SageRing:
 
     def receiver(self):
         box = Mailbox.attach(self.box_name, wait=self.wait)
+        if self.batch > 1:
+            return lambda: [r.payload for r in box.pop_many(self.batch, timeout=math.inf)]
         return lambda: box.pop(timeout=math.inf).payload
 
     def close(self) -> None:
@@ -149,19 +161,33 @@ class Zmq:
 
 
 def record_transports() -> list:
-    transports = [SageRing("spin"), SageRing("adaptive"), SageRing("sleep"), MpQueue(), Pipe()]
+    transports = [SageRing("spin"), SageRing("adaptive"), SageRing("sleep"), SageRing("adaptive", batch=64),
+                  SageRing("adaptive", batch=64, checksum=False), MpQueue(), Pipe()]
     return transports + ([Zmq()] if zmq is not None else [])
 
 
 # ---- one measured run ----
+def _expect(conn, process, seconds: float = 300):
+    """The receiver's next message; an error naming the receiver if it died or hung."""
+    if not conn.poll(seconds):
+        process.kill()
+        raise RuntimeError(f"benchmark receiver {process.pid} sent nothing in {seconds} s "
+                           f"(exit code {process.exitcode})")
+    return conn.recv()
+
+
 def _receive(transport, count: int, conn) -> None:
     recv = transport.receiver()
     conn.send("ready")
     latencies = np.empty(count, dtype=np.int64)
     cpu, wall = time.process_time(), time.monotonic()
-    for i in range(count):
+    i = 0
+    while i < count:
         data = recv()
-        latencies[i] = time.monotonic_ns() - STAMP.unpack_from(data)[0]
+        now = time.monotonic_ns()
+        for one in data if isinstance(data, list) else (data,):
+            latencies[i] = now - STAMP.unpack_from(one)[0]
+            i += 1
     end = time.monotonic_ns()
     conn.send((latencies, end, (time.process_time() - cpu) / (time.monotonic() - wall)))
 
@@ -172,14 +198,19 @@ def run_records(transport, size: int, count: int, pace_s: float) -> dict:
     receiver = CTX.Process(target=_receive, args=(transport, count, child), daemon=True)
     receiver.start()
     try:
-        assert parent.recv() == "ready"
+        _expect(parent, receiver)
         send, filler = transport.sender(), bytes(size - STAMP.size)
+        batch = getattr(transport, "batch", 1) if not pace_s else 1
         start = time.monotonic_ns()
-        for _ in range(count):
-            send(STAMP.pack(time.monotonic_ns()) + filler)
+        for first in range(0, count, batch):
+            if batch > 1:
+                transport.send_many([STAMP.pack(time.monotonic_ns()) + filler
+                                     for _ in range(min(batch, count - first))])
+            else:
+                send(STAMP.pack(time.monotonic_ns()) + filler)
             if pace_s:
                 time.sleep(pace_s)
-        latencies, end, cpu = parent.recv()
+        latencies, end, cpu = _expect(parent, receiver)
         receiver.join(30)
     finally:
         transport.close()
@@ -233,9 +264,9 @@ def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
     receiver = CTX.Process(target=_tensor_receiver, args=(kind, names, count, child, queue, pipe_r), daemon=True)
     receiver.start()
     try:
-        assert parent.recv() == "ready"
+        _expect(parent, receiver)
         _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, names[2])
-        latencies = parent.recv()
+        latencies = _expect(parent, receiver)
         receiver.join(60)
     finally:
         for segment in (box, arena):
@@ -266,7 +297,7 @@ def _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, addres
             stamp = time.monotonic_ns()
             box.push(STAMP.pack(stamp) + arena.put(source, timeout=10).pack(), timeout=math.inf)
         elif kind == "mp.Queue":
-            queue.put((time.monotonic_ns(), source))
+            queue.put((time.monotonic_ns(), source.copy()))  # put pickles later, in a feeder thread
         elif kind == "os.pipe":
             view = memoryview(struct.pack("<QQ", time.monotonic_ns(), nbytes) + source.tobytes())
             while view:

@@ -136,8 +136,7 @@ PBM_COUNTERS_OFFSET = 128
 PBM_COUNTERS = ("write_index", "read_index", "full", "too_big", "expired", "torn", "next_producer",
                 "wake_until_ns")
 PBM_WRITE, PBM_READ, PBM_FULL, PBM_TOO_BIG, PBM_EXPIRED, PBM_TORN, PBM_NEXT_PRODUCER, PBM_WAKE_UNTIL = range(8)
-SLOT_SEQ = struct.Struct("<Q")
-SLOT_CRC_LEN = struct.Struct("<II")  # at slot offset 8
+SLOT_HEAD = struct.Struct("<QII")  # at slot offset 0: seq, crc, length
 SLOT_BODY = struct.Struct("<IIQQQII")  # at slot offset 16: producer .. reserved, 40 bytes
 SLOT_BODY_OFFSET = 16
 
