@@ -48,18 +48,30 @@ Slot i (record position p lives in slot p % capacity) at header_size + i * strid
      56     -  payload
 
 Protocol (memory ordering): every access to the indices, counters and slots happens under an
-exclusive `flock(fd, LOCK_EX)` on the ring file; the lock's acquire and release order the stores,
-and the kernel drops the lock of a process that dies, so a producer killed inside the critical
-section leaves write_index unchanged and its half-written slot is simply overwritten by the next
-one. A producer: lock; if write_index - read_index == capacity answer FULL; write the slot's bytes
-[8, 56 + length) (crc last in program order is not needed: the lock orders it), then seq = p + 1,
-then write_index = p + 1 (the commit point); read wake_until_ns; unlock; if wake_until_ns > now,
-write one byte to the doorbell FIFO `pbm-<name>.bell` (opened O_RDWR | O_NONBLOCK; EAGAIN is fine).
-A consumer: lock; while read_index < write_index: take slot read_index, check seq and crc (a
-mismatch counts torn), check the deadline (past counts expired), copy the payload, then
-read_index += 1 (the commit point); unlock. A sleeping consumer sets wake_until_ns = max(old,
-its wake deadline) under the lock after seeing the ring empty, then waits on the doorbell.
+exclusive `flock(fd, LOCK_EX)` on the ring file (the whole file, per open file description). The
+lock's acquire and release are full barriers, so no other ordering is needed, and the kernel drops
+the lock of a process that dies: a producer killed inside the critical section leaves write_index
+unchanged and its half-written slot is overwritten by the next producer. Indices and counters are
+written with single aligned 8-byte stores, so no reader ever sees half an index.
+
+A producer (p = write_index):
+  1. flock(LOCK_EX); if the state word is not 1, unlock and re-attach.
+  2. if p - read_index == capacity: full += 1, unlock, answer FULL.
+  3. write the slot's bytes [16, 56 + length): body fields, then the payload.
+  4. write crc (PAYLOAD_CRC: crc32 over [16, 56 + length); else over [16, 56)), length, seq = p + 1.
+  5. write_index = p + 1: the commit point. Read wake_until_ns. flock(LOCK_UN).
+  6. if wake_until_ns > now: write one byte to the doorbell FIFO `pbm-<name>.bell` (open it
+     O_RDWR | O_NONBLOCK; EAGAIN means it is already full of rings and can be ignored).
+A consumer (r = read_index):
+  1. flock(LOCK_EX); while r < write_index: read slot r % capacity; if seq != r + 1 or the crc does
+     not match, read_index = r + 1, torn += 1 and go on; if 0 < deadline_ns <= now, read_index =
+     r + 1, expired += 1 and go on; else copy the payload out, read_index = r + 1 (the commit
+     point) and deliver it. flock(LOCK_UN).
+  2. to sleep: under the lock, if the ring is still empty, wake_until_ns = max(wake_until_ns, the
+     time it will wake up by itself); unlock; poll/select the doorbell; read it empty; go to 1.
 A CUDA kernel cannot take flock: a host thread owns the producer side and copies from the device.
+The unlocked read of read_index and write_index that sage does before taking the lock is only a
+hint (an empty ring costs no syscall); the decision is always re-made under the lock.
 
 FTM arena file `ftm-<name>`
 ---------------------------

@@ -5,6 +5,11 @@
     box.push(b"...", tag=7, ttl=0.5)        # PushStatus.OK / FULL / TOO_BIG, never a silent drop
     record = box.pop(timeout=1.0)           # Record(payload, producer, seq, tag, ...) or None
     box.stats()                             # pushed, popped, full, too_big, expired, torn, depth
+    box.push_many([b"a", b"b"]); box.pop_many(64, timeout=1.0)      # one lock per batch
+
+Timeouts everywhere: None or 0 does not wait, a number waits up to that many seconds, math.inf
+waits for ever. A ring that must reach several consumers each (a broadcast) is one ring per
+consumer; one ring shared by several consumers is a work queue.
 
 Guarantees (each is tested in tests/test_sage_mailbox*.py):
 - Delivery: each record is delivered to exactly one consumer (a work queue, not a broadcast), and
@@ -12,14 +17,16 @@ Guarantees (each is tested in tests/test_sage_mailbox*.py):
   ring is FIFO overall). `Record.seq` counts 0, 1, 2, ... per producer so gaps are visible.
 - A record is delivered when `pop` returns it. A consumer killed inside `pop` (before its commit
   store) leaves the record on the ring for the next consumer; one killed after `pop` returned has
-  taken the record with it: acknowledge at the application level when that matters.
+  taken the record with it (for `pop_many`: the whole batch): acknowledge at the application level
+  when that matters.
 - A producer killed at any point, even holding the lock in the middle of writing, exposes no torn or
   stale record (its slot is not committed and is overwritten) and blocks nobody (the kernel drops
   its flock). A consumer that dies or stops never wedges producers: they get FULL, or wait at most
   their timeout.
 - No silent drop: a full ring answers FULL, an oversized payload TOO_BIG, both counted; a record
   whose ttl passed before it was popped is counted in `expired` and not delivered; a slot whose
-  seq or CRC does not match (foreign corruption) is counted in `torn` and not delivered.
+  seq or CRC32 does not match (foreign corruption) is counted in `torn` and not delivered. The CRC
+  covers the slot's header fields and, unless the ring was created with checksum=False, the payload.
 - Stale segments: a create over a ring whose creator is dead (pid gone, pid reused, or another boot)
   retires and replaces it (`stale="reset"`) or takes it over with its records (`stale="adopt"`);
   a create over a live one raises MailboxExistsError. Handles still mapping a retired ring raise

@@ -338,3 +338,11 @@ class MailboxModel(RuleBasedStateMachine):
 MailboxModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_mailbox_against_deque_model = MailboxModel.TestCase
+
+
+def test_sage_imports_without_jax_or_torch():
+    code = ("import sys; import sage.mailbox, sage.ftm, sage.schedule, sage.layout; "
+            "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"
