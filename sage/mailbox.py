@@ -37,7 +37,7 @@ Guarantees (each is tested in tests/test_sage_mailbox*.py):
   killed between the index store and its counter store (a few instructions) leaves one counter one
   off. A stopped (SIGSTOP) process holding the lock stalls the others until it continues.
 
-Waiting: `wait="spin"` polls (lowest latency, one core busy while waiting), `"sleep"` parks on the
+Waiting: `wait="spin"` polls with sched_yield (lowest latency, one core busy while waiting), `"sleep"` parks on the
 ring's doorbell FIFO at once (no core used, a wake-up costs a context switch), `"adaptive"` (the
 default) polls for `spin_us` then sleeps. A producer blocked on FULL (push with a timeout) backs off
 with sleeps of 50 us to 1 ms. The binary layout and the protocol a C producer follows are in
@@ -483,6 +483,9 @@ class Mailbox:
             if now >= deadline_ns:
                 return None
             if now < spin_until:
+                # Yield while polling: on an idle core it returns at once, on a busy machine it lets
+                # the producer we are waiting for run instead of burning our whole time slice.
+                os.sched_yield()
                 continue
             wake_at = min(deadline_ns, now + _SLEEP_SLICE_NS)
             if self.arm_doorbell(wake_at):
