@@ -25,6 +25,7 @@ import pathlib
 import platform
 import statistics
 import struct
+import subprocess
 import sys
 import time
 import uuid
@@ -315,9 +316,25 @@ def median_of(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "cpu_model": _cpu_model(), "commit": _commit(),
             "python": platform.python_version(), "numpy": np.__version__,
             "zmq": None if zmq is None else zmq.__version__, "loadavg_at_start": load}
 
@@ -334,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "repeats": args.repeats, "records": [], "tensor_1mib": [], "tensor_sweep": []}
     print(f"# {result['machine']}  repeats={args.repeats} (medians)")
-    print(f"{'transport':<14} {'size':>6} {'records/s':>11} {'p50 us':>8} {'p99 us':>8} {'rx cpu':>7}")
+    print(f"{'transport':<24} {'size':>6} {'records/s':>11} {'p50 us':>8} {'p99 us':>8} {'rx cpu':>7}")
     for size in (64, 4096):
         for transport in record_transports():
             throughput = median_of([run_records(transport, size, int(20000 * scale), 0)
@@ -344,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"transport": transport.name, "size": size, "records_per_s": throughput["records_per_s"],
                    "p50_us": latency["p50_us"], "p99_us": latency["p99_us"], "receiver_cpu": latency["receiver_cpu"]}
             result["records"].append(row)
-            print(f"{row['transport']:<14} {size:>6} {row['records_per_s']:>11.0f} {row['p50_us']:>8.1f} "
+            print(f"{row['transport']:<24} {size:>6} {row['records_per_s']:>11.0f} {row['p50_us']:>8.1f} "
                   f"{row['p99_us']:>8.1f} {row['receiver_cpu']:>6.0%}", flush=True)
     kinds = ["sage-ftm", "sage-ftm-put", "mp.Queue", "os.pipe"] + (["zmq ipc://"] if zmq is not None else [])
     print(f"\n{'1 MiB tensor':<14} {'p50 us':>8} {'p99 us':>8}")
@@ -365,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{kind:<14} " + " ".join(f"{c:>9.1f}" for c in cells), flush=True)
     out = args.out or RESULTS / f"mailbox-cpu{os.cpu_count()}-{datetime.date.today().isoformat()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")
     return 0
