@@ -6,7 +6,7 @@ process on the machine shares the clock). CRC32 is zlib's (the IEEE polynomial, 
 
 PBM ring file `pbm-<name>` (in /dev/shm, else the temp directory)
 -----------------------------------------------------------------
-Header, 4096 bytes; the immutable part [0, 72) is covered by `header_crc`:
+Header, 4096 bytes; the immutable part [0, 80) is covered by `header_crc`:
 
     off  size  field
       0     4  magic            b"PBM1"
@@ -19,8 +19,10 @@ Header, 4096 bytes; the immutable part [0, 72) is covered by `header_crc`:
      40     8  creator_pid      u64
      48     8  creator_start    u64, clock ticks since boot (/proc/<pid>/stat field 22)
      56    16  boot_id          the creator's /proc/sys/kernel/random/boot_id as 16 raw bytes
-     72     4  header_crc       u32, crc32 of bytes [0, 72)
-     76     4  state            u32: 1 live, 2 retired (recreated or unlinked: handles must re-attach)
+     72     4  flags            u32, bit 0 PAYLOAD_CRC: slot crc covers the payload too (else bytes [16, 56))
+     76     4  reserved         0
+     80     4  header_crc       u32, crc32 of bytes [0, 80)
+     84     4  state            u32: 1 live, 2 retired (recreated or unlinked: handles must re-attach)
     128     8  write_index      u64, records ever published (= pushed)
     136     8  read_index       u64, records ever taken off the ring (popped + expired + torn)
     144     8  full             u64, pushes answered FULL
@@ -34,7 +36,7 @@ Slot i (record position p lives in slot p % capacity) at header_size + i * strid
 
     off  size  field
       0     8  seq              u64 = p + 1 once the record at position p is written (0: never)
-      8     4  crc              u32, crc32 of bytes [16, 56 + length) of this slot
+      8     4  crc              u32, crc32 of bytes [16, 56 + length) (PAYLOAD_CRC) or [16, 56) of this slot
      12     4  length           u32, payload bytes
      16     4  producer         u32, producer id (from next_producer)
      20     4  pid              u32, producer process id
@@ -46,22 +48,34 @@ Slot i (record position p lives in slot p % capacity) at header_size + i * strid
      56     -  payload
 
 Protocol (memory ordering): every access to the indices, counters and slots happens under an
-exclusive `flock(fd, LOCK_EX)` on the ring file; the lock's acquire and release order the stores,
-and the kernel drops the lock of a process that dies, so a producer killed inside the critical
-section leaves write_index unchanged and its half-written slot is simply overwritten by the next
-one. A producer: lock; if write_index - read_index == capacity answer FULL; write the slot's bytes
-[8, 56 + length) (crc last in program order is not needed: the lock orders it), then seq = p + 1,
-then write_index = p + 1 (the commit point); read wake_until_ns; unlock; if wake_until_ns > now,
-write one byte to the doorbell FIFO `pbm-<name>.bell` (opened O_RDWR | O_NONBLOCK; EAGAIN is fine).
-A consumer: lock; while read_index < write_index: take slot read_index, check seq and crc (a
-mismatch counts torn), check the deadline (past counts expired), copy the payload, then
-read_index += 1 (the commit point); unlock. A sleeping consumer sets wake_until_ns = max(old,
-its wake deadline) under the lock after seeing the ring empty, then waits on the doorbell.
+exclusive `flock(fd, LOCK_EX)` on the ring file (the whole file, per open file description). The
+lock's acquire and release are full barriers, so no other ordering is needed, and the kernel drops
+the lock of a process that dies: a producer killed inside the critical section leaves write_index
+unchanged and its half-written slot is overwritten by the next producer. Indices and counters are
+written with single aligned 8-byte stores, so no reader ever sees half an index.
+
+A producer (p = write_index):
+  1. flock(LOCK_EX); if the state word is not 1, unlock and re-attach.
+  2. if p - read_index == capacity: full += 1, unlock, answer FULL.
+  3. write the slot's bytes [16, 56 + length): body fields, then the payload.
+  4. write crc (PAYLOAD_CRC: crc32 over [16, 56 + length); else over [16, 56)), length, seq = p + 1.
+  5. write_index = p + 1: the commit point. Read wake_until_ns. flock(LOCK_UN).
+  6. if wake_until_ns > now: write one byte to the doorbell FIFO `pbm-<name>.bell` (open it
+     O_RDWR | O_NONBLOCK; EAGAIN means it is already full of rings and can be ignored).
+A consumer (r = read_index):
+  1. flock(LOCK_EX); while r < write_index: read slot r % capacity; if seq != r + 1 or the crc does
+     not match, read_index = r + 1, torn += 1 and go on; if 0 < deadline_ns <= now, read_index =
+     r + 1, expired += 1 and go on; else copy the payload out, read_index = r + 1 (the commit
+     point) and deliver it. flock(LOCK_UN).
+  2. to sleep: under the lock, if the ring is still empty, wake_until_ns = max(wake_until_ns, the
+     time it will wake up by itself); unlock; poll/select the doorbell; read it empty; go to 1.
 A CUDA kernel cannot take flock: a host thread owns the producer side and copies from the device.
+The unlocked read of read_index and write_index that sage does before taking the lock is only a
+hint (an empty ring costs no syscall); the decision is always re-made under the lock.
 
 FTM arena file `ftm-<name>`
 ---------------------------
-Header, 4096 bytes ([0, 72) covered by header_crc, as for PBM):
+Header, 4096 bytes ([0, 80) covered by header_crc, as for PBM):
 
     off  size  field
       0     4  magic            b"FTM1"
@@ -72,8 +86,9 @@ Header, 4096 bytes ([0, 72) covered by header_crc, as for PBM):
      24     8  buffers          u64
      32     8  data_offset      u64, page-aligned start of buffer 0 (buffer i at data_offset + i * buffer_size)
      40    32  creator_pid, creator_start, boot_id as in PBM (40, 48, 56)
-     72     4  header_crc
-     76     4  state            1 live, 2 retired
+     72     8  flags, reserved  0, 0
+     80     4  header_crc       u32, crc32 of bytes [0, 80)
+     84     4  state            1 live, 2 retired
     128     8  allocs, published, opened, released, reclaimed, expired, exhausted (u64 each, 128..184)
 
 Table entry for buffer i at header_size + i * 256:
@@ -125,15 +140,15 @@ STATE_RETIRED = 2
 # ---- PBM ----
 PBM_MAGIC = b"PBM1"
 PBM_SLOT_HEADER = 56
-PBM_FIXED = struct.Struct("<4sIIIQQQQQ16s")  # [0, 72): magic .. boot_id
-PBM_HEADER_CRC = 72
-PBM_STATE = 76
+PBM_FIXED = struct.Struct("<4sIIIQQQQQ16sII")  # [0, 80): magic .. boot_id, flags, reserved
+PBM_HEADER_CRC = 80
+PBM_STATE = 84
+PBM_PAYLOAD_CRC = 1
 PBM_COUNTERS_OFFSET = 128
 PBM_COUNTERS = ("write_index", "read_index", "full", "too_big", "expired", "torn", "next_producer",
                 "wake_until_ns")
 PBM_WRITE, PBM_READ, PBM_FULL, PBM_TOO_BIG, PBM_EXPIRED, PBM_TORN, PBM_NEXT_PRODUCER, PBM_WAKE_UNTIL = range(8)
-SLOT_SEQ = struct.Struct("<Q")
-SLOT_CRC_LEN = struct.Struct("<II")  # at slot offset 8
+SLOT_HEAD = struct.Struct("<QII")  # at slot offset 0: seq, crc, length
 SLOT_BODY = struct.Struct("<IIQQQII")  # at slot offset 16: producer .. reserved, 40 bytes
 SLOT_BODY_OFFSET = 16
 
@@ -144,9 +159,9 @@ def pbm_stride(record_size: int) -> int:
 
 # ---- FTM ----
 FTM_MAGIC = b"FTM1"
-FTM_FIXED = struct.Struct("<4sIIIQQQQQ16s")  # [0, 72): magic .. boot_id
-FTM_HEADER_CRC = 72
-FTM_STATE = 76
+FTM_FIXED = PBM_FIXED  # the same prefix shape
+FTM_HEADER_CRC = PBM_HEADER_CRC
+FTM_STATE = PBM_STATE
 FTM_COUNTERS_OFFSET = 128
 FTM_COUNTERS = ("allocs", "published", "opened", "released", "reclaimed", "expired", "exhausted")
 FTM_ENTRY_SIZE = 256

@@ -5,6 +5,11 @@
     box.push(b"...", tag=7, ttl=0.5)        # PushStatus.OK / FULL / TOO_BIG, never a silent drop
     record = box.pop(timeout=1.0)           # Record(payload, producer, seq, tag, ...) or None
     box.stats()                             # pushed, popped, full, too_big, expired, torn, depth
+    box.push_many([b"a", b"b"]); box.pop_many(64, timeout=1.0)      # one lock per batch
+
+Timeouts everywhere: None or 0 does not wait, a number waits up to that many seconds, math.inf
+waits for ever. A ring that must reach several consumers each (a broadcast) is one ring per
+consumer; one ring shared by several consumers is a work queue.
 
 Guarantees (each is tested in tests/test_sage_mailbox*.py):
 - Delivery: each record is delivered to exactly one consumer (a work queue, not a broadcast), and
@@ -12,14 +17,16 @@ Guarantees (each is tested in tests/test_sage_mailbox*.py):
   ring is FIFO overall). `Record.seq` counts 0, 1, 2, ... per producer so gaps are visible.
 - A record is delivered when `pop` returns it. A consumer killed inside `pop` (before its commit
   store) leaves the record on the ring for the next consumer; one killed after `pop` returned has
-  taken the record with it: acknowledge at the application level when that matters.
+  taken the record with it (for `pop_many`: the whole batch): acknowledge at the application level
+  when that matters.
 - A producer killed at any point, even holding the lock in the middle of writing, exposes no torn or
   stale record (its slot is not committed and is overwritten) and blocks nobody (the kernel drops
   its flock). A consumer that dies or stops never wedges producers: they get FULL, or wait at most
   their timeout.
 - No silent drop: a full ring answers FULL, an oversized payload TOO_BIG, both counted; a record
   whose ttl passed before it was popped is counted in `expired` and not delivered; a slot whose
-  seq or CRC does not match (foreign corruption) is counted in `torn` and not delivered.
+  seq or CRC32 does not match (foreign corruption) is counted in `torn` and not delivered. The CRC
+  covers the slot's header fields and, unless the ring was created with checksum=False, the payload.
 - Stale segments: a create over a ring whose creator is dead (pid gone, pid reused, or another boot)
   retires and replaces it (`stale="reset"`) or takes it over with its records (`stale="adopt"`);
   a create over a live one raises MailboxExistsError. Handles still mapping a retired ring raise
@@ -30,7 +37,7 @@ Guarantees (each is tested in tests/test_sage_mailbox*.py):
   killed between the index store and its counter store (a few instructions) leaves one counter one
   off. A stopped (SIGSTOP) process holding the lock stalls the others until it continues.
 
-Waiting: `wait="spin"` polls (lowest latency, one core busy while waiting), `"sleep"` parks on the
+Waiting: `wait="spin"` polls with sched_yield (lowest latency, one core busy while waiting), `"sleep"` parks on the
 ring's doorbell FIFO at once (no core used, a wake-up costs a context switch), `"adaptive"` (the
 default) polls for `spin_us` then sleeps. A producer blocked on FULL (push with a timeout) backs off
 with sleeps of 50 us to 1 ms. The binary layout and the protocol a C producer follows are in
@@ -48,6 +55,7 @@ import os
 import select
 import sys
 import time
+import typing
 import weakref
 import zlib
 from collections.abc import Callable
@@ -66,8 +74,7 @@ from sage.layout import (
     PBM_WRITE,
     SLOT_BODY,
     SLOT_BODY_OFFSET,
-    SLOT_CRC_LEN,
-    SLOT_SEQ,
+    SLOT_HEAD,
 )
 from sage.shm import FileLock, ProcessId, segment_path
 
@@ -97,8 +104,7 @@ class PushStatus(enum.Enum):
     TOO_BIG = "too_big"
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Record:
+class Record(typing.NamedTuple):  # a NamedTuple: built 3x faster than a frozen dataclass
     payload: bytes
     producer: int  # producer id, unique per producer handle on this ring
     seq: int  # 0, 1, 2, ... per producer
@@ -168,8 +174,10 @@ class Mailbox:
     # ---- life cycle ----
     @classmethod
     def create(cls, name: str, *, record_size: int, capacity: int, stale: str = "reset",
-               wait: str = "adaptive", spin_us: float = 50.0) -> Mailbox:
-        """Create the ring `name` holding `capacity` records of up to `record_size` payload bytes."""
+               wait: str = "adaptive", spin_us: float = 50.0, checksum: bool = True) -> Mailbox:
+        """Create the ring `name` holding `capacity` records of up to `record_size` payload bytes.
+        checksum=False leaves payloads out of the slot CRC (the 40 header bytes stay covered): the
+        commit protocol already hides torn writes, and zlib's CRC32 costs ~1 us per KB here."""
         _check_geometry(record_size, capacity)
         _check_wait(wait, spin_us)
         path = segment_path("pbm", name)
@@ -179,14 +187,15 @@ class Mailbox:
         except FileExistsError:
             pass
         stride = layout.pbm_stride(record_size)
+        flags = layout.PBM_PAYLOAD_CRC if checksum else 0
 
         def init(mm: mmap.mmap) -> None:
             segment.write_header(mm, segment.Header(layout.PBM_MAGIC, layout.VERSION, layout.HEADER_SIZE,
                                                     PBM_SLOT_HEADER, record_size, stride, capacity,
-                                                    ProcessId.current()))
+                                                    ProcessId.current(), flags))
 
         def compatible(header: segment.Header) -> bool:
-            return (header.a, header.c) == (record_size, capacity)
+            return (header.a, header.c, header.flags) == (record_size, capacity, flags)
 
         opened = segment.create_new(path, layout.HEADER_SIZE + capacity * stride, init, "mailbox", name,
                                     stale=stale, compatible=compatible, magic=layout.PBM_MAGIC)
@@ -217,6 +226,7 @@ class Mailbox:
             raise
         self.record_size, self.stride, self.capacity = header.a, header.b, header.c
         self.creator = header.creator
+        self.checksum = bool(header.flags & layout.PBM_PAYLOAD_CRC)
         self.wait, self.spin_us = wait, spin_us
         self._view = memoryview(self._mm)
         # Typed memoryviews: an item store is one native 8-byte store (a memcpy of constant size), so
@@ -239,7 +249,8 @@ class Mailbox:
         size = len(self._mm)
         ok = (header.header_size == layout.HEADER_SIZE and header.u32_field == PBM_SLOT_HEADER
               and 1 <= header.a <= MAX_RECORD_SIZE and header.b == layout.pbm_stride(header.a)
-              and 1 <= header.c <= MAX_CAPACITY and size == layout.HEADER_SIZE + header.c * header.b)
+              and 1 <= header.c <= MAX_CAPACITY and size == layout.HEADER_SIZE + header.c * header.b
+              and header.flags & ~layout.PBM_PAYLOAD_CRC == 0)
         if not ok:
             raise MailboxCorruptError(f"{self.path}: header geometry (record_size {header.a}, stride {header.b}, "
                                       f"capacity {header.c}) does not match the file's {size} bytes; remove it "
@@ -304,64 +315,99 @@ class Mailbox:
         self._check_open()
         if type(payload) is not bytes:
             payload = memoryview(payload).cast("B")
-        if not isinstance(tag, int) or not 0 <= tag < _U32:
-            raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
-        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl >= 0 and math.isfinite(ttl)):
-            raise ValueError(f"ttl must be None or a finite number of seconds >= 0, got {ttl!r}")
+        deadline = self._deadline(tag, ttl)
         if len(payload) > self.record_size:
             with self._lock:
                 self._check_live()
                 self._ctr[PBM_TOO_BIG] += 1
             return PushStatus.TOO_BIG
-        now = self._clock()
-        deadline = 0 if ttl is None else max(1, now + int(ttl * 1e9))
         if not timeout:
-            return self._try_push(payload, tag, deadline, now, count_full=True)
+            return self._try_push(payload, tag, deadline, count_full=True)
         give_up = time.monotonic() + timeout
         pause = 50e-6
         while True:
             last = time.monotonic() >= give_up
-            status = self._try_push(payload, tag, deadline, now, count_full=last)
+            status = self._try_push(payload, tag, deadline, count_full=last)
             if status is PushStatus.OK or last:
                 return status
             time.sleep(min(pause, max(0.0, give_up - time.monotonic())))
             pause = min(pause * 2, 1e-3)
 
-    def _try_push(self, payload, tag: int, deadline: int, now: int, count_full: bool) -> PushStatus:
-        ctr, mm, n = self._ctr, self._mm, len(payload)
+    def _try_push(self, payload, tag: int, deadline: int, count_full: bool) -> PushStatus:
         with self._lock:
             self._check_live()
-            w = ctr[PBM_WRITE]
-            if w - ctr[PBM_READ] >= self.capacity:
+            if not self._write_locked(payload, tag, deadline):
                 if count_full:
-                    ctr[PBM_FULL] += 1
+                    self._ctr[PBM_FULL] += 1
                 return PushStatus.FULL
-            if self._producer is None:
-                self._producer = ctr[PBM_NEXT_PRODUCER] % _U32
-                ctr[PBM_NEXT_PRODUCER] += 1
-            off = layout.HEADER_SIZE + (w % self.capacity) * self.stride
-            body = SLOT_BODY.pack(self._producer, self._pid % _U32, self._producer_seq, time.monotonic_ns(),
-                                  deadline, tag, 0)
-            start = off + PBM_SLOT_HEADER
-            mm[off + SLOT_BODY_OFFSET:start] = body
-            if self._test_hook is None:
-                mm[start:start + n] = payload
-            else:
-                half = n // 2
-                mm[start:start + half] = payload[:half]
-                self._test_hook("push")
-                mm[start + half:start + n] = payload[half:]
-            SLOT_CRC_LEN.pack_into(mm, off + 8, zlib.crc32(payload, zlib.crc32(body)), n)
-            SLOT_SEQ.pack_into(mm, off, w + 1)
-            ctr[PBM_WRITE] = w + 1  # the commit point: one aligned 8-byte store
-            self._producer_seq += 1
-            wake_until = ctr[PBM_WAKE_UNTIL]
+            wake_until = self._ctr[PBM_WAKE_UNTIL]
+        self._ring_if_asked(wake_until)
+        return PushStatus.OK
+
+    def push_many(self, payloads, *, tag: int = 0, ttl: float | None = None) -> int:
+        """Push payloads in order under one lock until the ring is full; returns how many went in
+        (the rest were not pushed and are counted once in `full`). Raises ValueError, pushing
+        nothing, when one is larger than record_size."""
+        self._check_open()
+        payloads = [p if type(p) is bytes else memoryview(p).cast("B") for p in payloads]
+        too_big = next((i for i, p in enumerate(payloads) if len(p) > self.record_size), None)
+        if too_big is not None:
+            raise ValueError(f"payload {too_big} is {len(payloads[too_big])} bytes, more than mailbox "
+                             f"{self.name!r}'s record_size {self.record_size}")
+        deadline = self._deadline(tag, ttl)
+        pushed = 0
+        with self._lock:
+            self._check_live()
+            for payload in payloads:
+                if not self._write_locked(payload, tag, deadline):
+                    self._ctr[PBM_FULL] += 1
+                    break
+                pushed += 1
+            wake_until = self._ctr[PBM_WAKE_UNTIL]
+        if pushed:
+            self._ring_if_asked(wake_until)
+        return pushed
+
+    def _deadline(self, tag: int, ttl: float | None) -> int:
+        if not isinstance(tag, int) or not 0 <= tag < _U32:
+            raise ValueError(f"tag must be an int in [0, 2**32), got {tag!r}")
+        if ttl is not None and not (isinstance(ttl, (int, float)) and ttl >= 0 and math.isfinite(ttl)):
+            raise ValueError(f"ttl must be None or a finite number of seconds >= 0, got {ttl!r}")
+        return 0 if ttl is None else max(1, self._clock() + int(ttl * 1e9))
+
+    def _write_locked(self, payload, tag: int, deadline: int) -> bool:
+        """Write and commit one record at write_index; False if the ring is full. Lock held."""
+        ctr, mm, n = self._ctr, self._mm, len(payload)
+        w = ctr[PBM_WRITE]
+        if w - ctr[PBM_READ] >= self.capacity:
+            return False
+        if self._producer is None:
+            self._producer = ctr[PBM_NEXT_PRODUCER] % _U32
+            ctr[PBM_NEXT_PRODUCER] += 1
+        off = layout.HEADER_SIZE + (w % self.capacity) * self.stride
+        body = SLOT_BODY.pack(self._producer, self._pid % _U32, self._producer_seq, time.monotonic_ns(),
+                              deadline, tag, 0)
+        start = off + PBM_SLOT_HEADER
+        mm[off + SLOT_BODY_OFFSET:start] = body
+        if self._test_hook is None:
+            mm[start:start + n] = payload
+        else:
+            half = n // 2
+            mm[start:start + half] = payload[:half]
+            self._test_hook("push")
+            mm[start + half:start + n] = payload[half:]
+        crc = zlib.crc32(payload, zlib.crc32(body)) if self.checksum else zlib.crc32(body)
+        SLOT_HEAD.pack_into(mm, off, w + 1, crc, n)  # seq, crc, length: ordered by the lock
+        ctr[PBM_WRITE] = w + 1  # the commit point: one aligned 8-byte store
+        self._producer_seq += 1
+        return True
+
+    def _ring_if_asked(self, wake_until: int) -> None:
         if wake_until > time.monotonic_ns():
             try:
                 os.write(self._bell, b"\x01")
             except BlockingIOError:
                 pass  # the doorbell already holds 64 KiB of rings: waiters will wake anyway
-        return PushStatus.OK
 
     # ---- consumer side ----
     def pop(self, timeout: float | None = None) -> Record | None:
@@ -389,10 +435,10 @@ class Mailbox:
             if r >= ctr[PBM_WRITE]:
                 return None
             off = layout.HEADER_SIZE + (r % self.capacity) * self.stride
-            seq = SLOT_SEQ.unpack_from(mm, off)[0]
-            crc, n = SLOT_CRC_LEN.unpack_from(mm, off + 8)
+            seq, crc, n = SLOT_HEAD.unpack_from(mm, off)
             start = off + PBM_SLOT_HEADER
-            if seq != r + 1 or n > self.record_size or zlib.crc32(view[off + SLOT_BODY_OFFSET:start + n]) != crc:
+            covered = start + n if self.checksum else start
+            if seq != r + 1 or n > self.record_size or zlib.crc32(view[off + SLOT_BODY_OFFSET:covered]) != crc:
                 log.warning("mailbox %r: slot for record %d failed its seq/crc check; dropped", self.name, r)
                 ctr[PBM_READ] = r + 1
                 ctr[PBM_TORN] += 1
@@ -408,6 +454,24 @@ class Mailbox:
             ctr[PBM_READ] = r + 1  # the commit point
             return Record(payload, producer, pseq, tag, pid, pushed_ns, deadline)
 
+    def pop_many(self, max_records: int, timeout: float | None = None) -> list[Record]:
+        """Take up to `max_records` records under one lock (waiting up to `timeout` for the first).
+        They are claimed at once: a consumer killed before using them has taken them all."""
+        if not isinstance(max_records, int) or max_records < 1:
+            raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
+        first = self.pop(timeout)
+        if first is None:
+            return []
+        records = [first]
+        with self._lock:
+            self._check_live()
+            while len(records) < max_records:
+                record = self._take_locked()
+                if record is None:
+                    break
+                records.append(record)
+        return records
+
     def _wait_pop(self, deadline_ns: int) -> Record | None:
         spin_ns = {"spin": 1 << 62, "sleep": 0, "adaptive": int(self.spin_us * 1e3)}[self.wait]
         spin_until = time.monotonic_ns() + spin_ns
@@ -419,6 +483,9 @@ class Mailbox:
             if now >= deadline_ns:
                 return None
             if now < spin_until:
+                # Yield while polling: on an idle core it returns at once, on a busy machine it lets
+                # the producer we are waiting for run instead of burning our whole time slice.
+                os.sched_yield()
                 continue
             wake_at = min(deadline_ns, now + _SLEEP_SLICE_NS)
             if self.arm_doorbell(wake_at):

@@ -1,8 +1,8 @@
 """A shared segment file's life: atomic creation, validation at attach, stale-owner recovery.
 
-Both segment kinds (PBM rings, FTM arenas) start with the same 72-byte immutable prefix shape
-(magic, version, sizes, creator pid / start time / boot id) guarded by a CRC32 at byte 72 and a u32
-state word at byte 76 (see sage.layout). A new segment is written to a private temp file and then
+Both segment kinds (PBM rings, FTM arenas) start with the same 80-byte immutable prefix shape
+(magic, version, sizes, creator pid / start time / boot id, flags) guarded by a CRC32 at byte 80 and
+a u32 state word at byte 84 (see sage.layout). A new segment is written to a private temp file and then
 hard-linked under its name, so no process ever opens a half-initialised header; a creator that dies
 before the link leaves only a temp file that the next create removes.
 """
@@ -50,7 +50,7 @@ class SegmentRetiredError(SegmentError):
 
 @dataclasses.dataclass(frozen=True)
 class Header:
-    """The immutable prefix: magic, version, three u32 and five u64 fields, the boot id."""
+    """The immutable prefix: magic, version, three u32 and five u64 fields, the boot id, flags."""
 
     magic: bytes
     version: int
@@ -60,10 +60,12 @@ class Header:
     b: int  # PBM: stride; FTM: buffers
     c: int  # PBM: capacity; FTM: data_offset
     creator: ProcessId
+    flags: int = 0
 
     def pack(self) -> bytes:
         return layout.PBM_FIXED.pack(self.magic, self.version, self.header_size, self.u32_field, self.a,
-                                     self.b, self.c, self.creator.pid, self.creator.start, self.creator.boot)
+                                     self.b, self.c, self.creator.pid, self.creator.start, self.creator.boot,
+                                     self.flags, 0)
 
 
 def write_header(mm: mmap.mmap, header: Header) -> None:
@@ -90,7 +92,7 @@ def read_header(mm: mmap.mmap, path: pathlib.Path, magic: bytes, what: str) -> H
         raise SegmentCorruptError(f"{path}: header checksum mismatch (the header was overwritten); "
                                   f"remove it and create the {what} again")
     return Header(fields[0], fields[1], fields[2], fields[3], fields[4], fields[5], fields[6],
-                  ProcessId(fields[7], fields[8], fields[9]))
+                  ProcessId(fields[7], fields[8], fields[9]), fields[10])
 
 
 def state(mm: mmap.mmap) -> int:

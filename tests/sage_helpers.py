@@ -24,7 +24,7 @@ def rewrite_header(path, **fields) -> None:
     """Change fields of a segment's immutable prefix and re-seal its CRC (a well-formed header that
     says something else), e.g. rewrite_header(p, creator_pid=1)."""
     names = ("magic", "version", "header_size", "u32_field", "a", "b", "c", "creator_pid", "creator_start",
-             "boot_id")
+             "boot_id", "flags", "reserved")
     with open(path, "r+b") as f:
         raw = f.read(layout.PBM_FIXED.size)
         values = dict(zip(names, layout.PBM_FIXED.unpack(raw), strict=True))

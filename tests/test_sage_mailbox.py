@@ -37,7 +37,7 @@ def name():
 
 def test_layout_constants_are_version_1():
     assert layout.VERSION == 1 and layout.PBM_MAGIC == b"PBM1" and layout.FTM_MAGIC == b"FTM1"
-    assert layout.PBM_FIXED.size == layout.PBM_HEADER_CRC == 72 and layout.PBM_STATE == 76
+    assert layout.PBM_FIXED.size == layout.PBM_HEADER_CRC == 80 and layout.PBM_STATE == 84
     assert layout.SLOT_BODY_OFFSET + layout.SLOT_BODY.size == layout.PBM_SLOT_HEADER == 56
     assert layout.DESCRIPTOR.size == 128 and layout.FTM_LEASE_OFFSET + 24 * layout.FTM_LEASES == layout.FTM_ENTRY_SIZE
     assert [layout.pbm_stride(n) for n in (1, 8, 9, 64, 4096)] == [64, 64, 128, 128, 4160]
@@ -54,8 +54,9 @@ def test_file_bytes_match_the_documented_offsets(name):
         "<4sIIIQQQQ", raw, 0)
     assert (magic, version, header_size, slot_header) == (b"PBM1", 1, 4096, 56)
     assert (record_size, stride, capacity, pid) == (100, 192, 3, os.getpid())
-    assert struct.unpack_from("<I", raw, 72)[0] == zlib.crc32(raw[:72])
-    assert struct.unpack_from("<I", raw, 76)[0] == 1
+    assert struct.unpack_from("<II", raw, 72) == (1, 0)  # flags: PAYLOAD_CRC
+    assert struct.unpack_from("<I", raw, 80)[0] == zlib.crc32(raw[:80])
+    assert struct.unpack_from("<I", raw, 84)[0] == 1
     assert struct.unpack_from("<8Q", raw, 128)[:2] == (2, 1)  # write_index, read_index
     slot = 4096 + 1 * 192
     seq, crc, length = struct.unpack_from("<QII", raw, slot)
@@ -146,6 +147,30 @@ def test_torn_slot_is_counted_and_not_delivered(name):
     assert [box.pop().payload, box.pop().payload, box.pop()] == [b"first", b"third", None]
     stats = box.stats()
     assert (stats.pushed, stats.popped, stats.torn, stats.depth) == (3, 2, 1, 0)
+    box.close()
+
+
+def test_without_payload_checksum_the_header_stays_covered(name):
+    box = Mailbox.create(name, record_size=32, capacity=4, checksum=False)
+    assert Mailbox.attach(name).checksum is False
+    box.push(b"payload")
+    box.push(b"second")
+    with open(segment_path("pbm", name), "r+b") as f:
+        f.seek(4096 + 56)  # a payload byte: not covered, delivered as written
+        f.write(b"P")
+        f.seek(4096 + 128 + 48)  # the second record's tag: covered
+        f.write(b"\x07")
+    assert box.pop().payload == b"Payload" and box.pop() is None and box.stats().torn == 1
+    box.close()
+
+
+def test_batches_keep_order_and_report_full(name):
+    box = Mailbox.create(name, record_size=8, capacity=3)
+    assert box.push_many([b"a", b"b", b"c", b"d"]) == 3 and box.stats().full == 1
+    assert [r.payload for r in box.pop_many(2)] == [b"a", b"b"]
+    assert [r.seq for r in box.pop_many(5)] == [2] and box.pop_many(5) == []
+    with pytest.raises(ValueError, match="max_records"):
+        box.pop_many(0)
     box.close()
 
 
@@ -249,18 +274,46 @@ class MailboxModel(RuleBasedStateMachine):
         assert status is expected
         self.counts[expected] += 1
 
-    @rule(consumer=st.integers(2, 3))
-    def pop(self, consumer):
-        record = self.boxes[consumer].pop()
+    @rule(producer=st.integers(0, 1), payloads=st.lists(st.binary(max_size=18), max_size=4),
+          ttl=st.sampled_from([None, 1]))
+    def push_many(self, producer, payloads, ttl):
+        if any(len(p) > 16 for p in payloads):
+            with pytest.raises(ValueError, match="record_size"):
+                self.boxes[producer].push_many(payloads, ttl=ttl)
+            return
+        fits = min(len(payloads), self.capacity - len(self.model))
+        assert self.boxes[producer].push_many(payloads, tag=1, ttl=ttl) == fits
+        for payload in payloads[:fits]:
+            self.ids.setdefault(producer, len(self.ids))
+            deadline = None if ttl is None else self.clock.now + ttl * SECOND
+            self.model.append((payload, producer, self.next_seq[producer], 1, deadline))
+            self.next_seq[producer] += 1
+        self.counts[PushStatus.OK] += fits
+        self.counts[PushStatus.FULL] += fits < len(payloads)
+
+    def expected_pop(self):
         while self.model and self.model[0][4] is not None and self.model[0][4] <= self.clock.now:
             self.model.popleft()
             self.counts["expired"] += 1
         if not self.model:
-            assert record is None
-            return
+            return None
         payload, producer, seq, tag, _ = self.model.popleft()
         self.counts["popped"] += 1
-        assert (record.payload, record.producer, record.seq, record.tag) == (payload, self.ids[producer], seq, tag)
+        return payload, self.ids[producer], seq, tag
+
+    @rule(consumer=st.integers(2, 3))
+    def pop(self, consumer):
+        record = self.boxes[consumer].pop()
+        expected = self.expected_pop()
+        assert (None if record is None else (record.payload, record.producer, record.seq, record.tag)) == expected
+
+    @rule(consumer=st.integers(2, 3), most=st.integers(1, 4))
+    def pop_many(self, consumer, most):
+        got = [(r.payload, r.producer, r.seq, r.tag) for r in self.boxes[consumer].pop_many(most)]
+        expected = []
+        while len(expected) < most and (one := self.expected_pop()) is not None:
+            expected.append(one)
+        assert got == expected
 
     @rule(seconds=st.integers(1, 3))
     def advance(self, seconds):
@@ -285,3 +338,11 @@ class MailboxModel(RuleBasedStateMachine):
 MailboxModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 test_mailbox_against_deque_model = MailboxModel.TestCase
+
+
+def test_sage_imports_without_jax_or_torch():
+    code = ("import sys; import sage.mailbox, sage.ftm, sage.schedule, sage.layout; "
+            "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"
