@@ -16,6 +16,7 @@ The runtime's overhead is the served p50 at one client minus the direct p50 at b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -164,6 +165,14 @@ def start_server(args, model: Path, inbox: str, state_dir: Path) -> subprocess.P
     raise SystemExit("the server did not start")
 
 
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'mode':<22} {'requests':>8} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
           f"{'batch':>6} {'steps':>6}")
@@ -187,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default benchmarks/results/serve-...)")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()  # the machine may be shared: the load says how much
 
     from sage.backends import load_backend
 
@@ -223,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"runtime overhead at 1 client (served p50 - direct batch-1 p50): {overhead:.2f} ms")
     result = {"preset": args.preset, "backend": args.backend, "device": args.device, "max_batch": args.max_batch,
               "max_wait_ms": args.max_wait_ms, "seconds": args.seconds, "threads": args.threads,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "processor": platform.processor()},
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": _cpu_model(),
+                          "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
+              "commit": subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=ROOT, capture_output=True,
+                                       text=True).stdout.strip(),
               "rows": rows, "overhead_p50_ms": overhead,
               "command": "python -m benchmarks.serve " + " ".join(sys.argv[1:] if argv is None else argv)}
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{args.preset}-{args.backend}-{args.device}.json"

@@ -9,8 +9,9 @@ going while the batch stays full.
 
 Scheduling rules, each tested in tests/test_sage_engine.py:
 - Focus before periphery: the queue is served focus lane first (requests from the server's focus
-  inbox), then highest priority first, FIFO within a priority, at every refill. A request never waits for a lower-priority one queued after it; with the batch full
-  it waits at most until the first row in flight halts (at most the largest segment limit in flight).
+  inbox), then highest priority first, FIFO within a priority, at every refill. A request never
+  waits for a lower-priority one queued after it; with the batch full it waits at most until the
+  first row in flight halts (at most the largest segment limit in flight).
 - Dynamic batching: a new batch starts when `max_batch` requests are eligible or the oldest has
   waited `max_wait` seconds; a running batch is refilled at every segment without waiting.
 - A stream has at most one request in flight, and its requests run in arrival order, so each

@@ -5,9 +5,9 @@
 Requests (sage/protocol.py) arrive on the inbox PBM ring (sage/mailbox.py), and on the optional
 --focus-inbox, a second ring for high-trust work: it is read first (sage.schedule.FocusScheduler),
 its requests rank ahead of every inbox request, and a flood that fills the inbox cannot keep them
-out. Answers go to the request's reply-to mailbox, or to --outbox when it names none. The ACT loop, batching and priorities
-are sage/engine.py; carries per stream sage/carry.py; the write-ahead journal sage/journal.py;
-telemetry sage/telemetry.py. Everything the server keeps lives in --state-dir (default
+out. Answers go to the request's reply-to mailbox, or to --outbox when it names none. The ACT
+loop, batching and priorities are sage/engine.py; carries per stream sage/carry.py; the
+write-ahead journal sage/journal.py; telemetry sage/telemetry.py. Everything the server keeps lives in --state-dir (default
 $SAGE_STATE_DIR or ~/.local/state/sage, then the inbox name): carries/, journal.log, stats.json,
 metrics.prom and a lock file that keeps a second server off the same state.
 
@@ -111,7 +111,8 @@ class ReplyBoxes:
 
 class Server:
     def __init__(self, backend: SegmentBackend, inbox: Mailbox, outbox: Mailbox, state_dir: Path, *,
-                 focus: Mailbox | None = None, max_batch: int = 32, max_wait: float = 0.002, max_live_streams: int = 1024,
+                 focus: Mailbox | None = None, max_batch: int = 32, max_wait: float = 0.002,
+                 max_live_streams: int = 1024,
                  max_pending: int = 4096, snapshot_interval: float = 5.0, stats_interval: float = 0.5,
                  drain_timeout: float = 30.0, reply_timeout: float = 1.0) -> None:
         self.backend, self.inbox, self.focus, self.state_dir = backend, inbox, focus, state_dir
