@@ -7,9 +7,10 @@ Requests (sage/protocol.py) arrive on the inbox PBM ring (sage/mailbox.py), and 
 its requests rank ahead of every inbox request, and a flood that fills the inbox cannot keep them
 out. Answers go to the request's reply-to mailbox, or to --outbox when it names none. The ACT
 loop, batching and priorities are sage/engine.py; carries per stream sage/carry.py; the
-write-ahead journal sage/journal.py; telemetry sage/telemetry.py. Everything the server keeps lives in --state-dir (default
-$SAGE_STATE_DIR or ~/.local/state/sage, then the inbox name): carries/, journal.log, stats.json,
-metrics.prom and a lock file that keeps a second server off the same state.
+write-ahead journal sage/journal.py; telemetry sage/telemetry.py. Everything the server keeps
+lives in --state-dir (default $SAGE_STATE_DIR or ~/.local/state/sage, then the inbox name):
+carries/, journal.log, stats.json, metrics.prom and a lock file that keeps a second server off the
+same state.
 
 Guarantees (the test of each is named in BUILD_NOTES.md, "Serving"):
 - A request is *acknowledged* when its push into the inbox returned PushStatus.OK (Client.submit
