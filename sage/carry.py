@@ -33,6 +33,7 @@ class CarryStore:
         self.max_live, self.shape, self.dtype = max_live, tuple(shape), np.dtype(dtype)
         self._live: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
         self._dirty: set[str] = set()
+        self._files = {path.name for path in self.directory.glob("*.npz")}  # counted for stats, not re-globbed
         self.evictions = self.loads = self.snapshots = self.rejected = 0
 
     def path_for(self, stream: str) -> Path:
@@ -60,6 +61,7 @@ class CarryStore:
         self._live.pop(stream, None)
         self._dirty.discard(stream)
         self.path_for(stream).unlink(missing_ok=True)
+        self._files.discard(self.path_for(stream).name)
 
     def flush(self) -> int:
         """Snapshot every carry changed since its last snapshot; returns how many were written."""
@@ -71,7 +73,7 @@ class CarryStore:
         return written
 
     def on_disk(self) -> int:
-        return sum(1 for _ in self.directory.glob("*.npz"))
+        return len(self._files)
 
     def _insert(self, stream: str, carry: tuple[np.ndarray, np.ndarray], dirty: bool) -> None:
         self._live[stream] = carry
@@ -93,6 +95,7 @@ class CarryStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        self._files.add(path.name)
         self.snapshots += 1
 
     def _load(self, stream: str) -> tuple[np.ndarray, np.ndarray] | None:

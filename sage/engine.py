@@ -40,6 +40,9 @@ from sage.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
+# A request may ask for more segments than the model was trained to halt within (thinking longer on
+# a stream), up to this multiple: beyond it one request could hold a batch slot for minutes.
+MAX_STEPS_FACTOR = 8
 PENDING, ACTIVE, DONE = "pending", "active", "done"
 
 
@@ -175,6 +178,9 @@ class Engine:
             return f"input tokens must lie in 0..{cfg.vocab_size - 1}, got {tokens.min()}..{tokens.max()}"
         if not 0 <= request.puzzle_identifier < cfg.num_puzzle_identifiers:
             return f"puzzle_identifier must lie in 0..{cfg.num_puzzle_identifiers - 1}, got {request.puzzle_identifier}"
+        if request.max_steps > MAX_STEPS_FACTOR * cfg.halt_max_steps:
+            return (f"max_steps {request.max_steps} is more than {MAX_STEPS_FACTOR} x the model's halt_max_steps "
+                    f"({cfg.halt_max_steps})")
         return ""
 
     def wait_hint(self) -> float | None:

@@ -44,6 +44,7 @@ from sage.journal import Journal
 from sage.mailbox import Mailbox, MailboxNotFoundError, PushStatus
 from sage.protocol import ProtocolError, Request, Response, Status, decode_request, encode_response, peek_request_id
 from sage.schedule import FocusScheduler, Lane
+from sage.segment import SegmentError
 from sage.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,8 @@ class Server:
         name = job.request.reply_to
         try:
             status = self.replies.get(name).push(encode_response(response), timeout=self.reply_timeout)
-        except MailboxNotFoundError:
+        except (SegmentError, OSError, ValueError) as err:  # gone, unlinked, or not a valid mailbox name
+            logger.debug("reply mailbox %r: %s", name, err)
             status = None
         if status is not PushStatus.OK:
             reason = "no_reply_mailbox" if status is None else status.value

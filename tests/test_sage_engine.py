@@ -108,6 +108,17 @@ def test_segment_limit_and_max_steps(tmp_path):
     assert sorted(a.steps for a in answers) == [2, CONFIG.halt_max_steps]
 
 
+def test_bad_requests_are_answered_with_the_reason(tmp_path):
+    engine, backend, answers = make_engine(tmp_path)
+    engine.submit(Request(1, np.array([1, 2, 3])))
+    engine.submit(Request(2, np.array([1, 2, 3, 11])))
+    engine.submit(Request(3, np.array([1, 2, 3, 4]), puzzle_identifier=1))
+    engine.submit(request(0, max_steps=1000))
+    assert [a.status for a in answers] == [Status.BAD_REQUEST] * 4 and backend.batches == []
+    assert ["4 input tokens" in answers[0].message, "0..10" in answers[1].message,
+            "puzzle_identifier" in answers[2].message, "max_steps" in answers[3].message] == [True] * 4
+
+
 def test_dynamic_batching_waits_for_max_wait_or_a_full_batch(tmp_path):
     clock = Clock()
     engine, backend, _ = make_engine(tmp_path, max_batch=3, max_wait=0.010, clock=clock)

@@ -127,6 +127,20 @@ def test_focus_inbox_gets_through_a_flood_that_fills_the_inbox(model, tmp_path):
         assert all(client.wait(i, 60).status is Status.OK for i in flood)
 
 
+def test_a_client_that_left_does_not_take_the_server_down(model, tmp_path):
+    """Answers for a reply mailbox that was unlinked, or never valid, are counted as undelivered."""
+    _, path = model
+    with thread_server(path, tmp_path) as (server, inbox), Client(inbox) as client:
+        gone = Mailbox.create(name("gone"), record_size=4096, capacity=4)
+        gone.unlink()  # the client left before its answer came
+        for reply_to in (gone.name, "not a mailbox name!"):
+            client.inbox.push(encode_request(Request(7, puzzles(1, seed=10)[0], reply_to=reply_to)))
+        assert client.solve(puzzles(1, seed=11)[0], wait=60).status is Status.OK  # still serving
+        server.write_stats()
+    gone.close()
+    assert json.loads((tmp_path / "stats.json").read_text())["counts"]["undelivered_no_reply_mailbox"] == 2
+
+
 def test_torch_backend_matches_onnx_backend(model):
     torch_model, path = model
     onnx, torch_backend = OnnxBackend(path, threads=1), TorchBackend(torch_model)
