@@ -4,9 +4,10 @@
 
 Records (64 B and 4 KB): throughput (records/s, the sender pushing as fast as the transport takes
 them, blocking when full: no transport here drops) and one-way latency p50/p99 of paced records
-(one every 0.5 ms, so the receiver is idle and has to be woken), with the receiver's CPU use while
+(one in flight at a time, sent 0.5 ms after the receiver acknowledged the previous one, so it
+is idle and has to be woken), with the receiver's CPU use while
 it waits (100% = it spins a core). Tensors: one-way hand-off time until the receiver holds a
-readable numpy array, for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the
+readable numpy array (again one in flight), for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the
 zero-copy path (the producer wrote into the arena; the hand-off is publish + descriptor + open);
 sage-ftm-put starts from an existing array (one copy into the arena). Sender and receiver are two
 processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
@@ -177,7 +178,7 @@ def _expect(conn, process, seconds: float = 300):
     return conn.recv()
 
 
-def _receive(transport, count: int, conn) -> None:
+def _receive(transport, count: int, conn, ack: bool) -> None:
     recv = transport.receiver()
     conn.send("ready")
     latencies = np.empty(count, dtype=np.int64)
@@ -189,6 +190,8 @@ def _receive(transport, count: int, conn) -> None:
         for one in data if isinstance(data, list) else (data,):
             latencies[i] = now - STAMP.unpack_from(one)[0]
             i += 1
+        if ack:
+            conn.send_bytes(b"k")
     end = time.monotonic_ns()
     conn.send((latencies, end, (time.process_time() - cpu) / (time.monotonic() - wall)))
 
@@ -196,7 +199,7 @@ def _receive(transport, count: int, conn) -> None:
 def run_records(transport, size: int, count: int, pace_s: float) -> dict:
     transport.setup(size)
     parent, child = CTX.Pipe()
-    receiver = CTX.Process(target=_receive, args=(transport, count, child), daemon=True)
+    receiver = CTX.Process(target=_receive, args=(transport, count, child, bool(pace_s)), daemon=True)
     receiver.start()
     try:
         _expect(parent, receiver)
@@ -209,7 +212,8 @@ def run_records(transport, size: int, count: int, pace_s: float) -> dict:
                                      for _ in range(min(batch, count - first))])
             else:
                 send(STAMP.pack(time.monotonic_ns()) + filler)
-            if pace_s:
+            if pace_s:  # one record in flight: wait for the receiver, then let it go idle
+                parent.recv_bytes()
                 time.sleep(pace_s)
         latencies, end, cpu = _expect(parent, receiver)
         receiver.join(30)
@@ -246,6 +250,7 @@ def _tensor_receiver(kind: str, names: tuple, count: int, conn, queue, pipe_r) -
         assert array[-1] == i  # the receiver can read the tensor
         if kind.startswith("sage"):
             lease.release()
+        conn.send_bytes(b"k")
     conn.send(latencies)
 
 
@@ -266,7 +271,7 @@ def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
     receiver.start()
     try:
         _expect(parent, receiver)
-        _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, names[2])
+        _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, names[2], parent)
         latencies = _expect(parent, receiver)
         receiver.join(60)
     finally:
@@ -281,7 +286,7 @@ def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
     return {"p50_us": float(np.percentile(warm, 50)) / 1e3, "p99_us": float(np.percentile(warm, 99)) / 1e3}
 
 
-def _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, address) -> None:
+def _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, address, acks) -> None:
     source = np.zeros(nbytes // 4, dtype=np.float32)
     if kind == "zmq ipc://":
         context = zmq.Context()
@@ -305,6 +310,7 @@ def _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, addres
                 view = view[os.write(pipe_w, view):]
         else:
             socket.send_multipart([STAMP.pack(time.monotonic_ns()), source])
+        acks.recv_bytes()  # one tensor in flight: hand-off time, not queueing
         time.sleep(pace_s)
     if kind == "zmq ipc://":
         socket.close(linger=-1)

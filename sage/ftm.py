@@ -210,23 +210,30 @@ class TensorArena:
         header = opened.header
         self.name, self.path = name, segment_path("ftm", name)
         self.buffer_size, self.buffers, self.data_offset = header.a, header.b, header.c
-        self._fd, self._mm = opened.fd, opened.mm
+        fd, self._mm = opened.fd, opened.mm
         expected = self.data_offset + self.buffers * self.buffer_size
         if header.u32_field != FTM_ENTRY_SIZE or len(self._mm) != expected or self.buffer_size % layout.PAGE:
             self._mm.close()
-            os.close(self._fd)
+            os.close(fd)
             raise segment.SegmentCorruptError(f"{self.path}: header geometry does not match the file; remove it "
                                               f"and create the arena again")
-        self._ro = mmap.mmap(self._fd, len(self._mm), access=mmap.ACCESS_READ)  # readers' views
+        self._ro = mmap.mmap(fd, len(self._mm), access=mmap.ACCESS_READ)  # readers' views
         view = memoryview(self._mm)
         self._ctr = view[layout.FTM_COUNTERS_OFFSET:layout.FTM_COUNTERS_OFFSET + 8 * len(layout.FTM_COUNTERS)].cast("Q")
         self._table = view[layout.HEADER_SIZE:layout.HEADER_SIZE + self.buffers * FTM_ENTRY_SIZE].cast("Q")
         self._state = view[layout.FTM_STATE:layout.FTM_STATE + 4].cast("I")
         view.release()
-        self._lock = FileLock(self._fd)
-        self._me = ProcessId.current()
+        self._lock = FileLock(fd)
+        self._me_cache = ProcessId.current()
         self._clock = time.monotonic_ns  # injectable for tests
         self._closed = False
+
+    @property
+    def _me(self) -> ProcessId:
+        """This process (re-read after a fork: a child's leases must name the child)."""
+        if self._me_cache.pid != os.getpid():
+            self._me_cache = ProcessId.current()
+        return self._me_cache
 
     # ---- table helpers (call under the lock) ----
     def _word(self, buffer: int, k: int) -> int:
@@ -449,7 +456,7 @@ class TensorArena:
                 mm.close()
             except BufferError:
                 pass  # numpy views still export it: it is unmapped when the last one goes
-        os.close(self._fd)
+        self._lock.close()
 
     def unlink(self) -> None:
         self._check()

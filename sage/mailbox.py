@@ -133,8 +133,7 @@ _handles: weakref.WeakSet[Mailbox] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # A forked child shares its parent's open file description, and so its flock: give each
-    # inherited handle a description of its own and a fresh producer identity.
+    # A forked child is another producer (its FileLock reopens the file by itself).
     for box in list(_handles):
         box._reopen_after_fork()
 
@@ -216,13 +215,13 @@ class Mailbox:
         header, path = opened.header, segment_path("pbm", name)
         self.name = name
         self.path = path
-        self._fd, self._mm = opened.fd, opened.mm
+        self._mm = opened.mm
         try:
             self._check_layout(header)
             self._bell = os.open(_bell_path(name), os.O_RDWR | os.O_NONBLOCK)
         except BaseException:
             self._mm.close()
-            os.close(self._fd)
+            os.close(opened.fd)
             raise
         self.record_size, self.stride, self.capacity = header.a, header.b, header.c
         self.creator = header.creator
@@ -234,7 +233,7 @@ class Mailbox:
         counters = layout.PBM_COUNTERS_OFFSET
         self._ctr = self._view[counters:counters + 8 * len(layout.PBM_COUNTERS)].cast("Q")
         self._state = self._view[layout.PBM_STATE:layout.PBM_STATE + 4].cast("I")
-        self._lock = FileLock(self._fd)
+        self._lock = FileLock(opened.fd)
         self._pid = os.getpid()
         self._producer: int | None = None
         self._producer_seq = 0
@@ -257,10 +256,6 @@ class Mailbox:
                                       f"and create the mailbox again")
 
     def _reopen_after_fork(self) -> None:
-        if self._closed:
-            return
-        self._fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDWR)
-        self._lock = FileLock(self._fd)
         self._pid = os.getpid()
         self._producer, self._producer_seq = None, 0
 
@@ -274,7 +269,7 @@ class Mailbox:
         self._state.release()
         self._view.release()
         self._mm.close()
-        os.close(self._fd)
+        self._lock.close()
         os.close(self._bell)
 
     def unlink(self) -> None:

@@ -17,6 +17,7 @@ import re
 import tempfile
 import threading
 import uuid
+import weakref
 from typing import Self
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -100,13 +101,15 @@ class FileLock:
     """An exclusive `flock` on an open file: the kernel drops it when the holder dies, so a process
     killed inside a critical section never wedges the others. flock belongs to the open file
     description, so two handles in one process exclude each other too; threads sharing one handle
-    are serialised by a thread lock taken first."""
+    are serialised by a thread lock taken first. The lock owns `fd`. A forked child would share its
+    parent's description (and so its lock): after a fork each lock reopens its file in the child."""
 
-    __slots__ = ("_thread_lock", "fd")
+    __slots__ = ("__weakref__", "_thread_lock", "fd")
 
     def __init__(self, fd: int):
         self.fd = fd
         self._thread_lock = threading.Lock()
+        _locks.add(self)
 
     def __enter__(self) -> Self:
         self._thread_lock.acquire()
@@ -122,3 +125,24 @@ class FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
             self._thread_lock.release()
+
+    def close(self) -> None:
+        _locks.discard(self)
+        os.close(self.fd)
+
+    def _reopen_in_child(self) -> None:
+        inherited = self.fd
+        self.fd = os.open(f"/proc/self/fd/{inherited}", os.O_RDWR)  # a new description of the same file
+        os.close(inherited)
+        self._thread_lock = threading.Lock()
+
+
+_locks: weakref.WeakSet[FileLock] = weakref.WeakSet()
+
+
+def _reopen_locks_in_child() -> None:
+    for lock in list(_locks):
+        lock._reopen_in_child()
+
+
+os.register_at_fork(after_in_child=_reopen_locks_in_child)

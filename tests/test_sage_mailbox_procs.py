@@ -174,3 +174,36 @@ def test_sleeping_consumer_is_woken_by_the_doorbell_without_spinning(name):
     assert payload == b"wake" and 0.8 < waited < 10
     assert cpu < 0.3, f"the waiting consumer used {cpu:.2f} s of CPU in {waited:.2f} s: it spun"
     box.close()
+
+
+def _push_with_inherited_handle(box: Mailbox, count: int) -> None:
+    for i in range(count):
+        if box.push(make_payload(1, i), timeout=60) is not PushStatus.OK:
+            os._exit(3)
+
+
+def test_a_forked_child_using_its_parents_handle_is_a_separate_producer(name):
+    """Without a description of its own, the child would share the parent's flock (no exclusion)
+    and its producer id (merged sequences)."""
+    box = Mailbox.create(name, record_size=64, capacity=4096)  # room for everything: no waiting on FULL
+    box.push(make_payload(0, 0))  # the parent takes producer id 0 before the fork
+    child = _start(_push_with_inherited_handle, box, 2000)
+    reader = Mailbox.attach(name)
+    got = {0: [], 1: []}
+    for i in range(1, 2000):
+        assert box.push(make_payload(0, i), timeout=60) is PushStatus.OK
+        while (record := reader.pop()) is not None:
+            index, number, ok = check_payload(record.payload)
+            assert ok
+            got[index].append((record.producer, record.seq, number))
+    child.join(60)
+    assert child.exitcode == 0
+    for record in iter(reader.pop, None):
+        index, number, _ = check_payload(record.payload)
+        got[index].append((record.producer, record.seq, number))
+    for index in (0, 1):
+        producers, seqs, numbers = zip(*got[index], strict=True)
+        assert len(set(producers)) == 1 and list(seqs) == list(numbers) == list(range(2000))
+    assert got[0][0][0] != got[1][0][0]
+    box.close()
+    reader.close()
