@@ -228,13 +228,19 @@ def _cached_export(spec: ModelSpec, make_model: Callable[[], object]) -> Path:
     return out
 
 
-def _torch_from_checkpoint(path: Path):
+def _compute_dtype(spec: ModelSpec, config: HRMConfig) -> str:
+    """The config's forward dtype for torch on CUDA (bf16 for the paper's runs); float32 elsewhere:
+    CPUs emulate bf16 slowly, and the exported ONNX graph must run on ONNX Runtime's CPU provider."""
+    return config.forward_dtype if (spec.backend, spec.device) == ("torch", "cuda") else "float32"
+
+
+def _torch_from_checkpoint(spec: ModelSpec):
     from export.convert import to_torch_state_dict  # orbax checkpoints need jax
     from export.torch_model import HRMTorch
     from hrm_jax.checkpoint import load_params_for_eval
 
-    params, config = load_params_for_eval(path)
-    model = HRMTorch(config, "float32")
+    params, config = load_params_for_eval(spec.path)
+    model = HRMTorch(config, _compute_dtype(spec, config))
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     return model
 
@@ -271,7 +277,7 @@ def _torch_from_state_dict(spec: ModelSpec):
         for prefix in ("_orig_mod.", "model.", "inner."):
             key = key.removeprefix(prefix)
         canonical["model.inner." + key] = value
-    model = HRMTorch(config, "float32")
+    model = HRMTorch(config, _compute_dtype(spec, config))
     try:
         model.load_state_dict(canonical, strict=True)
     except RuntimeError as err:
@@ -283,8 +289,8 @@ def _from_checkpoint_dir(spec: ModelSpec) -> SegmentBackend:
     if spec.backend == "jax":
         return JaxBackend(spec.path)
     if spec.backend == "torch":
-        return TorchBackend(_torch_from_checkpoint(spec.path), spec.device)
-    return _onnx_backend(spec, _cached_export(spec, lambda: _torch_from_checkpoint(spec.path)))
+        return TorchBackend(_torch_from_checkpoint(spec), spec.device)
+    return _onnx_backend(spec, _cached_export(spec, lambda: _torch_from_checkpoint(spec)))
 
 
 def _from_state_dict(spec: ModelSpec) -> SegmentBackend:
