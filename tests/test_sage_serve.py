@@ -106,6 +106,11 @@ def test_answers_equal_the_in_process_solver(model, tmp_path, capsys):
     assert stats["counts"]["answers_ok"] == 25 and stats["batch_size"]["mean"] > 1
     out = capsys.readouterr().out
     assert "ACT steps" in out and len(out.splitlines()) == 10
+    assert sage_main(["stats", "--state-dir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "answers ok 25" in table and "latency p50/p95/p99" in table
+    assert sage_main(["stats", "--state-dir", str(tmp_path), "--prometheus"]) == 0
+    assert 'sage_answers_total{status="ok"} 25.0' in capsys.readouterr().out
 
 
 def test_focus_inbox_gets_through_a_flood_that_fills_the_inbox(model, tmp_path):
