@@ -116,7 +116,7 @@ class Server:
                  focus: Mailbox | None = None, max_batch: int = 32, max_wait: float = 0.002,
                  max_live_streams: int = 1024,
                  max_pending: int = 4096, snapshot_interval: float = 5.0, stats_interval: float = 0.5,
-                 drain_timeout: float = 30.0, reply_timeout: float = 1.0) -> None:
+                 drain_timeout: float = 30.0, reply_timeout: float = 0.1) -> None:
         self.backend, self.inbox, self.focus, self.state_dir = backend, inbox, focus, state_dir
         self.lanes = FocusScheduler(focus, inbox) if focus is not None else None
         self.replies = ReplyBoxes(outbox)
@@ -132,6 +132,8 @@ class Server:
 
     # ---- answers ----
     def _send(self, job: Job, response: Response) -> None:
+        """Push the answer; a reply mailbox that stays full for reply_timeout (a client that stopped
+        reading) costs that answer, counted, rather than stalling every other client."""
         name = job.request.reply_to
         try:
             status = self.replies.get(name).push(encode_response(response), timeout=self.reply_timeout)
