@@ -1,0 +1,1 @@
+"""SAGE: the edge runtime around a served HRM model (serving, salience, memory, sleep)."""
