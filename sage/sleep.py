@@ -272,6 +272,18 @@ def sleep_cycle(weights_dir: str, store: ExperienceStore, heldout: PuzzleSplit, 
 
 
 # -- python -m sage sleep --------------------------------------------------------------------------
+_FLAG_HELP = {
+    "task": f"one of {replay.TASKS}", "experiences": "experiences drawn from the store",
+    "alpha": "sampling exponent of the decayed salience (0: uniform)",
+    "augmentations": "symmetric variants per experience", "rehearsal_fraction": "share of each batch from --rehearsal",
+    "steps": "fine-tune steps", "batch_size": "rows per step", "lr": "constant learning rate (AdamATan2)",
+    "weight_decay": "weight decay", "metric": "held-out metric that gates the new weights",
+    "tolerance": "largest accepted drop of the metric (absolute)", "eval_batch_size": "evaluation batch",
+    "max_eval_batches": "evaluate only this many held-out batches", "keep_versions": "published versions kept",
+    "seed": "seed of sampling, augmentation and the ACT exploration",
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sleep` subcommand's flags (SleepConfig fields keep their names)."""
     parser.add_argument("--weights", required=True, help="published-weights directory (CURRENT.json + versions)")
@@ -284,10 +296,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(SleepConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        kind = float if isinstance(default, float) else int if isinstance(default, int) else str
-        if field.name == "max_eval_batches":
-            kind = int
-        parser.add_argument(flag, type=kind, default=default, help=f"(default: {default})")
+        kind = float if isinstance(default, float) else str if isinstance(default, str) else int
+        parser.add_argument(flag, type=kind, default=default, help=f"{_FLAG_HELP[field.name]} (default: {default})")
 
 
 def main(args: argparse.Namespace) -> int:
