@@ -10,8 +10,7 @@ grid obeying every constraint and keeping the givens is a solution, no label nee
 Payloads (sage.experience stores named arrays):
     Sudoku:      {"puzzle": int8[81] digits (0 blank), "answer": int8[81] the model's digits, optional
                   "label": int8[81] a known solution}
-    other tasks: {"inputs": int[seq_len] tokens, "labels": int[seq_len] tokens (omit if unknown),
-                  optional "puzzle_identifier": int[]}
+    other tasks: {"inputs": int[seq_len] tokens, "labels": int[seq_len] tokens (omit if unknown)}
 Tokens follow the datasets: Sudoku 0 pad, 1 blank, 2..10 digits (digit + 1, as sapientinc/HRM
 dataset/build_sudoku_dataset.py); maze and ARC grids are square, seq_len = side^2.
 """

@@ -10,6 +10,8 @@ One cycle (`sleep_cycle`):
 3. Dream. Each labelled experience plus `augmentations` random symmetric variants of it (Sudoku's
    symmetry group, dihedral maps for mazes and ARC), optionally mixed with a `rehearsal_fraction`
    of rows from the original training split.
+   Every row trains with puzzle identifier 0, so only one-identifier tasks (Sudoku, mazes) can sleep;
+   a model with per-task embeddings (ARC) is refused.
 4. Fine-tune with the library's own step (hrm_jax.train.init_train_state / train_step: AdamATan2,
    the ACT carry across batches, the reference's loss), constant learning rate, `steps` steps.
 5. Validate on a held-out split (hrm_jax.evaluate, full halt_max_steps rollouts) before and after,
@@ -245,6 +247,10 @@ def sleep_cycle(weights_dir: str, store: ExperienceStore, heldout: PuzzleSplit, 
         raise SleepError(f"{weights_dir}: no published weights; import the serving checkpoint first "
                          "(python -m sage sleep --init-from CHECKPOINT ...)")
     params, model_config = ckpt.load_params_for_eval(current["path"])
+    if model_config.num_puzzle_identifiers > 1:
+        raise SleepError(f"the served model has {model_config.num_puzzle_identifiers} puzzle identifiers (per-task "
+                         "embeddings, as ARC); sleep trains every row with identifier 0 and supports one-identifier "
+                         "tasks (Sudoku, mazes) only")
     rng = np.random.default_rng([config.seed, current["version"]])
     ids, inputs, labels, provenance = draw(store, config, rng)
     if not ids:
