@@ -157,15 +157,19 @@ def heldout_split(args):
 
 
 def plot(results: dict, path: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for ax, where in zip(axes, ("stream", "heldout")):
-        for arm, records in results.items():
-            cycles = [r["cycle"] for r in records]
-            ax.plot(cycles, [r[where]["exact_accuracy"] for r in records], "o-", label=f"{arm} exact")
-            ax.plot(cycles, [r[where]["accuracy"] for r in records], ":", label=f"{arm} token")
-        ax.set(xlabel="sleep cycle", ylabel="accuracy",
-               title="new stream puzzles" if where == "stream" else "original held-out set")
-        ax.legend(fontsize=7)
+    """A 2x2 grid: exact (top) and token accuracy (bottom) on the stream (left) and held-out set (right)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for col, where in enumerate(("stream", "heldout")):
+        for row, metric in enumerate(("exact_accuracy", "accuracy")):
+            ax = axes[row, col]
+            for arm, records in results.items():
+                ax.plot([r["cycle"] for r in records], [r[where][metric] for r in records], "o-", label=arm)
+            ax.set(ylabel=metric.replace("_", " "),
+                   title="new stream puzzles" if where == "stream" else "original held-out set")
+            ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("sleep cycle")
+    axes[0, 0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
