@@ -2,9 +2,10 @@
 
 A model meets a stream of puzzles from a distribution it is weaker on. Each cycle it answers
 `--per-cycle` new stream puzzles; every answer is verified, scored for salience (sage.salience,
-features: the one-hot puzzle; outcome: whether the answer verified) and offered to the experience
-store (sage.experience, adaptive admission); then the model sleeps (sage.sleep: draw, label by
-verification or the exact solver, augment, fine-tune, validate, publish or reject). After each
+features: the one-hot puzzle; the model's report: Q-head halt logit and steps; outcome: whether
+the answer verified) and offered to the experience store (sage.experience, adaptive admission);
+then the model sleeps (sage.sleep: draw, label by verification or the exact solver, augment,
+fine-tune, validate, publish or reject). After each
 cycle the published weights are scored on a fixed set of fresh stream puzzles (never served) and
 on the original held-out set. Three arms share the stream and the seeds:
 
@@ -47,7 +48,7 @@ from hrm_jax.evaluate import evaluate
 from hrm_jax.train import init_train_state
 from sage import replay, weights
 from sage.experience import ExperienceStore, StoreConfig
-from sage.salience import SalienceScorer
+from sage.salience import ModelReport, SalienceScorer
 from sage.sleep import SleepConfig, SleepError, fine_tune, publish, sleep_cycle
 
 DEFAULT_STREAM = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
@@ -78,11 +79,15 @@ def solved_puzzles(path: str, n: int, max_blanks: int | None, seed: int, skip: i
     return puzzles, solutions
 
 
-def answer(params, config, puzzles: np.ndarray, solutions: np.ndarray, batch_size: int) -> np.ndarray:
-    """The model's answers (digits [n, 81]) after a full rollout."""
+def answer(params, config, puzzles: np.ndarray, solutions: np.ndarray, batch_size: int
+           ) -> tuple[np.ndarray, list[ModelReport]]:
+    """The model's answers (digits [n, 81]) after a full rollout, and its report on each (the Q-head's
+    last halt logit and the step it would have halted at; no token entropy: evaluate keeps no logits)."""
     _, rows = evaluate(params, config, replay.sudoku_split(puzzles, solutions), batch_size, early_halt_stats=False,
                        return_predictions=True)
-    return np.clip(rows["predictions"] - 1, 0, 9).astype(np.int8)
+    reports = [ModelReport(q_halt_logit=float(q), steps=float(s), max_steps=config.halt_max_steps,
+                           vocab_size=config.vocab_size) for q, s in zip(rows["q_halt_logits"], rows["early_steps"])]
+    return np.clip(rows["predictions"] - 1, 0, 9).astype(np.int8), reports
 
 
 def score(params, config, split, batch_size: int) -> dict[str, float]:
@@ -105,13 +110,14 @@ def run_arm(arm: str, out_dir: str, params, config, stream, stream_eval, heldout
     for cycle in range(1, args.cycles + 1):
         start = time.perf_counter()
         chunk = slice((cycle - 1) * args.per_cycle, cycle * args.per_cycle)
-        answers = answer(current, config, puzzles[chunk], solutions[chunk], args.eval_batch_size)
+        answers, reports = answer(current, config, puzzles[chunk], solutions[chunk], args.eval_batch_size)
         served_exact = []
-        for puzzle, reply in zip(puzzles[chunk], answers):
+        for puzzle, reply, report in zip(puzzles[chunk], answers, reports):
             solved = is_valid_solution(puzzle, reply)
             served_exact.append(solved)
             features = np.eye(10)[puzzle].reshape(-1)
-            salience = scorer.score({"sudoku": features}, outcomes={"sudoku": float(solved)})["sudoku"]
+            salience = scorer.score({"sudoku": features}, reports={"sudoku": report},
+                                    outcomes={"sudoku": float(solved)})["sudoku"]
             scorer.learn(salience, useful=float(not solved))  # a failed puzzle is what sleep learns from
             store.offer("sudoku", replay.sudoku_payload(puzzle, reply), salience.total)
         record = {"cycle": cycle, "served_exact": float(np.mean(served_exact)), "store": store.counts()}

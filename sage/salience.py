@@ -8,7 +8,8 @@ Every score lies in [0, 1]; rank(v | H) is the mid-rank of v among a window H of
   its error is e_t = ||x_t - p_{t-1}||. S_pred = 0 when e_t = 0 (a perfect prediction), else
   rank(e_t | recent errors). With a model report (HRM's own uncertainty on this input),
   S_model = mean(1 - |2 sigmoid(q_halt) - 1|, H_tok / log V, steps / max_steps) (an undecided halt
-  head, a flat output distribution, all ACT steps used), and S = (S_pred + S_model) / 2.
+  head, a flat output distribution, all ACT steps used; H_tok left out when the server computes
+  no logits), and S = (S_pred + S_model) / 2.
 - Novelty. N = clip(1 - max_j cos(x_t, m_j), 0, 1) over a window of recent vectors m_j (cos of
   two zero vectors is 1, of a zero and a non-zero vector 0).
 - Arousal. A = rank(||x_t|| | recent magnitudes): 1/2 for a typical magnitude, near 1 for the
@@ -80,38 +81,42 @@ def token_entropy(logits: np.ndarray) -> float:
 class ModelReport:
     """What a served HRM says about its own answer to one input.
 
-    q_halt_logit: the Q-head's halt logit of the last segment; token_entropy: mean per-token
-    entropy (nats) of the output distribution; steps: ACT segments used (1..max_steps);
-    vocab_size: the output vocabulary (entropy is normalised by log vocab_size).
+    q_halt_logit: the Q-head's halt logit of the last segment; steps: ACT segments used
+    (1..max_steps); vocab_size: the output vocabulary; token_entropy: mean per-token entropy (nats)
+    of the output distribution, normalised by log vocab_size (None when the server does not
+    compute logits: the uncertainty is then the mean of the other two terms).
     """
 
     q_halt_logit: float
-    token_entropy: float
     steps: float
     max_steps: float
     vocab_size: int
+    token_entropy: float | None = None
 
     def __post_init__(self) -> None:
         if not (self.vocab_size >= 2 and self.max_steps >= 1 and 0 <= self.steps <= self.max_steps
-                and self.token_entropy >= 0 and math.isfinite(self.q_halt_logit)):
+                and (self.token_entropy is None or self.token_entropy >= 0) and math.isfinite(self.q_halt_logit)):
             raise SalienceError(f"model report out of range: {self}; need vocab_size >= 2, "
                                 "0 <= steps <= max_steps, token_entropy >= 0 and a finite q_halt_logit")
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> ModelReport:
-        """From a result record with keys q_halt_logit, token_entropy, steps, max_steps, vocab_size."""
-        missing = [k for k in ("q_halt_logit", "token_entropy", "steps", "max_steps", "vocab_size")
-                   if k not in record]
+        """From a result record with keys q_halt_logit, steps, max_steps, vocab_size and optionally
+        token_entropy."""
+        missing = [k for k in ("q_halt_logit", "steps", "max_steps", "vocab_size") if k not in record]
         if missing:
             raise SalienceError(f"result record lacks {missing}; the serving side must report them")
-        return cls(float(record["q_halt_logit"]), float(record["token_entropy"]), float(record["steps"]),
-                   float(record["max_steps"]), int(record["vocab_size"]))
+        entropy = record.get("token_entropy")
+        return cls(float(record["q_halt_logit"]), float(record["steps"]), float(record["max_steps"]),
+                   int(record["vocab_size"]), None if entropy is None else float(entropy))
 
     def uncertainty(self) -> float:
-        """mean(1 - |2 sigmoid(q) - 1|, H / log V, steps / max_steps), in [0, 1]."""
+        """mean(1 - |2 sigmoid(q) - 1|, H / log V, steps / max_steps), in [0, 1] (without H when unknown)."""
         halt_confidence = abs(math.tanh(self.q_halt_logit / 2))  # = |2 sigmoid(q) - 1|
-        entropy = min(self.token_entropy / math.log(self.vocab_size), 1.0)
-        return float(np.mean([1.0 - halt_confidence, entropy, self.steps / self.max_steps]))
+        parts = [1.0 - halt_confidence, self.steps / self.max_steps]
+        if self.token_entropy is not None:
+            parts.append(min(self.token_entropy / math.log(self.vocab_size), 1.0))
+        return float(np.mean(parts))
 
 
 @dataclasses.dataclass(frozen=True)

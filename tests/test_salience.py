@@ -47,6 +47,8 @@ def test_step_change_spikes_surprise():
 
 def test_model_uncertainty_enters_surprise():
     sure = ModelReport(q_halt_logit=12.0, token_entropy=0.0, steps=1, max_steps=16, vocab_size=11)
+    no_logits = ModelReport.from_record({"q_halt_logit": 0.0, "steps": 8, "max_steps": 16, "vocab_size": 11})
+    assert no_logits.uncertainty() == pytest.approx((1.0 + 0.5) / 2)
     unsure = ModelReport.from_record({"q_halt_logit": 0.0, "token_entropy": math.log(11), "steps": 16,
                                       "max_steps": 16, "vocab_size": 11})
     assert sure.uncertainty() == pytest.approx((1 - math.tanh(6)) / 3 + 1 / 48, abs=1e-9)
