@@ -257,6 +257,8 @@ def sleep_cycle(weights_dir: str, store: ExperienceStore, heldout: PuzzleSplit, 
         raise SleepError(f"no labelled experience among those drawn from {store.path} ({provenance}); "
                          "serve more puzzles before sleeping")
     train_inputs, train_labels = replay.augment(config.task, inputs, labels, rng, config.augmentations)
+    if heldout.metadata.ignore_label_id is not None:  # unsupervised cells (e.g. a maze's padding), as the loader
+        train_labels = np.where(train_labels == heldout.metadata.ignore_label_id, IGNORE_LABEL_ID, train_labels)
     before = validate(params, model_config, heldout, config)
     replay_split = _replay_split(inputs, labels) if config.task == "sudoku" else None
     replay_before = validate(params, model_config, replay_split, config) if replay_split else {}
