@@ -17,6 +17,7 @@ COMMANDS = {
     "serve": ("sage.serve", "answer HRM requests from a mailbox (batching, early halting, persistent carries)"),
     "stats": ("sage.stats", "show a server's counters, latency quantiles and queues, or its Prometheus text"),
     "solve": ("sage.client", "solve a Sudoku with a running server"),
+    "sleep": ("sage.sleep", "fine-tune the served weights on salient experiences; publish them if they validate"),
 }
 
 
