@@ -91,7 +91,8 @@ def parse_task(name: str, task: Any, where: str) -> ARCTask:
     # The reference prefers a "name" field (some ARC-AGI-1 files carry one) over the file stem.
     name = str(task.get("name", name))
     if _AUG_NAME.match(name):
-        raise ARCDataError(f"{where}: task name {name!r} looks like an augmented name (<task>_t<k>_<colours>); rename it")
+        raise ARCDataError(f"{where}: task name {name!r} looks like an augmented name (<task>_t<k>_<colours>); "
+                           "rename it")
     return ARCTask(name, _pairs(task, "train", where), _pairs(task, "test", where))
 
 
