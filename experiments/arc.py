@@ -82,7 +82,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         print(f"building a quick-start dataset ({args.tasks} smallest tasks per source, {args.num_aug} "
               f"augmentations each, {ARC_QUICKSTART_GRID}x{ARC_QUICKSTART_GRID} canvas) into {data} ...")
-        build_arc_dataset(data, arc1_sources(), num_aug=args.num_aug, seed=args.seed, max_tasks=args.tasks,
+        build_arc_dataset(data, arc1_sources(), num_aug=args.num_aug, seed=args.quickstart_seed, max_tasks=args.tasks,
                           grid_size=ARC_QUICKSTART_GRID)
     start = time.perf_counter()
     summary = common.quickstart(args, TASK, data, evaluations=1)

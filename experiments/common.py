@@ -36,8 +36,9 @@ def task_parser(task: str, doc: str) -> tuple[argparse.ArgumentParser, Any]:
     parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
     parser.add_argument("--steps", type=cli.positive_int, default=300,
                         help="quick start: optimizer steps (default 300, a few minutes on 2 CPU cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
+    # Its own dest: `train --seed` (OptimConfig.seed) must not see the quick start's default.
+    parser.add_argument("--seed", dest="quickstart_seed", type=int, default=0, help="quick start: seed")
+    parser.add_argument("--no-progress", action="store_true", help="quick start: no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
     return parser, parser.add_subparsers(dest="command")
 
@@ -108,7 +109,7 @@ def quickstart(args: argparse.Namespace, task: str, data_dir: str | os.PathLike,
     and checkpoints spread over them."""
     run = sized_for_data(preset(f"{task}_{QUICKSTART}"), data_dir)
     every = max(1, args.steps // evaluations)
-    run = run.replace(optim=run.optim.replace(seed=args.seed), loop=LoopConfig(
+    run = run.replace(optim=run.optim.replace(seed=args.quickstart_seed), loop=LoopConfig(
         out_dir=str(new_run_dir(f"{task}-{QUICKSTART}", args.out)), total_steps=args.steps, eval_every=every,
         checkpoint_every=every, log_every=10, progress=not args.no_progress))
     print(f"training {format_config(run.model)}\n  for {args.steps} steps at batch "

@@ -66,7 +66,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         print(f"generating {args.size}x{args.size} mazes (shortest path > {args.min_path} steps) into {data} ...")
         build_maze_dataset(data, train_size=1000, test_size=200, min_path=args.min_path, aug=True,
-                           seed=args.seed, size=args.size)
+                           seed=args.quickstart_seed, size=args.size)
     start = time.perf_counter()
     summary = common.quickstart(args, TASK, data, evaluations=4)
     print(f"trained and evaluated in {time.perf_counter() - start:.0f} s")

@@ -87,7 +87,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         source = default_source_dir()
         print(f"building a quick-start dataset from {source} into {data} ...")
-        build_quickstart_dataset(data, source_dir=source, seed=args.seed, max_blanks=args.max_blanks)
+        build_quickstart_dataset(data, source_dir=source, seed=args.quickstart_seed, max_blanks=args.max_blanks)
     summary = common.quickstart(args, TASK, data, evaluations=4)
     common.print_run_summary(summary)
     print("\nsolve a puzzle with it: python -m experiments.sudoku solve --checkpoint "
