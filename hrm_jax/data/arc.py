@@ -97,7 +97,8 @@ def parse_task(name: str, task: Any, where: str) -> ARCTask:
 
 
 def load_tasks(path: str | os.PathLike) -> list[ARCTask]:
-    """Tasks of one source: a JSON file {task_id: task} (the packed form of /work/shared/data/arc)
+    """Tasks of one source: a JSON file {task_id: task} (the packed form the
+    default source directory holds)
     or a directory of one-task JSON files (the ARC-AGI repositories' layout, searched recursively).
     Task names are the last path component of the key (ConceptARC's 'Concept/Task' -> 'Task') or the
     file stem, as the reference names them."""
