@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli.cli_main
 def main(argv: list[str] | None = None) -> int:
-    commands = {"build": cmd_build, "build-mixed": cmd_build_mixed, "train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, None: cmd_quickstart}
+    commands = {"build": cmd_build, "build-mixed": cmd_build_mixed, "train": cmd_train, "eval": cmd_eval,
+                "solve": cmd_solve, None: cmd_quickstart}
     return common.run_main(build_parser(), commands, argv)
 
 
