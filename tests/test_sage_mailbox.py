@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import pytest
@@ -172,6 +173,34 @@ def test_batches_keep_order_and_report_full(name):
     with pytest.raises(ValueError, match="max_records"):
         box.pop_many(0)
     box.close()
+
+
+def _doorbell_bytes(box: Mailbox) -> int:
+    try:
+        return len(os.read(box.doorbell_fd(), 65536))
+    except BlockingIOError:
+        return 0
+
+
+def test_producers_ring_only_while_a_consumer_sleeps(name):
+    box = Mailbox.create(name, record_size=8, capacity=8)
+    consumer = Mailbox.attach(name, wait="sleep")
+    box.push(b"a")
+    assert _doorbell_bytes(box) == 0  # nobody asleep: no syscall spent on the doorbell
+    assert consumer.pop() is not None and consumer.pop(timeout=0.05) is None  # slept and woke up
+    box.push(b"b")
+    box.push(b"c")
+    assert _doorbell_bytes(box) == 0  # its 0.5 s wake window is still open, but it is awake
+    assert consumer.arm_doorbell(time.monotonic_ns() + 10**9)  # records there: do not sleep
+    consumer.pop_many(8)
+    assert not consumer.arm_doorbell(time.monotonic_ns() + 10**9)
+    box.push(b"d")
+    assert _doorbell_bytes(box) == 1
+    consumer.disarm_doorbell()
+    box.push(b"e")
+    assert _doorbell_bytes(box) == 0
+    box.close()
+    consumer.close()
 
 
 def test_live_create_refused_and_unlink_retires_handles(name):
