@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -187,10 +188,17 @@ def test_producers_ring_only_while_a_consumer_sleeps(name):
     consumer = Mailbox.attach(name, wait="sleep")
     box.push(b"a")
     assert _doorbell_bytes(box) == 0  # nobody asleep: no syscall spent on the doorbell
-    assert consumer.pop() is not None and consumer.pop(timeout=0.05) is None  # slept and woke up
-    box.push(b"b")
+    assert consumer.pop() is not None
+    woken = []
+    sleeper = threading.Thread(target=lambda: woken.append(consumer.pop(timeout=30)))
+    sleeper.start()
+    time.sleep(0.2)  # asleep on the doorbell by now
+    box.push(b"b")  # rings and wakes it, long before its timeout
+    sleeper.join(10)
+    assert [r.payload for r in woken] == [b"b"]
+    _doorbell_bytes(box)
     box.push(b"c")
-    assert _doorbell_bytes(box) == 0  # its 0.5 s wake window is still open, but it is awake
+    assert _doorbell_bytes(box) == 0  # its wake window is still open, but nobody sleeps
     assert consumer.arm_doorbell(time.monotonic_ns() + 10**9)  # records there: do not sleep
     consumer.pop_many(8)
     assert not consumer.arm_doorbell(time.monotonic_ns() + 10**9)
