@@ -161,6 +161,12 @@ class Zmq:
         if self.context is not None:
             self.socket.close(linger=0)
             self.context.term()
+        _remove_ipc_path(self.address)
+
+
+def _remove_ipc_path(address: str) -> None:
+    """The receiving side exits without closing its socket, so its ipc:// file stays behind."""
+    pathlib.Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
 def record_transports() -> list:
@@ -283,6 +289,7 @@ def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
         for fd in (pipe_r, pipe_w):
             if fd >= 0:
                 os.close(fd)
+        _remove_ipc_path(names[2])
     warm = latencies[max(1, count // 10):]
     return {"p50_us": float(np.percentile(warm, 50)) / 1e3, "p99_us": float(np.percentile(warm, 99)) / 1e3}
 
@@ -347,6 +354,7 @@ def cpu_cost_us(size: int, count: int) -> dict[str, float]:
         push.close(linger=0)
         pull.close(linger=0)
         context.term()
+        _remove_ipc_path(address)
     return costs
 
 
