@@ -10,8 +10,8 @@ it waits (100% = it spins a core). Tensors: one-way hand-off time until the rece
 readable numpy array (again one in flight), for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the
 zero-copy path (the producer wrote into the arena; the hand-off is publish + descriptor + open);
 sage-ftm-put starts from an existing array (one copy into the arena). CPU cost: microseconds of
-CPU per record for a send and a receive made back to back in one process (no wake-up involved). Sender and receiver are two
-processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
+CPU per record for a send and a receive made back to back in one process (no wake-up involved). Sender and
+receiver are two processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
 --repeats times in a fresh receiver process; the table shows medians over the repeats.
 """
 
