@@ -3,12 +3,15 @@
 Layout of a run directory (`out_dir`)::
 
     checkpoints/<step>/params/       params: {"dense", "buffers", "puzzle_emb"?} (StandardSave)
-    checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng"}       (StandardSave)
+    checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng", "dense"?} (StandardSave)
     checkpoints/<step>/meta/         JSON: configs, total_steps, sampler state, metrics
     best/<step>/...                  the same, for the best eval exact accuracy (one kept)
 
 Params are an item of their own so that `load_params_for_eval` restores them without building an
-optimizer. Restores use an abstract target (orbax returns optax states as lists otherwise; see
+optimizer. With an EMA (TrainConfig.ema) that item holds the evaluation parameters (the averaged
+dense ones, as the TRM reference saves its EMA copy), and train_state/"dense" the trained ones,
+so evaluation, solvers and exports read the average and a resume restores both. meta/"model_family"
+("hrm" or "trm") names the config class. Restores use an abstract target (orbax returns optax states as lists otherwise; see
 shared/NOTES-env.md "Orbax"). Saves wait until written: the trainer donates the state to the next
 step, and a checkpoint must be complete before the loop can be killed anyway.
 """
@@ -23,8 +26,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from hrm_jax import family
 from hrm_jax.config import HRMConfig, TrainConfig
-from hrm_jax.model import init_params
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ class RunCheckpoints:
         step = int(jax.device_get(state.step))
         if step not in manager.all_steps():
             manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                params=ocp.args.StandardSave(state.eval_params()),
                 train_state=ocp.args.StandardSave(_train_items(state)),
                 meta=ocp.args.JsonSave(meta)))
             manager.wait_until_finished()
@@ -81,14 +84,18 @@ class RunCheckpoints:
 
 
 def _train_items(state: Any) -> dict[str, Any]:
-    return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
+    items = {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
+    if state.ema is not None:  # the params item then holds the average; the trained weights go here
+        items["dense"] = state.params["dense"]
+    return items
 
 
 def make_meta(model_config: HRMConfig, train_config: TrainConfig, total_steps: int, step: int,
               sampler_state: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     """The JSON part of a checkpoint; `extra` holds e.g. eval metrics and the best exact accuracy."""
     return {"format_version": FORMAT_VERSION, "step": int(step), "total_steps": int(total_steps),
-            "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "model_family": family.family_name(model_config), "model_config": model_config.to_dict(),
+            "train_config": train_config.to_dict(),
             "sampler": sampler_state, **extra}
 
 
@@ -131,6 +138,19 @@ def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any
     return meta
 
 
+def saved_family(meta: dict[str, Any]) -> str:
+    """The model family a checkpoint was written for ("hrm" before families were recorded)."""
+    return meta.get("model_family", "hrm")
+
+
+def config_class(meta: dict[str, Any], where: str) -> type:
+    """HRMConfig or TRMConfig, from the checkpoint's model_family."""
+    name = saved_family(meta)
+    if name not in family.CONFIG_CLASSES:
+        raise CheckpointError(f"{where}: unknown model_family {name!r} (known: {sorted(family.CONFIG_CLASSES)})")
+    return family.CONFIG_CLASSES[name]
+
+
 def config_from_dict(cls, data: dict[str, Any], where: str):
     """HRMConfig/TrainConfig from its saved dict; unknown or missing fields give a CheckpointError."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -158,8 +178,12 @@ def check_compatible(meta: dict[str, Any], model_config: HRMConfig, train_config
     """Raises CheckpointMismatchError listing every differing field with both values."""
     saved_model = {k: v for k, v in meta["model_config"].items() if k not in IMPLEMENTATION_FIELDS}
     current_model = {k: v for k, v in model_config.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
-    diffs = (config_differences(saved_model, current_model, "model")
-             + config_differences(meta["train_config"], train_config.to_dict(), "train"))
+    # Fields added to TrainConfig later (ema, ema_rate) read as their defaults in older checkpoints.
+    saved_train = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                   if f.default is not dataclasses.MISSING} | meta["train_config"]
+    diffs = (config_differences({"family": saved_family(meta)}, {"family": family.family_name(model_config)}, "model")
+             + config_differences(saved_model, current_model, "model")
+             + config_differences(saved_train, train_config.to_dict(), "train"))
     if int(meta["total_steps"]) != int(total_steps):
         diffs.append(f"total_steps: saved {meta['total_steps']}, now {total_steps}")
     if diffs:
@@ -182,10 +206,11 @@ def restore(path: str | os.PathLike, abstract_state: Any, *, model_config: HRMCo
     except Exception as err:
         raise CheckpointError(f"{where}: could not restore the state ({type(err).__name__}: {err}); the "
                               "checkpoint is incomplete or corrupt: delete it to fall back to an older one") from None
-    train_items = items["train_state"]
-    state = abstract_state.replace(params=items["params"], step=train_items["step"],
-                                   opt_state=train_items["opt_state"], carry=train_items["carry"],
-                                   rng=train_items["rng"])
+    train_items, params, ema = items["train_state"], items["params"], None
+    if abstract_state.ema is not None:
+        params, ema = {**params, "dense": train_items["dense"]}, params["dense"]
+    state = abstract_state.replace(params=params, step=train_items["step"], opt_state=train_items["opt_state"],
+                                   carry=train_items["carry"], rng=train_items["rng"], ema=ema)
     logger.info("restored %s (step %d)", where, step)
     return state, meta
 
@@ -215,7 +240,8 @@ def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tu
     Kernel choices this machine cannot run fall back to XLA (`runnable_here`)."""
     manager, step, where = _resolve(path, step)
     meta = read_meta(where)
-    config = runnable_here(config_from_dict(HRMConfig, meta["model_config"], where))
+    config = runnable_here(config_from_dict(config_class(meta, where), meta["model_config"], where))
+    init_params = family.functions(config).init_params
     abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     try:
         params = manager.restore(step, args=ocp.args.Composite(
@@ -232,8 +258,8 @@ def save_params(directory: str | os.PathLike, params: dict[str, Any], model_conf
     manager = _manager(directory, max_to_keep=None)
     if step in manager.all_steps():
         raise CheckpointError(f"{directory}: already holds a checkpoint for step {step}; choose another --out")
-    meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_config": model_config.to_dict(),
-            "params_only": True, **extra}
+    meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_family": family.family_name(model_config),
+            "model_config": model_config.to_dict(), "params_only": True, **extra}
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
     manager.close()

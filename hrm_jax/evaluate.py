@@ -2,7 +2,7 @@
 
 The reference (pretrain.py `evaluate`, models/losses.py ACTLossHead) scores the output of the last
 segment; on top of that this module reports what the Q-head would have given had it been allowed
-to stop early (the prediction at the first segment where q_halt > q_continue, which is the
+to stop early (the prediction at the first segment where the family's halting rule fires, which is the
 training-time halting rule without exploration), and two baselines that tell whether a number is
 meaningful: copying the input (exact and per-token) — a Sudoku or maze model that has learned
 nothing beats neither.
@@ -23,12 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from hrm_jax import parallel
+from hrm_jax import family, parallel
 from hrm_jax.config import HRMConfig
 from hrm_jax.data.format import PuzzleSplit
 from hrm_jax.data.sampler import eval_batches
 from hrm_jax.losses import IGNORE_LABEL_ID, LOSS_FUNCTIONS, binary_cross_entropy_with_logits
-from hrm_jax.model import act_step, initial_carry
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +51,13 @@ def _token_scores(pred: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Ar
     return correct / jnp.maximum(counts, 1), correct == counts
 
 
-def _segment_state(outputs, segment: jax.Array, early) -> dict[str, jax.Array]:
-    """Folds one segment's outputs into the early-halting record: the first segment where
-    q_halt > q_continue fixes that row's early prediction and step count."""
+def _segment_state(config, outputs, segment: jax.Array, early) -> dict[str, jax.Array]:
+    """Folds one segment's outputs into the early-halting record: the first segment where the
+    family's halting rule fires (HRM: q_halt > q_continue; TRM: q_halt > 0) fixes that row's early
+    prediction and step count."""
     pred = jnp.argmax(outputs["logits"], axis=-1).astype(jnp.int32)
-    halt_now = (outputs["q_halt_logits"] > outputs["q_continue_logits"]) & ~early["found"]
+    signal = family.functions(config).halt_signal(config, outputs["q_halt_logits"], outputs["q_continue_logits"])
+    halt_now = signal & ~early["found"]
     return {"pred": jnp.where(halt_now[:, None], pred, early["pred"]),
             "steps": jnp.where(halt_now, segment, early["steps"]),
             "found": early["found"] | halt_now}
@@ -69,17 +70,18 @@ def rollout(params: Params, config: HRMConfig, batch: dict[str, jax.Array],
     the ROW_METRICS values, plus predictions int32[B, S] (last segment), early_predictions
     int32[B, S], q_halt_logits / q_continue_logits f32[B] (last segment) and has_labels bool[B].
     """
-    carry = initial_carry(config, batch)
-    carry, outputs = act_step(params, config, carry, batch, None, train=False)
-    early = _segment_state(outputs, jnp.int32(1),
+    model = family.functions(config)
+    carry = model.initial_carry(config, batch)
+    carry, outputs = model.act_step(params, config, carry, batch, None, train=False)
+    early = _segment_state(config, outputs, jnp.int32(1),
                            {"pred": jnp.zeros(batch["labels"].shape, jnp.int32),
                             "steps": jnp.zeros(batch["labels"].shape[:1], jnp.int32),
                             "found": jnp.zeros(batch["labels"].shape[:1], jnp.bool_)})
 
     def segment(state, index):
         carry, _, early = state
-        carry, outputs = act_step(params, config, carry, batch, None, train=False)
-        return (carry, outputs, _segment_state(outputs, index, early)), None
+        carry, outputs = model.act_step(params, config, carry, batch, None, train=False)
+        return (carry, outputs, _segment_state(config, outputs, index, early)), None
 
     # Eval mode halts only at halt_max_steps, so every row runs all segments (REFERENCE-FACTS 4).
     indices = jnp.arange(2, config.halt_max_steps + 1, dtype=jnp.int32)

@@ -24,14 +24,15 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hrm_jax import checkpoint as ckpt
-from hrm_jax import parallel
+from hrm_jax import family, parallel
 from hrm_jax.config import HRMConfig, TrainConfig
 from hrm_jax.data.format import PuzzleSplit, load_split
 from hrm_jax.data.sampler import TrainSampler
+from hrm_jax.ema import eval_params, init_ema, update_ema
 from hrm_jax.evaluate import check_model_fits_data, difficulty_bands, evaluate
 from hrm_jax.logging_utils import MetricsLogger, truncate_metrics
 from hrm_jax.losses import act_loss
-from hrm_jax.model import ACTCarry, act_segment, gather_puzzle_rows, init_params, initial_carry, refresh_carry
+from hrm_jax.model import ACTCarry
 from hrm_jax.optim import lr_schedule, make_dense_optimizer, make_puzzle_emb_schedule, sparse_signsgd_update
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,11 @@ class TrainState:
     opt_state: optax.OptState  # AdamATan2 state of params["dense"] only
     carry: ACTCarry  # the ACT carry, [global_batch_size, ...]
     rng: jax.Array  # uint32 raw key data (jax.random.key_data), so orbax stores a plain array
+    ema: Params | None = None  # average of params["dense"] when train_config.ema (hrm_jax.ema), else None
+
+    def eval_params(self) -> Params:
+        """The parameters evaluation, best/ and exports use: the averaged dense ones when there is an average."""
+        return eval_params(self.params, self.ema)
 
 
 def _empty_batch(config: HRMConfig, batch_size: int) -> Batch:
@@ -62,11 +68,14 @@ def _empty_batch(config: HRMConfig, batch_size: int) -> Batch:
 
 def _fresh_state(model_config: HRMConfig, train_config: TrainConfig, total_steps: int) -> TrainState:
     k_params, k_train = jax.random.split(jax.random.key(train_config.seed))
-    params = init_params(model_config, k_params)
+    model = family.functions(model_config)
+    params = model.init_params(model_config, k_params)
     optimizer = make_dense_optimizer(train_config, total_steps)
+    empty = _empty_batch(model_config, train_config.global_batch_size)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params["dense"]),
-                      carry=initial_carry(model_config, _empty_batch(model_config, train_config.global_batch_size)),
-                      rng=jax.random.key_data(k_train))
+                      carry=model.initial_carry(model_config, empty),
+                      rng=jax.random.key_data(k_train),
+                      ema=init_ema(params["dense"]) if train_config.ema else None)
 
 
 # Jitted: run eagerly, Flax's init dispatches (and compiles) hundreds of small ops.
@@ -102,15 +111,15 @@ def _train_step(state: TrainState, batch: Batch, model_config: HRMConfig, train_
                 total_steps: int, axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
     """The step; with axis_name (inside shard_map) on this device's rows, summing over the mesh."""
     rng, k_segment = jax.random.split(jax.random.wrap_key_data(state.rng))
-    params = state.params
-    carry = refresh_carry(params, model_config, state.carry, batch)
+    params, model = state.params, family.functions(model_config)
+    carry = model.refresh_carry(params, model_config, state.carry, batch)
     # The embedding looks up the carry's examples, not the batch's (non-halted rows keep theirs).
     ids = carry.current_data["puzzle_identifiers"]
-    rows = gather_puzzle_rows(params, model_config, ids)
+    rows = model.gather_puzzle_rows(params, model_config, ids)
 
     def loss_fn(dense: Params, rows: jax.Array):
         segment_params = {"dense": dense, "buffers": params["buffers"]}
-        new_carry, outputs = act_segment(segment_params, model_config, carry, rows, k_segment, train=True,
+        new_carry, outputs = model.act_segment(segment_params, model_config, carry, rows, k_segment, train=True,
                                          axis_name=axis_name)
         loss, sums = act_loss(outputs, new_carry)
         return loss / train_config.global_batch_size, (new_carry, sums)
@@ -134,8 +143,10 @@ def _train_step(state: TrainState, batch: Batch, model_config: HRMConfig, train_
     metrics = _reduce_metrics(sums, train_config.global_batch_size)
     metrics["lr"] = jnp.asarray(lr_schedule(train_config.lr, train_config.lr_warmup_steps, total_steps,
                                             train_config.lr_min_ratio)(state.step), jnp.float32)
+    # After every optimizer step, as the reference's loop updates its EMAHelper.
+    ema = None if state.ema is None else update_ema(state.ema, new_params["dense"], train_config.ema_rate)
     new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, carry=new_carry,
-                           rng=jax.random.key_data(rng))
+                           rng=jax.random.key_data(rng), ema=ema)
     return new_state, metrics
 
 
@@ -286,7 +297,7 @@ class _Run:
         """Evaluates, logs every group of results, redraws the plot, saves the best checkpoint."""
         if self.eval_data is None:
             return None
-        results = evaluate(state.params, self.model_config, self.eval_data, self.eval_batch_size,
+        results = evaluate(state.eval_params(), self.model_config, self.eval_data, self.eval_batch_size,
                            group_by=self.group_by, max_batches=self.eval_max_batches, mesh=self.mesh)
         for name, metrics in results.items():
             self.log.log(step, "eval" if name == "all" else f"eval/{name}", metrics)

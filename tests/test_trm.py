@@ -155,7 +155,7 @@ def test_full_last_recursion_gradient_matches_finite_differences():
         return objective(ref.net(cfg, dense_t, p_H, zl, rope), zl, np)
 
     eps = 1e-6
-    for seed in range(3):
+    for seed in range(2):
         v = np.random.default_rng(100 + seed).normal(size=theta0.size)
         numeric = (numpy_loss(theta0 + eps * v) - numpy_loss(theta0 - eps * v)) / (2 * eps)
         one_step = (one_step_loss(theta0 + eps * v) - one_step_loss(theta0 - eps * v)) / (2 * eps)
@@ -224,7 +224,7 @@ def test_with_act_continue_halts_on_q_comparison_and_bootstraps_target():
     params = randomized_params(cfg, seed=3)
     carry, out = STEP(params, cfg, trm.initial_carry(cfg, batch), batch, jax.random.key(1), train=True)
     rows = trm.gather_puzzle_rows(params, cfg, carry.current_data["puzzle_identifiers"])
-    *_, next_q = trm.segment_forward(params, cfg, carry, rows)  # a second forward from the new carry
+    *_, next_q = jax.jit(trm.segment_forward, static_argnums=1)(params, cfg, carry, rows)  # from the new carry
     expected = jax.nn.sigmoid(np.maximum(next_q[:, 0], next_q[:, 1]))  # step 1 of 2: not the last
     np.testing.assert_allclose(out["target_q_continue"], expected, rtol=1e-5, atol=1e-6)
 
