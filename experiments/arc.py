@@ -16,10 +16,11 @@ import sys
 import time
 
 from experiments import common
+from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS
 from hrm_jax.config import TRAIN_PRESETS, TrainConfig, arc, tiny
 
 TASK = "arc"
-PRESETS = ("arc1", "arc2", "quickstart")
+PRESETS = ("arc1", "arc2", "trm_arc", "quickstart")  # trm_arc: the Tiny Recursive Model (give --data)
 # The reference's output folders (dataset/build_arc_dataset.py).
 DEFAULT_DATA = {"arc1": pathlib.Path("data/arc-aug-1000"), "arc2": pathlib.Path("data/arc-2-aug-1000")}
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "arc-quickstart"
@@ -40,10 +41,14 @@ def quickstart_train() -> TrainConfig:
 
 
 def model_for(preset: str):
+    if preset in TRM_MODEL_PRESETS:
+        return TRM_MODEL_PRESETS[preset]()
     return quickstart_model() if preset == "quickstart" else arc()
 
 
 def train_for(preset: str) -> TrainConfig:
+    if preset in TRM_TRAIN_PRESETS:
+        return TRM_TRAIN_PRESETS[preset]
     return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS["arc"]
 
 

@@ -24,7 +24,8 @@ RUNS_DIR = pathlib.Path(os.environ.get("HRM_RUNS_DIR", "runs"))
 # TrainConfig fields settable from the command line (flag --global-batch-size -> global_batch_size).
 _TRAIN_FLAGS = {"global_batch_size": int, "epochs": int, "eval_interval": int, "lr": float,
                 "lr_min_ratio": float, "lr_warmup_steps": int, "weight_decay": float, "beta1": float,
-                "beta2": float, "puzzle_emb_lr": float, "puzzle_emb_weight_decay": float, "seed": int}
+                "beta2": float, "puzzle_emb_lr": float, "puzzle_emb_weight_decay": float, "seed": int,
+                "ema_rate": float}
 
 
 class CLIError(ValueError):
@@ -86,6 +87,9 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training hyperparameters (override the preset)")
     for name, kind in _TRAIN_FLAGS.items():
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper())
+    group.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                       help="average the dense weights (rate --ema-rate) and evaluate/export the average "
+                            "(default: the preset's; on for the trm_* presets, as the TRM README runs)")
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default runs/<task>-<time>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -116,7 +120,7 @@ def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
-    changes = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name, None) is not None}
+    changes = {name: getattr(args, name) for name in (*_TRAIN_FLAGS, "ema") if getattr(args, name, None) is not None}
     return base.replace(**changes)
 
 

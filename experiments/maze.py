@@ -16,10 +16,11 @@ import time
 
 
 from experiments import common
+from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS
 from hrm_jax.config import TRAIN_PRESETS, TrainConfig, maze_hard
 
 TASK = "maze"
-PRESETS = ("maze_hard", "quickstart")
+PRESETS = ("maze_hard", "trm_maze", "quickstart")  # trm_maze: the Tiny Recursive Model
 # Quick-start mazes: 8x8 (64 tokens, a 4x4 lattice) with paths over 10 steps, the same
 # generator as the paper-sized set at a size that a small model learns on 2 CPU cores.
 QUICKSTART_SIZE, QUICKSTART_MIN_PATH = 8, 10
@@ -30,10 +31,14 @@ quickstart_train = common.cpu_quickstart_train
 
 
 def model_for(preset: str):
+    if preset in TRM_MODEL_PRESETS:
+        return TRM_MODEL_PRESETS[preset]()
     return quickstart_model() if preset == "quickstart" else maze_hard()
 
 
 def train_for(preset: str) -> TrainConfig:
+    if preset in TRM_TRAIN_PRESETS:
+        return TRM_TRAIN_PRESETS[preset]
     return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS[preset]
 
 

@@ -18,11 +18,13 @@ import time
 import numpy as np
 
 from experiments import common
+from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS
 from hrm_jax.config import TRAIN_PRESETS, TrainConfig, sudoku_extreme
 
 TASK = "sudoku"
 # The paper's runs (reference README): 8 GPUs at global batch 768, or one GPU at 384 with lr 7e-5.
-PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "quickstart")
+# trm_*: the Tiny Recursive Model (README of SamsungSAILMontreal/TinyRecursiveModels), MLP-t or attention.
+PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "trm_sudoku_mlp", "trm_sudoku_att", "quickstart")
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
 
 
@@ -31,10 +33,14 @@ quickstart_train = common.cpu_quickstart_train
 
 
 def model_for(preset: str):
+    if preset in TRM_MODEL_PRESETS:
+        return TRM_MODEL_PRESETS[preset]()
     return quickstart_model() if preset == "quickstart" else sudoku_extreme()
 
 
 def train_for(preset: str) -> TrainConfig:
+    if preset in TRM_TRAIN_PRESETS:
+        return TRM_TRAIN_PRESETS[preset]
     return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS[preset]
 
 

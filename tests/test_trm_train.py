@@ -124,3 +124,20 @@ def test_loop_with_ema_resume_equals_continue_and_evaluates_the_average(tmp_path
     assert np.isclose(expected["all"]["lm_loss"], straight["eval"]["lm_loss"], rtol=1e-6)
     trained = evaluate(final.params, CFG, load_split(data, "test"), TC_EMA.global_batch_size)
     assert trained["all"]["lm_loss"] != expected["all"]["lm_loss"]  # the average, not the trained weights
+
+
+def test_cli_presets_map_to_the_trm_configs():
+    from experiments import arc, maze, sudoku
+    from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS
+
+    for module, presets in ((sudoku, ("trm_sudoku_mlp", "trm_sudoku_att")), (maze, ("trm_maze",)), (arc, ("trm_arc",))):
+        for preset in presets:
+            assert preset in module.PRESETS
+            assert module.model_for(preset) == TRM_MODEL_PRESETS[preset]()
+            assert module.train_for(preset) == TRM_TRAIN_PRESETS[preset]
+    mlp, arc_train = TRM_TRAIN_PRESETS["trm_sudoku_mlp"], TRM_TRAIN_PRESETS["trm_arc"]
+    assert (mlp.epochs, mlp.eval_interval, mlp.lr, mlp.puzzle_emb_lr, mlp.weight_decay, mlp.ema) == (
+        50000, 5000, 1e-4, 1e-4, 1.0, True)
+    assert (arc_train.epochs, arc_train.puzzle_emb_lr, arc_train.weight_decay, arc_train.ema_rate) == (
+        100000, 1e-2, 0.1, 0.999)
+    assert TRM_MODEL_PRESETS["trm_maze"]().L_cycles == 4 and TRM_MODEL_PRESETS["trm_sudoku_att"]().L_cycles == 6
