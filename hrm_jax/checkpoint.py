@@ -11,7 +11,9 @@ Params are an item of their own so that `load_params_for_eval` restores them wit
 optimizer. With an EMA (TrainConfig.ema) that item holds the evaluation parameters (the averaged
 dense ones, as the TRM reference saves its EMA copy), and train_state/"dense" the trained ones,
 so evaluation, solvers and exports read the average and a resume restores both. meta/"model_family"
-("hrm" or "trm") names the config class. Restores use an abstract target (orbax returns optax states as lists otherwise; see
+("hrm" or "trm") names the config class.
+
+Restores use an abstract target (orbax returns optax states as lists otherwise; see
 shared/NOTES-env.md "Orbax"). Saves wait until written: the trainer donates the state to the next
 step, and a checkpoint must be complete before the loop can be killed anyway.
 """
