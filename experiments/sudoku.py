@@ -18,13 +18,13 @@ import time
 import numpy as np
 
 from experiments import common
+from hrm_jax.config import MODEL_PRESETS, TRAIN_PRESETS, TrainConfig
 from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS
-from hrm_jax.config import TRAIN_PRESETS, TrainConfig, sudoku_extreme
 
 TASK = "sudoku"
 # The paper's runs (reference README): 8 GPUs at global batch 768, or one GPU at 384 with lr 7e-5.
 # trm_*: the Tiny Recursive Model (README of SamsungSAILMontreal/TinyRecursiveModels), MLP-t or attention.
-PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "trm_sudoku_mlp", "trm_sudoku_att", "quickstart")
+PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "sudoku_edge", "trm_sudoku_mlp", "trm_sudoku_att", "quickstart")
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
 
 
@@ -35,7 +35,7 @@ quickstart_train = common.cpu_quickstart_train
 def model_for(preset: str):
     if preset in TRM_MODEL_PRESETS:
         return TRM_MODEL_PRESETS[preset]()
-    return quickstart_model() if preset == "quickstart" else sudoku_extreme()
+    return quickstart_model() if preset == "quickstart" else MODEL_PRESETS[preset.removesuffix("_1gpu")]()
 
 
 def train_for(preset: str) -> TrainConfig:
@@ -53,6 +53,26 @@ def cmd_build(args: argparse.Namespace) -> int:
                                   num_aug=args.num_aug, test_size=args.test_size, seed=args.seed,
                                   workers=args.workers, max_blanks=args.max_blanks)
     print(json.dumps({k: report[k] for k in report if k != "rejected_lines"}, indent=1, default=str)[:4000])
+    print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_build_mixed(args: argparse.Namespace) -> int:
+    from hrm_jax.data import sudoku_mix  # noqa: PLC0415
+    from hrm_jax.data.sudoku import default_source_dir  # noqa: PLC0415
+
+    start = time.perf_counter()
+    if args.bases is not None:
+        bases = sudoku_mix.load_bases(args.bases)
+    else:
+        source = args.source or default_source_dir()
+        sizes = sudoku_mix.BaseSizes(train_hard=args.train_hard)
+        bases = sudoku_mix.select_bases(source, sizes, seed=args.seed, workers=args.workers)
+        if args.bases_out is not None:
+            sudoku_mix.save_bases(args.bases_out, bases)
+    report = sudoku_mix.build_mixed_dataset(args.out, bases, variants=args.variants, seed=args.seed,
+                                            workers=args.workers)
+    print(json.dumps(report, indent=1))
     print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -184,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="{build,train,eval,solve}")
+    sub = parser.add_subparsers(dest="command", metavar="{build,build-mixed,train,eval,solve}")
 
     build = sub.add_parser("build", help="build a dataset from the puzzle collections")
     build.add_argument("--out", type=pathlib.Path, required=True)
@@ -195,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-blanks", type=int, default=None, help="reveal solution cells until at most this many blanks remain (easier puzzles)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--workers", type=int, default=None, help="solver processes (default: all CPUs)")
+
+    mixed = sub.add_parser("build-mixed", help="build a mixed-difficulty set (17-clue, newspaper-style, hardest)")
+    mixed.add_argument("--out", type=pathlib.Path, required=True)
+    mixed.add_argument("--bases", type=pathlib.Path, default=None, help="base puzzles saved by --bases-out (skips solving)")
+    mixed.add_argument("--bases-out", type=pathlib.Path, default=None, help="also save the solved base puzzles here")
+    mixed.add_argument("--source", type=pathlib.Path, default=None, help="puzzle collections (default as build)")
+    mixed.add_argument("--train-hard", type=common.positive_int, default=12000, help="forum-hardest training bases")
+    mixed.add_argument("--variants", type=common.positive_int, default=32, help="examples per training base")
+    mixed.add_argument("--seed", type=int, default=0)
+    mixed.add_argument("--workers", type=int, default=None, help="solver processes (default: all CPUs)")
 
     train = sub.add_parser("train", help="train on a built dataset")
     train.add_argument("--data", type=pathlib.Path, required=True)
@@ -225,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common.setup_logging(args.verbose)
-    commands = {"build": cmd_build, "train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, None: cmd_quickstart}
+    commands = {"build": cmd_build, "build-mixed": cmd_build_mixed, "train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, None: cmd_quickstart}
     return commands[args.command](args)
 
 
