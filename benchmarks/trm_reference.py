@@ -6,8 +6,9 @@ models/sparse_embedding.py, models/losses.py, models/ema.py; they need torch and
 other import is pydantic (trm.py's config class); where it is not installed a stand-in BaseModel
 takes its place: it sets the keyword arguments as attributes over the class defaults and refuses
 missing fields, which is all trm.py asks of it. The checkout's `models` package is imported under
-its own name and then removed from sys.modules again, so that HRM's checkout (also `models`) can
-be imported in the same process.
+its own name; with keep=False it is removed from sys.modules again afterwards, so that HRM's checkout
+(also `models`) can be imported in the same process, but torch.compile needs keep=True: dynamo
+re-imports the modules of the code it traces by name.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ def pydantic_stand_in() -> types.ModuleType:
     return module
 
 
-def load(reference_dir: str | Path) -> types.SimpleNamespace:
-    """SimpleNamespace(trm, losses, sparse, ema, stand_in) of the checkout at `reference_dir`."""
+def load(reference_dir: str | Path, *, keep: bool = False) -> types.SimpleNamespace:
+    """SimpleNamespace(trm, losses, sparse, ema, stand_in) of the checkout at `reference_dir`.
+
+    keep: leave the checkout's `models` (and the pydantic stand-in) in sys.modules (for torch.compile)."""
     root = Path(reference_dir)
     if not (root / REQUIRED_FILE).is_file():
         raise FileNotFoundError(f"{root}: not a TinyRecursiveModels checkout (no {REQUIRED_FILE})")
@@ -59,9 +62,10 @@ def load(reference_dir: str | Path) -> types.SimpleNamespace:
         loaded = {key: importlib.import_module(name) for key, name in _MODULES.items()}
     finally:
         sys.path.remove(str(root))
-        for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-        if stand_in:
-            del sys.modules["pydantic"]
+        if not keep:
+            for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+                del sys.modules[name]
+            sys.modules.update(saved)
+            if stand_in:
+                del sys.modules["pydantic"]
     return types.SimpleNamespace(**loaded, stand_in=stand_in)

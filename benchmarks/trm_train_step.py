@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     batch = args.batch or (8 if args.tiny else 768)
     iters, warmup = args.iters or (3 if args.tiny else 30), args.warmup or (1 if args.tiny else 5)
     try:
-        ref = trm_reference.load(args.reference) if args.torch != "none" else None
+        ref = trm_reference.load(args.reference, keep=True) if args.torch != "none" else None
     except (FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

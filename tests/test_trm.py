@@ -82,7 +82,7 @@ def test_block_matches_numpy_reference(mlp_t, pos):
     dense = randomized_params(cfg, seed=4)["dense"]
     h = jnp.asarray(np.random.default_rng(5).normal(size=(2, cfg.total_seq_len, 32)), jnp.float32)
     cos_sin = trm._cos_sin(cfg)
-    got = trm.TRMBlock(cfg).apply({"params": dense["L_level"]["layers_0"]}, h, cos_sin)
+    got = jax.jit(trm.TRMBlock(cfg).apply)({"params": dense["L_level"]["layers_0"]}, h, cos_sin)
     want = ref.block(cfg, np.asarray(h, np.float64), to_f64(dense["L_level"]["layers_0"]), ref.rope_for(cfg))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
@@ -240,6 +240,7 @@ def test_eval_always_runs_halt_max_steps():
         assert "target_q_continue" not in out
 
 
+@pytest.mark.slow  # the exploration is HRM's function (tests/test_model.py checks it in the default run)
 def test_exploration_minimum_steps_cover_two_to_max():
     cfg = _act_cfg(halt_exploration_prob=1.0, halt_max_steps=5)
     params = _set_q_bias(trm.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
@@ -259,7 +260,8 @@ def test_puzzle_embedding_fills_slot_zero_then_zeros():
     params = randomized_params(cfg)
     batch = random_batch(cfg, 2)
     rows = trm.gather_puzzle_rows(params, cfg, batch["puzzle_identifiers"])
-    x = trm.TRMInner(cfg).apply({"params": params["dense"]}, batch["inputs"], rows, method=trm.TRMInner.embed)
+    embed = jax.jit(lambda p, i, r: trm.TRMInner(cfg).apply({"params": p}, i, r, method=trm.TRMInner.embed))
+    x = embed(params["dense"], batch["inputs"], rows)
     assert x.shape == (2, 3 + cfg.seq_len, 16)
     np.testing.assert_allclose(x[:, 0], 4.0 * np.asarray(rows), rtol=1e-6)  # sqrt(hidden) = 4
     np.testing.assert_array_equal(x[:, 1:3], 0)
