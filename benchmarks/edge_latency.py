@@ -27,22 +27,20 @@ import time
 
 import numpy as np
 
+from export.solvers import TorchSolver, export_checkpoint_to_onnx, load_solver
+from hrm_jax.data.format import load_split
+from hrm_jax.data.sudoku_solver import is_valid_solution
+
 BACKENDS = ("onnx", "torch", "jax")
 
 
 def _solver(backend: str, checkpoint: str, onnx_path: str | None, early_halt: bool, device: str | None):
-    from export.solvers import load_solver
-
     if backend == "torch" and device:
-        from export.solvers import TorchSolver
-
         return TorchSolver(checkpoint, early_halt=early_halt, device=device)
     return load_solver(backend, checkpoint, onnx_path=onnx_path, early_halt=early_halt)
 
 
 def _puzzles(data: str, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    from hrm_jax.data.format import load_split
-
     pset = load_split(data, split).sets["all"]
     take = np.arange(count) % len(pset.inputs)  # repeats the split when a batch is larger than it
     return np.asarray(pset.inputs, np.int32)[take], np.asarray(pset.labels, np.int32)[take]
@@ -62,8 +60,6 @@ def child(args: argparse.Namespace, backend: str, batches: list[int]) -> list[di
 
 
 def _measure(solver, args: argparse.Namespace, batch: int) -> dict:
-    from hrm_jax.data.sudoku_solver import is_valid_solution
-
     count = args.puzzles if batch == 1 else max(args.puzzles, batch)
     inputs, labels = _puzzles(args.data, args.split, count)
     ids = np.zeros(batch, np.int32)
@@ -106,8 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     backends, batches = args.backend or list(BACKENDS), args.batch or [1]
     if "onnx" in backends and args.onnx is None:
-        from export.solvers import export_checkpoint_to_onnx
-
         args.onnx = str(export_checkpoint_to_onnx(args.checkpoint, os.path.join(tempfile.mkdtemp(), "model.onnx")))
     rows = []
     for backend in backends:

@@ -49,9 +49,10 @@ import numpy as np
 
 from benchmarks import common, trm_reference
 from benchmarks.train_step import random_batches
-from hrm_jax.checkpoint import IMPLEMENTATION_FIELDS
+from hrm_jax.config import IMPLEMENTATION_FIELDS
+from hrm_jax.presets import TRM_TRAIN_PRESETS, trm_sudoku_mlp
 from hrm_jax.train import init_train_state, step_function
-from hrm_jax.trm_config import TRM_TRAIN_PRESETS, TRMConfig, trm_sudoku_mlp
+from hrm_jax.trm_config import TRMConfig
 
 # Sudoku-Extreme-1k: the README's 50,000 epochs x 1,000 groups (one example drawn per group) / batch 768.
 TOTAL_STEPS = 65_104

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.solvers import SolveResult, check_solver_inputs
 from export.torch_model import HRMTorch
-from hrm_jax import family
+from export.types import SolveResult, check_solver_inputs
 from hrm_jax.config import HRMConfig
+from hrm_jax.family import family_named, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def export_onnx(model: HRMTorch, path: str | os.PathLike, graph: str = "solve") 
             raise OnnxExportError(f"torch.onnx.export failed for the {graph} graph: {type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''}") from err
     program.model.metadata_props.update({META_CONFIG: json.dumps(model.config.to_dict()), META_GRAPH: graph,
-                                         META_FAMILY: family.family_name(model.config),
+                                         META_FAMILY: family_of(model.config).name,
                                          META_DTYPE: str(model.dtype).removeprefix("torch.")})
     program.save(os.fspath(path))
     return path
@@ -135,7 +135,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[HRMConfig, str, str]:
     if META_CONFIG not in props:
         raise OnnxExportError(f"{path}: no hrm_config metadata; it was not written by `python -m export onnx`")
     try:
-        config_class = family.CONFIG_CLASSES[props.get(META_FAMILY, "hrm")]
+        config_class = family_named(props.get(META_FAMILY, "hrm")).config_class
         config = config_class(**json.loads(props[META_CONFIG]))
     except (TypeError, ValueError, KeyError) as err:
         raise OnnxExportError(f"{path}: its hrm_config metadata does not fit this version of hrm_jax ({err}); "

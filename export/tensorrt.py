@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from export.solvers import BackendUnavailableError, SolveResult, check_solver_inputs
-from hrm_jax import family
+from export.types import BackendUnavailableError, SolveResult, check_solver_inputs
+from hrm_jax.family import family_named, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         build_config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
         build_config.set_flag(trt.BuilderFlag.INT8)
-        build_config.int8_calibrator = _make_calibrator(trt, calibration, sidecar_path(engine_path).with_suffix(".calib"))
+        cache = sidecar_path(engine_path).with_suffix(".calib")
+        build_config.int8_calibrator = _make_calibrator(trt, calibration, cache)
         build_config.set_calibration_profile(profile)
     logger.info("building a %s TensorRT engine from %s (%s graph, batch %d..%d)", precision, onnx_path, dtype,
                 min_batch, max_batch)
@@ -153,7 +155,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     sidecar_path(engine_path).write_text(json.dumps({
-        "model_family": family.family_name(config), "model_config": config.to_dict(), "precision": precision,
+        "model_family": family_of(config).name, "model_config": config.to_dict(), "precision": precision,
         "onnx": os.fspath(onnx_path),
         "batch_range": [min_batch, max_batch], "tensorrt": trt.__version__}, indent=2))
     return engine_path
@@ -169,7 +171,7 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
                                  "(which writes the model config beside it): rebuild it")
     try:
         meta = json.loads(side.read_text())
-        meta["model_config"] = family.CONFIG_CLASSES[meta.get("model_family", "hrm")](**meta["model_config"])
+        meta["model_config"] = family_named(meta.get("model_family", "hrm")).config_class(**meta["model_config"])
     except (ValueError, KeyError, TypeError) as err:
         raise TensorRTBuildError(f"{side}: unreadable engine metadata ({err}); rebuild the engine") from None
     return meta

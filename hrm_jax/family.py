@@ -1,33 +1,63 @@
-"""The one place that picks a model family's functions from the type of its config.
+"""Model families: the one place that maps a model config's type to the code that runs it.
 
-Both families expose the same pure functions (init_params, initial_carry, refresh_carry,
-gather_puzzle_rows, act_segment, act_step, halt_signal), so the train step and evaluation call
-`functions(config).act_segment(...)` and stay family-agnostic.
+The loop (train.py), evaluation, checkpoints and the CLIs take any model config; they ask
+`family_of(config)` for its functions instead of testing types themselves. A family provides the ACT
+interface of hrm_jax/model.py: params from a key, a fresh carry, the carry refresh with a new batch,
+the puzzle-embedding rows, one training segment, one evaluation step and the Q head's halting rule.
+HRM (hrm_jax/model.py) and TRM (hrm_jax/trm.py) are the two; adding one is a `Family(...)` entry.
 """
 
 from __future__ import annotations
 
-import types
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
-from hrm_jax import model, trm
-from hrm_jax.config import HRMConfig
+from hrm_jax import model as hrm_model
+from hrm_jax import trm as trm_model
+from hrm_jax.config import ConfigError, HRMConfig
 from hrm_jax.trm_config import TRMConfig
 
-ModelConfig = HRMConfig | TRMConfig
 
-_FAMILIES: dict[type, types.ModuleType] = {HRMConfig: model, TRMConfig: trm}
-# The name saved in checkpoints ("model_family") for each config class.
-FAMILY_NAMES: dict[type, str] = {HRMConfig: "hrm", TRMConfig: "trm"}
-CONFIG_CLASSES: dict[str, type] = {name: cls for cls, name in FAMILY_NAMES.items()}
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family's name (as checkpoints store it), config class and ACT functions (see model.py)."""
+
+    name: str
+    config_class: type
+    init_params: Callable[..., Any]  # (config, key) -> params
+    initial_carry: Callable[..., Any]  # (config, batch) -> carry, every row halted
+    refresh_carry: Callable[..., Any]  # (params, config, carry, batch) -> carry with halted rows replaced
+    gather_puzzle_rows: Callable[..., Any]  # (params, config, puzzle_identifiers) -> rows
+    act_segment: Callable[..., Any]  # (params, config, carry, rows, key, *, train, axis_name) -> (carry, outputs)
+    act_step: Callable[..., Any]  # (params, config, carry, batch, key, *, train) -> (carry, outputs)
+    halt_signal: Callable[..., Any]  # (config, q_halt, q_continue) -> bool[B]: the Q head asks to stop
 
 
-def functions(config: ModelConfig) -> types.ModuleType:
-    """hrm_jax.model for an HRMConfig, hrm_jax.trm for a TRMConfig."""
-    try:
-        return _FAMILIES[type(config)]
-    except KeyError:
-        raise TypeError(f"no model family for a {type(config).__name__}; pass an HRMConfig or a TRMConfig") from None
+HRM = Family(name="hrm", config_class=HRMConfig, init_params=hrm_model.init_params,
+             initial_carry=hrm_model.initial_carry, refresh_carry=hrm_model.refresh_carry,
+             gather_puzzle_rows=hrm_model.gather_puzzle_rows, act_segment=hrm_model.act_segment,
+             act_step=hrm_model.act_step, halt_signal=hrm_model.halt_signal)
+
+TRM = Family(name="trm", config_class=TRMConfig, init_params=trm_model.init_params,
+             initial_carry=trm_model.initial_carry, refresh_carry=trm_model.refresh_carry,
+             gather_puzzle_rows=trm_model.gather_puzzle_rows, act_segment=trm_model.act_segment,
+             act_step=trm_model.act_step, halt_signal=trm_model.halt_signal)
+
+FAMILIES: dict[str, Family] = {HRM.name: HRM, TRM.name: TRM}
 
 
-def family_name(config: ModelConfig) -> str:
-    return FAMILY_NAMES[type(config)]
+def family_of(model_config: Any) -> Family:
+    """The family whose config class `model_config` is an instance of."""
+    for family in FAMILIES.values():
+        if type(model_config) is family.config_class:
+            return family
+    raise ConfigError(f"model: no model family takes a {type(model_config).__name__}; "
+                      f"known: {', '.join(f.config_class.__name__ for f in FAMILIES.values())}")
+
+
+def family_named(name: str) -> Family:
+    """The family a checkpoint names (checkpoints written before families existed hold HRM)."""
+    if name not in FAMILIES:
+        raise ConfigError(f"model family {name!r} is unknown to this version; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]

@@ -37,7 +37,6 @@ from hrm_jax.layers import (
     LinearKernel,
     SwiGLU,
     add_rms_norm,
-    gated_silu,
     rotary_cos_sin,
     trunc_normal_init,
 )
@@ -54,6 +53,7 @@ from hrm_jax.model import (
     refresh_carry,
 )
 from hrm_jax.trm_config import TRMConfig
+from kernels_pallas.swiglu_matmul import swiglu_matmul_reference
 
 __all__ = [
     "DATA_KEYS",
@@ -82,7 +82,7 @@ class SequenceSwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = LinearKernel(self.features, 2 * self.intermediate, name="gate_up_proj")(x.dtype)
-        return CastedLinear(self.features, name="down_proj")(gated_silu(x, gate_up))
+        return CastedLinear(self.features, name="down_proj")(swiglu_matmul_reference(x, gate_up))
 
 
 class TRMBlock(nn.Module):

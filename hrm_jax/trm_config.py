@@ -1,4 +1,4 @@
-"""Configuration of the Tiny Recursive Model (TRM) and the presets of its paper's experiments.
+"""Configuration of the Tiny Recursive Model (TRM); its paper's experiments are in hrm_jax/presets.py.
 
 Field names and defaults follow the reference (SamsungSAILMontreal/TinyRecursiveModels,
 models/recursive_reasoning/trm.py `TinyRecursiveReasoningModel_ACTV1Config` and config/arch/trm.yaml),
@@ -17,7 +17,6 @@ from hrm_jax.config import (
     MLP_IMPLS,
     NORM_IMPLS,
     ConfigError,
-    TrainConfig,
 )
 
 TRM_POS_ENCODINGS = ("rope", "learned", "none")
@@ -153,65 +152,3 @@ class TRMConfig:
 def _swiglu_width(expansion: float, features: int) -> int:
     inter = round(expansion * features * 2 / 3)
     return -(-inter // 256) * 256
-
-
-# Presets ----------------------------------------------------------------------------------
-# config/arch/trm.yaml: 512 hidden, 8 heads, expansion 4, 16 ACT steps, exploration 0.1, a puzzle
-# embedding as wide as the hidden state in 16 slots; the README's commands set the rest.
-def _trm(**task: Any) -> TRMConfig:
-    arch = dict(H_cycles=3, L_cycles=6, H_layers=0, L_layers=2, hidden_size=512, expansion=4.0, num_heads=8,
-                pos_encodings="rope", halt_max_steps=16, halt_exploration_prob=0.1, puzzle_emb_ndim=512,
-                puzzle_emb_len=16, mlp_t=False, no_ACT_continue=True)
-    arch.update(task)
-    return TRMConfig(**arch)
-
-
-def trm_sudoku_mlp(**overrides: Any) -> TRMConfig:
-    """Sudoku-Extreme, MLP-t (README "pretrain_mlp_t_sudoku"): no attention, no positions; 5,028,866 parameters."""
-    return _trm(**(dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1, mlp_t=True, pos_encodings="none")
-                   | overrides))
-
-
-def trm_sudoku_att(**overrides: Any) -> TRMConfig:
-    """Sudoku-Extreme with attention and RoPE (README "pretrain_att_sudoku"); 6,828,034 parameters."""
-    return _trm(**(dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1) | overrides))
-
-
-def trm_maze(**overrides: Any) -> TRMConfig:
-    """Maze-Hard 30x30, attention, L_cycles 4 (README "pretrain_att_maze30x30"); 6,822,914 parameters."""
-    return _trm(**(dict(seq_len=900, vocab_size=6, num_puzzle_identifiers=1, L_cycles=4) | overrides))
-
-
-def trm_arc(num_puzzle_identifiers: int = 1, **overrides: Any) -> TRMConfig:
-    """ARC-AGI, attention, L_cycles 4 (README "pretrain_att_arc1concept_4"); 6,829,058 parameters.
-
-    num_puzzle_identifiers comes from the built dataset (one per task x augmentation)."""
-    return _trm(**(dict(seq_len=900, vocab_size=12, num_puzzle_identifiers=num_puzzle_identifiers, L_cycles=4)
-                   | overrides))
-
-
-def trm_tiny(seq_len: int = 81, vocab_size: int = 11, num_puzzle_identifiers: int = 1, **overrides: Any) -> TRMConfig:
-    """A CPU-sized TRM for quick starts and tests (float32 compute)."""
-    arch = dict(seq_len=seq_len, vocab_size=vocab_size, num_puzzle_identifiers=num_puzzle_identifiers, H_cycles=2,
-                L_cycles=2, L_layers=2, hidden_size=64, expansion=4.0, num_heads=4, pos_encodings="rope",
-                halt_max_steps=4, halt_exploration_prob=0.1, puzzle_emb_ndim=0, puzzle_emb_len=0,
-                forward_dtype="float32")
-    arch.update(overrides)
-    return TRMConfig(**arch)
-
-
-TRM_MODEL_PRESETS = {"trm_sudoku_mlp": trm_sudoku_mlp, "trm_sudoku_att": trm_sudoku_att, "trm_maze": trm_maze,
-                     "trm_arc": trm_arc}
-
-# The README's commands (all with ema=True, rate 0.999): Sudoku and Maze 50,000 epochs (the paper
-# says 60,000 for Sudoku), eval every 5,000, lr 1e-4 both, weight decay 1.0 both; ARC keeps
-# cfg_pretrain.yaml's 100,000 epochs, eval every 10,000, puzzle_emb_lr 1e-2, weight decay 0.1.
-_SUDOKU_MAZE_TRAIN = TrainConfig(epochs=50000, eval_interval=5000, lr=1e-4, puzzle_emb_lr=1e-4, weight_decay=1.0,
-                                 puzzle_emb_weight_decay=1.0, ema=True, ema_rate=0.999)
-TRM_TRAIN_PRESETS = {
-    "trm_sudoku_mlp": _SUDOKU_MAZE_TRAIN,
-    "trm_sudoku_att": _SUDOKU_MAZE_TRAIN,
-    "trm_maze": _SUDOKU_MAZE_TRAIN,
-    "trm_arc": TrainConfig(epochs=100000, eval_interval=10000, lr=1e-4, puzzle_emb_lr=1e-2, weight_decay=0.1,
-                           puzzle_emb_weight_decay=0.1, ema=True, ema_rate=0.999),
-}

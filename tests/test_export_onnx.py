@@ -15,8 +15,8 @@ import onnx
 import pytest
 import torch
 
-from hrm_jax.evaluate import rollout
 from export.onnx import OnnxExportError, OnnxSegment, OnnxSolver, export_onnx, read_metadata
+from hrm_jax.evaluate import rollout
 from tests.test_export_torch import jax_rollout, random_batch, random_params, rel_err, small_config, torch_model
 
 RTOL_F32, RTOL_F16 = 1e-5, 2e-2
@@ -26,13 +26,13 @@ VARIANTS = {"rope_puzzle_emb": dict(pos_encodings="rope", puzzle_emb_ndim=40),
 ROLLOUT = jax.jit(rollout, static_argnames=("config", "loss_type"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(variant: str):
     cfg = small_config(halt_max_steps=SEGMENTS, **VARIANTS[variant])
     return cfg, random_params(cfg, seed=11)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(variant: str, graph: str, dtype: str, tmp_dir: str) -> str:
     """Exports once per (variant, graph, dtype) for the whole session."""
     cfg, params = case(variant)
@@ -102,7 +102,7 @@ def test_float16_graph_is_close_to_jax_float32(tmp_dir):
     runner = OnnxSegment(exported("rope_puzzle_emb", "segment", "float16", tmp_dir))
     carry = runner.initial_carry(7)
     assert carry["z_H"].dtype == np.float16
-    for segment in range(SEGMENTS):
+    for _ in range(SEGMENTS):
         carry, out = runner.step(carry, batch["inputs"], batch["puzzle_identifiers"])
     err = rel_err(out["logits"].astype(np.float32), want[-1]["logits"])
     print(f"float16 graph, logits after {SEGMENTS} segments: rel err {err:.1e}")

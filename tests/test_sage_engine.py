@@ -244,7 +244,7 @@ def test_journal_replays_unfinished_and_ignores_a_torn_tail(tmp_path):
 
 def test_journal_compacts_when_large(tmp_path):
     journal = Journal(tmp_path / "j.log", compact_bytes=4096)
-    for i in range(200):
+    for _ in range(200):
         journal.done(journal.begin(bytes(100)))
     keep = journal.begin(b"still pending")
     journal.done(journal.begin(bytes(100)))

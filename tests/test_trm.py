@@ -9,7 +9,8 @@ import pytest
 
 from hrm_jax import trm
 from hrm_jax.config import ConfigError
-from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRMConfig, trm_tiny
+from hrm_jax.presets import TRM_MODEL_PRESETS, trm_tiny
+from hrm_jax.trm_config import TRMConfig
 from tests import trm_numpy_reference as ref
 from tests.numpy_reference import to_f64
 

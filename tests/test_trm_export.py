@@ -18,7 +18,7 @@ from export.convert import (  # noqa: E402
 )
 from export.trm_torch_model import TRMTorch, torch_module  # noqa: E402
 from hrm_jax import trm  # noqa: E402
-from hrm_jax.trm_config import TRM_MODEL_PRESETS, trm_tiny  # noqa: E402
+from hrm_jax.presets import TRM_MODEL_PRESETS, trm_tiny  # noqa: E402
 
 PARITY_RTOL = 1e-5
 SEGMENTS = 3

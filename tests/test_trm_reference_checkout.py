@@ -32,9 +32,9 @@ from benchmarks import trm_reference  # noqa: E402
 from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: E402
 from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
 from hrm_jax import trm  # noqa: E402
-from hrm_jax.checkpoint import IMPLEMENTATION_FIELDS  # noqa: E402
-from hrm_jax.config import TrainConfig  # noqa: E402
-from hrm_jax.train import _reduce_metrics, init_train_state, train_step  # noqa: E402
+from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig  # noqa: E402
+from hrm_jax.losses import reduce_metrics  # noqa: E402
+from hrm_jax.train import init_train_state, train_step  # noqa: E402
 from tests.test_torch_train_step import METRIC_RTOL, assert_trained_params_match, batches  # noqa: E402
 from tests.test_trm_export import PARITY_RTOL, VARIANTS, random_batch, random_params, rel_err, small_config  # noqa: E402
 
@@ -146,7 +146,7 @@ def training(ref, request):
             p.grad = None
         sign_sgd.zero_grad()
         ema.update(model)  # pretrain.py: after train_batch, i.e. after the optimizer steps
-        reduced = _reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, tc.global_batch_size)
+        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, tc.global_batch_size)
         ref_metrics.append({k: float(v) for k, v in reduced.items()})
     ref_params = from_torch_state_dict(model.state_dict(), cfg)
     ref_ema = from_torch_state_dict(model.state_dict() | ema.state_dict(), cfg)["dense"]

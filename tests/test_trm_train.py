@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from hrm_jax import checkpoint as ckpt
+from hrm_jax.config import RunConfig
 from hrm_jax.data.format import load_split
 from hrm_jax.ema import eval_params, init_ema, update_ema
 from hrm_jax.evaluate import evaluate
-from hrm_jax.train import abstract_train_state, init_train_state, train, train_step
-from hrm_jax.trm_config import TRMConfig, trm_tiny
-from tests.test_train import NUM_TRAIN, SEQ, TC, VOCAB, batch_of, leaves_equal, make_dataset, train_records
+from hrm_jax.presets import trm_tiny
+from hrm_jax.train import abstract_train_state, init_train_state, train_step
+from tests.test_train import NUM_TRAIN, SEQ, TC, VOCAB, batch_of, leaves_equal, make_dataset, train, train_records
 
 CFG = trm_tiny(seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=NUM_TRAIN + 1, hidden_size=32, num_heads=2,
                L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=3, expansion=2.0, puzzle_emb_ndim=32,
@@ -87,22 +88,23 @@ def test_checkpoint_round_trip_keeps_trained_and_averaged_weights(tmp_path):
         state, _ = step(state, batch_of(rng, rng.integers(1, NUM_TRAIN + 1, 16)))
     host = jax.device_get(state)
     runs = ckpt.RunCheckpoints(tmp_path, max_to_keep=2)
-    runs.save(state, ckpt.make_meta(CFG, TC_EMA, TOTAL, 2, None))
+    run = RunConfig(model=CFG, optim=TC_EMA)
+    runs.save(state, ckpt.make_meta(run, TOTAL, 2, None))
     runs.close()
     restored, meta = ckpt.restore(tmp_path / "checkpoints", abstract_train_state(CFG, TC_EMA, TOTAL),
-                                  model_config=CFG, train_config=TC_EMA, total_steps=TOTAL)
+                                  run_config=run, total_steps=TOTAL)
     assert leaves_equal(jax.device_get(restored), host)
     assert jax.tree.structure(restored) == jax.tree.structure(host)
-    assert meta["model_family"] == "trm" and ckpt.config_from_dict(TRMConfig, meta["model_config"], "x") == CFG
+    assert meta["model_family"] == "trm" and ckpt.saved_model_config(meta, "x") == CFG
     # Evaluation, solvers and exports read the average.
     params, config = ckpt.load_params_for_eval(tmp_path)
     assert config == CFG
     assert leaves_equal(params["dense"], host.ema) and leaves_equal(params["puzzle_emb"], host.params["puzzle_emb"])
     # An HRM config cannot resume a TRM run.
     from tests.test_train import CFG as HRM_CFG
-    with pytest.raises(ckpt.CheckpointMismatchError, match="model.family: saved 'trm', now 'hrm'"):
-        ckpt.restore(tmp_path, abstract_train_state(HRM_CFG, TC_EMA, TOTAL), model_config=HRM_CFG,
-                     train_config=TC_EMA, total_steps=TOTAL)
+    with pytest.raises(ckpt.CheckpointMismatchError, match="model family: saved 'trm', now 'hrm'"):
+        ckpt.restore(tmp_path, abstract_train_state(HRM_CFG, TC_EMA, TOTAL),
+                     run_config=RunConfig(model=HRM_CFG, optim=TC_EMA), total_steps=TOTAL)
 
 
 def test_loop_with_ema_resume_equals_continue_and_evaluates_the_average(tmp_path):
@@ -126,15 +128,15 @@ def test_loop_with_ema_resume_equals_continue_and_evaluates_the_average(tmp_path
     assert trained["all"]["lm_loss"] != expected["all"]["lm_loss"]  # the average, not the trained weights
 
 
-def test_cli_presets_map_to_the_trm_configs():
-    from experiments import arc, maze, sudoku
-    from hrm_jax.trm_config import TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS
+def test_presets_and_cli_offer_the_trm_runs():
+    from hrm_jax.presets import PRESETS, TRM_MODEL_PRESETS, TRM_TRAIN_PRESETS, preset, presets_for
 
-    for module, presets in ((sudoku, ("trm_sudoku_mlp", "trm_sudoku_att")), (maze, ("trm_maze",)), (arc, ("trm_arc",))):
-        for preset in presets:
-            assert preset in module.PRESETS
-            assert module.model_for(preset) == TRM_MODEL_PRESETS[preset]()
-            assert module.train_for(preset) == TRM_TRAIN_PRESETS[preset]
+    for task, names in (("sudoku", ("trm_sudoku_mlp", "trm_sudoku_att")), ("maze", ("trm_maze",)),
+                        ("arc", ("trm_arc",))):
+        for name in names:
+            assert name in presets_for(task) and PRESETS[name].task == task
+            run = preset(name)
+            assert run.model == TRM_MODEL_PRESETS[name]() and run.optim == TRM_TRAIN_PRESETS[name]
     mlp, arc_train = TRM_TRAIN_PRESETS["trm_sudoku_mlp"], TRM_TRAIN_PRESETS["trm_arc"]
     assert (mlp.epochs, mlp.eval_interval, mlp.lr, mlp.puzzle_emb_lr, mlp.weight_decay, mlp.ema) == (
         50000, 5000, 1e-4, 1e-4, 1.0, True)

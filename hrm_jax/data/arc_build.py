@@ -22,12 +22,23 @@ import logging
 import os
 import pathlib
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from hrm_jax.data.arc import (GRID_SIZE, IDENTITY, PAD_ID, VOCAB_SIZE, ARCDataError, ARCTask, Augmentation,
-                              canvas_size, encode_grid, load_tasks, random_augmentation)
+from hrm_jax.data.arc import (
+    GRID_SIZE,
+    IDENTITY,
+    PAD_ID,
+    VOCAB_SIZE,
+    ARCDataError,
+    ARCTask,
+    Augmentation,
+    canvas_size,
+    encode_grid,
+    load_tasks,
+    random_augmentation,
+)
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
 
 log = logging.getLogger(__name__)
@@ -136,7 +147,7 @@ class _SplitArrays:
     filled: int = 0
 
     @classmethod
-    def allocate(cls, num_examples: int, grid_size: int) -> "_SplitArrays":
+    def allocate(cls, num_examples: int, grid_size: int) -> _SplitArrays:
         shape = (num_examples, grid_size * grid_size)
         return cls(np.empty(shape, np.uint8), np.empty(shape, np.uint8))
 
@@ -165,7 +176,8 @@ class _SplitArrays:
     def write(self, out_dir: str, split: str, num_identifiers: int, extra: dict) -> dict:
         index = lambda v: np.asarray(v, np.int32)  # noqa: E731
         puzzles, groups = len(self.puzzle_identifiers), len(self.group_indices) - 1
-        meta = PuzzleDatasetMetadata(seq_len=self.inputs.shape[1], vocab_size=VOCAB_SIZE, pad_id=PAD_ID, ignore_label_id=PAD_ID,
+        meta = PuzzleDatasetMetadata(seq_len=self.inputs.shape[1], vocab_size=VOCAB_SIZE, pad_id=PAD_ID,
+                                     ignore_label_id=PAD_ID,
                                      blank_identifier_id=0, num_puzzle_identifiers=num_identifiers,
                                      total_groups=groups, mean_puzzle_examples=self.filled / puzzles,
                                      sets=("all",), extra=extra)

@@ -22,13 +22,12 @@ import logging
 import os
 import pathlib
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
-from hrm_jax.data.sudoku_solver import (LINE_PERMS, Collection, SudokuTransform, read_collection,
-                                        solve_many)
+from hrm_jax.data.sudoku_solver import LINE_PERMS, Collection, SudokuTransform, read_collection, solve_many
 
 log = logging.getLogger(__name__)
 
