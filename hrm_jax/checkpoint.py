@@ -105,13 +105,23 @@ def make_meta(run_config: RunConfig, total_steps: int, step: int, sampler_state:
             "sampler": sampler_state, **extra}
 
 
+def _with_defaults(saved_optim: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer config with the fields it lacks at OptimConfig's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(OptimConfig) if f.default is not dataclasses.MISSING}
+    return defaults | saved_optim
+
+
 def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 metadata in format 2's shape (see the module docstring); format 2 as it is."""
-    if meta["format_version"] == FORMAT_VERSION:
-        return meta
-    old = dict(meta)
-    run = {"model": old.pop("model_config"), "optim": old.pop("train_config", None), "loop": None}
-    return {**old, "format_version": FORMAT_VERSION, "model_family": "hrm", "run_config": run}
+    """Format 1 metadata in format 2's shape (see the module docstring); optimizer fields added
+    since a checkpoint was written (ema, ema_rate) at their defaults, which is what it ran with."""
+    if meta["format_version"] != FORMAT_VERSION:
+        old = dict(meta)
+        run = {"model": old.pop("model_config"), "optim": old.pop("train_config", None), "loop": None}
+        meta = {**old, "format_version": FORMAT_VERSION, "model_family": "hrm", "run_config": run}
+    run = meta.get("run_config")
+    if run is not None and run.get("optim") is not None:
+        meta = {**meta, "run_config": {**run, "optim": _with_defaults(run["optim"])}}
+    return meta
 
 
 # Reading ---------------------------------------------------------------------------------------
@@ -183,14 +193,6 @@ def saved_model_config(meta: dict[str, Any], where: str):
     return config_from_dict(saved_family(meta, where).config_class, meta["run_config"]["model"], where)
 
 
-def _with_defaults(saved_optim: dict[str, Any] | None) -> dict[str, Any]:
-    """A saved optimizer config with fields added since (ema, ema_rate) at their defaults."""
-    if saved_optim is None:
-        return {}
-    defaults = {f.name: f.default for f in dataclasses.fields(OptimConfig) if f.default is not dataclasses.MISSING}
-    return defaults | saved_optim
-
-
 def check_compatible(meta: dict[str, Any], run_config: RunConfig, total_steps: int, where: str) -> None:
     """Raises CheckpointMismatchError listing every differing field with both values.
 
@@ -203,7 +205,7 @@ def check_compatible(meta: dict[str, Any], run_config: RunConfig, total_steps: i
     saved_model = {k: v for k, v in saved["model"].items() if k not in IMPLEMENTATION_FIELDS}
     current_model = {k: v for k, v in run_config.model.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
     diffs += (config_differences(saved_model, current_model, "model")
-              + config_differences(_with_defaults(saved["optim"]), run_config.optim.to_dict(), "optim"))
+              + config_differences(saved["optim"] or {}, run_config.optim.to_dict(), "optim"))
     if int(meta["total_steps"]) != int(total_steps):
         diffs.append(f"total_steps: saved {meta['total_steps']}, now {total_steps}")
     if diffs:
