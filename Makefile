@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # torch==2.13.0 is pinned in the same pip command: an unpinned torch pulls several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: sudoku test test-slow test-reference install clean
+.PHONY: sudoku test test-slow test-reference test-trm-reference install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test-reference: $(STAMP)
 	https://github.com/sapientinc/HRM (git clone https://github.com/sapientinc/HRM /tmp/HRM)"; exit 2; }
 	$(PY) -m pip install -q pydantic
 	HRM_REFERENCE_DIR="$(HRM_REFERENCE_DIR)" $(PY) -m pytest -q tests/test_reference_checkout.py
+
+# hrm_jax's TRM against the reference's own code: TRM_REFERENCE_DIR=/path/to/TinyRecursiveModels (no pydantic needed)
+test-trm-reference: $(STAMP)
+	@test -f "$(TRM_REFERENCE_DIR)/models/recursive_reasoning/trm.py" || { echo "Set TRM_REFERENCE_DIR to a checkout \
+	of https://github.com/SamsungSAILMontreal/TinyRecursiveModels"; exit 2; }
+	TRM_REFERENCE_DIR="$(TRM_REFERENCE_DIR)" $(PY) -m pytest -q -s tests/test_trm_reference_checkout.py
 
 clean:
 	rm -rf $(VENV) runs

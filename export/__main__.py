@@ -24,7 +24,8 @@ import numpy as np
 
 from hrm_jax import cli
 from hrm_jax.config import HRMConfig
-from hrm_jax.presets import MODEL_PRESETS
+from hrm_jax.presets import MODEL_PRESETS  # HRM's and TRM's (trm_*) architectures
+from hrm_jax.trm_config import TRMConfig
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -43,19 +44,22 @@ def cmd_torch(args: argparse.Namespace) -> int:
 def _config_for(args: argparse.Namespace) -> HRMConfig:
     if args.config_json:
         try:
-            base = HRMConfig(**json.loads(pathlib.Path(args.config_json).read_text()))
+            config_class = TRMConfig if args.family == "trm" else HRMConfig
+            base = config_class(**json.loads(pathlib.Path(args.config_json).read_text()))
         except (OSError, ValueError, TypeError) as err:
-            raise cli.CLIError(f"--config-json {args.config_json}: not a readable HRMConfig JSON ({err})") from None
+            raise cli.CLIError(f"--config-json {args.config_json}: not a readable {args.family.upper()}Config "
+                               f"JSON ({err})") from None
     else:
         base = MODEL_PRESETS[args.preset]()
     changes = {}
     for item in args.set or ():
         field, sep, value = item.partition("=")
         if not sep or field not in base.to_dict():
-            raise cli.CLIError(f"--set {item!r}: expected FIELD=VALUE with a field of HRMConfig "
+            raise cli.CLIError(f"--set {item!r}: expected FIELD=VALUE with a field of {type(base).__name__} "
                                   f"({', '.join(base.to_dict())})")
         kind = type(base.to_dict()[field])
-        changes[field] = value if kind is str else kind(float(value)) if kind is int else kind(value)
+        changes[field] = (value if kind is str else value.lower() in ("1", "true", "yes") if kind is bool
+                          else kind(float(value)) if kind is int else kind(value))
     return base.replace(**changes)
 
 
@@ -94,13 +98,13 @@ def _check_onnx(model, path: pathlib.Path, graph: str) -> str:
 def cmd_onnx(args: argparse.Namespace) -> int:
     from export.convert import to_torch_state_dict  # noqa: PLC0415
     from export.onnx import export_onnx  # noqa: PLC0415
-    from export.torch_model import HRMTorch  # noqa: PLC0415
+    from export.trm_torch_model import torch_module  # noqa: PLC0415
     from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
 
     if args.out.suffix != ".onnx":
         raise cli.CLIError(f"--out {args.out}: give a file name ending in .onnx")
     params, config = load_params_for_eval(args.checkpoint)
-    model = HRMTorch(config, args.dtype)
+    model = torch_module(config, args.dtype)
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     graphs = {"solve": args.out, "segment": args.out.with_suffix(".segment.onnx")}
     for graph, path in graphs.items():
@@ -155,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help=".pt/.pth/.bin/.safetensors or a reference step_N file")
     from_torch.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="sudoku_extreme",
                             help="model config the weights were trained with (default sudoku_extreme)")
-    from_torch.add_argument("--config-json", default=None, help="an HRMConfig as JSON instead of --preset")
+    from_torch.add_argument("--config-json", default=None,
+                            help="an HRMConfig (or with --family trm a TRMConfig) as JSON instead of --preset")
+    from_torch.add_argument("--family", choices=("hrm", "trm"), default="hrm",
+                            help="the model family of --config-json (a --preset names its own)")
     from_torch.add_argument("--set", action="append", metavar="FIELD=VALUE",
                             help="override a config field, e.g. --set num_puzzle_identifiers=1")
     from_torch.add_argument("--out", type=pathlib.Path, required=True, help="new checkpoint directory")

@@ -6,6 +6,10 @@ Torch side (sapientinc/HRM models/hrm/hrm_act_v1.py): `model.inner.<name>`, weig
 float32, H_init/L_init in forward_dtype (bf16 buffers in the paper's runs). Released checkpoints add
 the torch.compile prefix `_orig_mod.`; `from_torch_state_dict` accepts keys with or without
 `_orig_mod.`, `model.` and `inner.`, and is strict about everything else.
+
+TRM (hrm_jax/trm.py, SamsungSAILMontreal/TinyRecursiveModels trm.py) has the same keys with one
+level, `L_level.layers.{i}`, whose blocks hold `mlp_t.{gate_up_proj,down_proj}.weight` instead of
+the attention when mlp_t is set; which family a config belongs to picks the layout.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from export.torch_model import TORCH_DTYPES
 from hrm_jax.config import HRMConfig
+from hrm_jax.trm_config import TRMConfig
 
 TORCH_PREFIX = "model.inner."
 _STRIPPABLE_PREFIXES = ("_orig_mod.", "model.", "inner.")
@@ -32,6 +37,26 @@ _BLOCK_LINEARS = {"self_attn.qkv_proj.weight": ("self_attn", "qkv_proj"),
                   "self_attn.o_proj.weight": ("self_attn", "o_proj"),
                   "mlp.gate_up_proj.weight": ("mlp", "gate_up_proj"),
                   "mlp.down_proj.weight": ("mlp", "down_proj")}
+# TRM with mlp_t: the sequence SwiGLU takes the attention's place.
+_MLP_T_BLOCK_LINEARS = {"mlp_t.gate_up_proj.weight": ("mlp_t", "gate_up_proj"),
+                        "mlp_t.down_proj.weight": ("mlp_t", "down_proj"),
+                        "mlp.gate_up_proj.weight": ("mlp", "gate_up_proj"),
+                        "mlp.down_proj.weight": ("mlp", "down_proj")}
+
+
+def _block_linears(config) -> dict[str, tuple[str, str]]:
+    return _MLP_T_BLOCK_LINEARS if isinstance(config, TRMConfig) and config.mlp_t else _BLOCK_LINEARS
+
+
+def _levels(config) -> tuple[tuple[str, int], ...]:
+    """(level name, layer count): HRM's H and L levels, TRM's single L_level."""
+    if isinstance(config, TRMConfig):
+        return (("L_level", config.L_layers),)
+    return (("H_level", config.H_layers), ("L_level", config.L_layers))
+
+
+def _puzzle_slots(config) -> int:
+    return config.num_puzzle_slots if isinstance(config, TRMConfig) else config.puzzle_emb_len
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", "")  # "" for the reference's `step_N` files
 
 
@@ -51,7 +76,7 @@ class CheckpointMismatchError(ValueError):
         for hint in self.hints:
             lines.append(f"  config field {hint}")
         if self.hints:
-            lines.append("  fix: build the HRMConfig with the values above (or load the matching checkpoint)")
+            lines.append("  fix: build the model config with the values above (or load the matching checkpoint)")
         super().__init__("\n".join(lines))
 
 
@@ -71,9 +96,13 @@ def expected_shapes(config: HRMConfig) -> dict[str, tuple[int, ...]]:
         shapes["puzzle_emb.weights"] = (config.num_puzzle_identifiers, config.puzzle_emb_ndim)
     if config.pos_encodings == "learned":
         shapes["embed_pos.embedding_weight"] = (config.total_seq_len, hidden)
-    block = {"self_attn.qkv_proj.weight": (3 * hidden, hidden), "self_attn.o_proj.weight": (hidden, hidden),
-             "mlp.gate_up_proj.weight": (2 * inter, hidden), "mlp.down_proj.weight": (hidden, inter)}
-    for level, count in (("H_level", config.H_layers), ("L_level", config.L_layers)):
+    block = {"mlp.gate_up_proj.weight": (2 * inter, hidden), "mlp.down_proj.weight": (hidden, inter)}
+    if isinstance(config, TRMConfig) and config.mlp_t:
+        seq, seq_inter = config.total_seq_len, config.sequence_intermediate_size
+        block |= {"mlp_t.gate_up_proj.weight": (2 * seq_inter, seq), "mlp_t.down_proj.weight": (seq, seq_inter)}
+    else:
+        block |= {"self_attn.qkv_proj.weight": (3 * hidden, hidden), "self_attn.o_proj.weight": (hidden, hidden)}
+    for level, count in _levels(config):
         for i in range(count):
             shapes.update({f"{level}.layers.{i}.{name}": shape for name, shape in block.items()})
     return shapes
@@ -116,10 +145,10 @@ def _dense_to_torch(params: Mapping[str, Any], config: HRMConfig) -> dict[str, t
     buffer_dtype = TORCH_DTYPES[config.forward_dtype]
     for name in ("H_init", "L_init"):
         sd[name] = _to_torch(params["buffers"][name]).to(buffer_dtype)
-    for level in ("H_level", "L_level"):
+    for level, _ in _levels(config):
         for layer_name, layer in dense[level].items():
             index = int(layer_name.removeprefix("layers_"))
-            for torch_name, (module, proj) in _BLOCK_LINEARS.items():
+            for torch_name, (module, proj) in _block_linears(config).items():
                 sd[f"{level}.layers.{index}.{torch_name}"] = _to_torch(layer[module][proj]["kernel"], transpose=True)
     return sd
 
@@ -164,11 +193,11 @@ def from_torch_state_dict(state_dict: Mapping[str, torch.Tensor], config: HRMCon
                                         "bias": _jax(sd["q_head.bias"])}}
     if config.pos_encodings == "learned":
         dense["embed_pos"] = {"embedding": _jax(sd["embed_pos.embedding_weight"])}
-    for level, count in (("H_level", config.H_layers), ("L_level", config.L_layers)):
+    for level, count in _levels(config):
         dense[level] = {}
         for i in range(count):
-            layer: dict[str, Any] = {"self_attn": {}, "mlp": {}}
-            for torch_name, (module, proj) in _BLOCK_LINEARS.items():
+            layer: dict[str, Any] = {module: {} for module, _ in _block_linears(config).values()}
+            for torch_name, (module, proj) in _block_linears(config).items():
                 layer[module][proj] = {"kernel": _jax(sd[f"{level}.layers.{i}.{torch_name}"], transpose=True)}
             dense[level][f"layers_{i}"] = layer
     params: dict[str, Any] = {"dense": dense,
@@ -207,7 +236,10 @@ def _implied_fields(sd: Mapping[str, Any], config: HRMConfig) -> list[str]:
         implied["vocab_size"], implied["hidden_size"] = s
     elif (s := shape("lm_head.weight")) and len(s) == 2:
         implied["vocab_size"], implied["hidden_size"] = s
+    trm = isinstance(config, TRMConfig)
     for level, field in (("H_level", "H_layers"), ("L_level", "L_layers")):
+        if trm and level == "H_level":
+            continue  # TRM has no H level (H_layers is unused)
         indices = {int(m.group(2)) for k in sd if (m := _LAYER_KEY.match(k)) and m.group(1) == level}
         if indices:
             implied[field] = max(indices) + 1
@@ -224,9 +256,12 @@ def _implied_fields(sd: Mapping[str, Any], config: HRMConfig) -> list[str]:
         implied["pos_encodings"] = "learned"
         ndim = implied.get("puzzle_emb_ndim", config.puzzle_emb_ndim)
         hidden = implied.get("hidden_size", config.hidden_size)
-        implied["seq_len"] = s[0] - (-(-ndim // hidden))
-    else:
+        slots = _puzzle_slots(config) if trm else -(-ndim // hidden)
+        implied["seq_len"] = s[0] - slots
+    elif not trm:  # TRM without a position table may use rope or none: the weights do not say
         implied["pos_encodings"] = "rope"
+    if trm:
+        implied["mlp_t"] = any(".mlp_t." in k for k in sd)
     hints = []
     for field, value in implied.items():
         current = getattr(config, field)

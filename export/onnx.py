@@ -33,6 +33,7 @@ from torch import nn
 from export.torch_model import HRMTorch
 from export.types import SolveResult, check_solver_inputs
 from hrm_jax.config import HRMConfig
+from hrm_jax.family import family_named, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ SEGMENT_OUTPUTS = ("z_H_out", "z_L_out", "steps_out", "halted_out", "logits", "q
 SOLVE_INPUTS = ("inputs", "puzzle_identifiers", "early_halt")
 SOLVE_OUTPUTS = ("predictions", "steps", "q_halt", "q_continue")
 META_CONFIG, META_GRAPH, META_DTYPE = "hrm_config", "hrm_graph", "hrm_dtype"
+META_FAMILY = "hrm_family"  # "hrm" or "trm" (absent in files exported before TRM: "hrm")
 MAX_BATCH = 65536
 
 
@@ -112,6 +114,7 @@ def export_onnx(model: HRMTorch, path: str | os.PathLike, graph: str = "solve") 
             raise OnnxExportError(f"torch.onnx.export failed for the {graph} graph: {type(err).__name__}: "
                                   f"{str(err).splitlines()[0] if str(err) else ''}") from err
     program.model.metadata_props.update({META_CONFIG: json.dumps(model.config.to_dict()), META_GRAPH: graph,
+                                         META_FAMILY: family_of(model.config).name,
                                          META_DTYPE: str(model.dtype).removeprefix("torch.")})
     program.save(os.fspath(path))
     return path
@@ -132,8 +135,9 @@ def read_metadata(path: str | os.PathLike) -> tuple[HRMConfig, str, str]:
     if META_CONFIG not in props:
         raise OnnxExportError(f"{path}: no hrm_config metadata; it was not written by `python -m export onnx`")
     try:
-        config = HRMConfig(**json.loads(props[META_CONFIG]))
-    except (TypeError, ValueError) as err:
+        config_class = family_named(props.get(META_FAMILY, "hrm")).config_class
+        config = config_class(**json.loads(props[META_CONFIG]))
+    except (TypeError, ValueError, KeyError) as err:
         raise OnnxExportError(f"{path}: its hrm_config metadata does not fit this version of hrm_jax ({err}); "
                               "re-export it with this version") from None
     return config, props.get(META_GRAPH, "solve"), props.get(META_DTYPE, "float32")

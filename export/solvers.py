@@ -1,11 +1,11 @@
-"""One interface over every runtime that can solve puzzles with a trained HRM.
+"""One interface over every runtime that can solve puzzles with a trained HRM or TRM.
 
 `load_solver(backend, checkpoint, ...)` returns an object with `.name` and
 `.solve(inputs int32[B, seq_len], puzzle_identifiers int32[B]) -> SolveResult`. Backends:
 
 * ``jax``: hrm_jax itself (jitted rollout), from an orbax checkpoint;
-* ``torch``: export/torch_model.py with the checkpoint's weights (float32 on CPU, the config's
-  forward dtype on CUDA);
+* ``torch``: export/torch_model.py (TRM: export/trm_torch_model.py) with the checkpoint's weights
+  (float32 on CPU, the config's forward dtype on CUDA);
 * ``onnx``: ONNX Runtime on a `solve` graph (export/onnx.py), exported on the fly when no file
   is given;
 * ``tensorrt``: a TensorRT engine built by `python -m export tensorrt` (export/tensorrt.py).
@@ -68,14 +68,14 @@ class TorchSolver:
         import torch  # noqa: PLC0415
 
         from export.convert import to_torch_state_dict  # noqa: PLC0415
-        from export.torch_model import HRMTorch  # noqa: PLC0415
+        from export.trm_torch_model import torch_module  # noqa: PLC0415
         from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
 
         params, self.config = load_params_for_eval(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 matmuls are emulated and slow on most CPUs: float32 there unless asked otherwise.
         dtype = dtype or (self.config.forward_dtype if self.device.type == "cuda" else "float32")
-        self.model = HRMTorch(self.config, dtype)
+        self.model = torch_module(self.config, dtype)
         self.model.load_state_dict(to_torch_state_dict(params, self.config), strict=True)
         self.model.to(self.device)
         self.early_halt = early_halt
@@ -95,11 +95,11 @@ def export_checkpoint_to_onnx(checkpoint: str | os.PathLike, out: str | os.PathL
     """Orbax checkpoint -> ONNX file of `graph` in `dtype` (see export/onnx.py)."""
     from export.convert import to_torch_state_dict  # noqa: PLC0415
     from export.onnx import export_onnx  # noqa: PLC0415
-    from export.torch_model import HRMTorch  # noqa: PLC0415
+    from export.trm_torch_model import torch_module  # noqa: PLC0415
     from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
 
     params, config = load_params_for_eval(checkpoint)
-    model = HRMTorch(config, dtype)
+    model = torch_module(config, dtype)
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     return export_onnx(model, out, graph)
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from export.types import BackendUnavailableError, SolveResult, check_solver_inputs
-from hrm_jax.config import HRMConfig
+from hrm_jax.family import family_named, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     engine_path.write_bytes(bytes(serialized))
     sidecar_path(engine_path).write_text(json.dumps({
-        "model_config": config.to_dict(), "precision": precision, "onnx": os.fspath(onnx_path),
+        "model_family": family_of(config).name, "model_config": config.to_dict(), "precision": precision,
+        "onnx": os.fspath(onnx_path),
         "batch_range": [min_batch, max_batch], "tensorrt": trt.__version__}, indent=2))
     return engine_path
 
@@ -170,7 +171,7 @@ def read_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
                                  "(which writes the model config beside it): rebuild it")
     try:
         meta = json.loads(side.read_text())
-        meta["model_config"] = HRMConfig(**meta["model_config"])
+        meta["model_config"] = family_named(meta.get("model_family", "hrm")).config_class(**meta["model_config"])
     except (ValueError, KeyError, TypeError) as err:
         raise TensorRTBuildError(f"{side}: unreadable engine metadata ({err}); rebuild the engine") from None
     return meta

@@ -247,12 +247,21 @@ class SolveOutput(NamedTuple):
 
 
 class HRMACT(nn.Module):
-    """The ACT wrapper (the reference's HierarchicalReasoningModel_ACTV1) in eval mode."""
+    """The ACT wrapper (the reference's HierarchicalReasoningModel_ACTV1) in eval mode.
+
+    A family supplies its segment as `inner_class` (same forward signature) and its Q-head halting
+    rule as `halts` (export/trm_torch_model.py: TRM)."""
+
+    inner_class: type[nn.Module] = HRMInner
 
     def __init__(self, config: HRMConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
-        self.inner = HRMInner(config, dtype)
+        self.inner = self.inner_class(config, dtype)
+
+    def halts(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
+        """The training-time halting rule without exploration (hrm_act_v1.py): q_halt > q_continue."""
+        return q_halt > q_continue
 
     def act_step(self, z_H, z_L, steps, halted, inputs, puzzle_identifiers,
                  new_inputs: torch.Tensor | None = None, new_puzzle_identifiers: torch.Tensor | None = None):
@@ -308,9 +317,9 @@ class HRMACT(nn.Module):
                                   torch.where(done, out.steps, steps + 1))
             steps = steps + 1
             if isinstance(early_halt, torch.Tensor):
-                done = done | (early_halt & (q_halt > q_continue))
+                done = done | (early_halt & self.halts(q_halt, q_continue))
             elif early_halt:
-                done = done | (q_halt > q_continue)
+                done = done | self.halts(q_halt, q_continue)
             if _eager() and bool(done.all()):
                 break
         return out
@@ -328,6 +337,8 @@ class HRMTorch(nn.Module):
     fill it with `load_state_dict` (a converted JAX checkpoint or a reference checkpoint).
     """
 
+    act_class: type[HRMACT] = HRMACT
+
     def __init__(self, config: HRMConfig, dtype: torch.dtype | str | None = None) -> None:
         """dtype: compute dtype, default config.forward_dtype (float64 works too, as a test oracle)."""
         super().__init__()
@@ -338,7 +349,7 @@ class HRMTorch(nn.Module):
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch dtype, got {dtype}")
         self.config = config
-        self.model = HRMACT(config, dtype or TORCH_DTYPES[config.forward_dtype])
+        self.model = self.act_class(config, dtype or TORCH_DTYPES[config.forward_dtype])
         self.eval()
 
     @property

@@ -1,8 +1,9 @@
-"""hrm-jax: the Hierarchical Reasoning Model (HRM ACT-v1) in JAX/Flax.
+"""hrm-jax: the Hierarchical Reasoning Model (HRM ACT-v1) and the Tiny Recursive Model (TRM) in JAX/Flax.
 
 Public API: the run configuration (`RunConfig` of `HRMConfig`, `OptimConfig`, `LoopConfig`) and its
 presets, the model as pure functions (`init_params`, `initial_carry`, `act_step`, `refresh_carry`,
-`act_segment`, `inner_forward`) and the loss (`act_loss`). See README.md for a tour.
+`act_segment`, `inner_forward`) and the loss (`act_loss`). A `TRMConfig` as the run's model selects
+the TRM family (hrm_jax/trm.py, the same functions; presets `trm_*`). See README.md for a tour.
 """
 
 from hrm_jax.config import ConfigError, HRMConfig, LoopConfig, OptimConfig, RunConfig, TrainConfig
@@ -19,12 +20,13 @@ from hrm_jax.model import (
                            refresh_carry,
 )
 from hrm_jax.presets import MODEL_PRESETS, PRESETS, TRAIN_PRESETS, arc, maze_hard, preset, sudoku_extreme, tiny
+from hrm_jax.trm_config import TRMConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ACTCarry", "ConfigError", "HRMConfig", "IGNORE_LABEL_ID", "LoopConfig", "MODEL_PRESETS", "OptimConfig",
-    "PRESETS", "RunConfig", "TRAIN_PRESETS", "TrainConfig", "act_loss", "act_segment", "act_step", "arc",
+    "PRESETS", "RunConfig", "TRAIN_PRESETS", "TRMConfig", "TrainConfig", "act_loss", "act_segment", "act_step", "arc",
     "count_params", "gather_puzzle_rows", "init_params", "initial_carry", "inner_forward", "maze_hard",
     "preset", "reduce_metrics", "refresh_carry", "stablemax_cross_entropy", "sudoku_extreme", "tiny",
 ]

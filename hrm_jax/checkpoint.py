@@ -3,14 +3,17 @@
 Layout of a run directory (`out_dir`)::
 
     checkpoints/<step>/params/       params: {"dense", "buffers", "puzzle_emb"?} (StandardSave)
-    checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng"}       (StandardSave)
+    checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng", "dense"?} (StandardSave)
     checkpoints/<step>/meta/         JSON: the run configuration, total_steps, sampler state, metrics
     best/<step>/...                  the same, for the best eval exact accuracy (one kept)
 
 Params are an item of their own so that `load_params_for_eval` restores them without building an
-optimizer. Restores use an abstract target (without one orbax returns optax states as plain lists).
-Saves wait until written: the trainer donates the state to the next step, and a checkpoint must be
-complete before the loop can be killed anyway.
+optimizer. With an EMA (OptimConfig.ema) that item holds the evaluation parameters (the averaged
+dense ones, as the TRM reference saves its EMA copy) and train_state/"dense" the trained ones, so
+evaluation, solvers and exports read the average and a resume restores both. Restores use an
+abstract target (without one orbax returns optax states as plain lists). Saves wait until written:
+the trainer donates the state to the next step, and a checkpoint must be complete before the loop
+can be killed anyway.
 
 Metadata format 2 stores the whole RunConfig tree as `run_config` and the model family's name;
 format 1 (written before the run configuration was one tree) stored `model_config` and
@@ -28,7 +31,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from hrm_jax.config import IMPLEMENTATION_FIELDS, RunConfig
+from hrm_jax.config import IMPLEMENTATION_FIELDS, OptimConfig, RunConfig
 from hrm_jax.family import Family, family_named, family_of
 from hrm_jax.layers import runnable_here
 
@@ -71,7 +74,7 @@ class RunCheckpoints:
         step = int(jax.device_get(state.step))
         if step not in manager.all_steps():
             manager.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                params=ocp.args.StandardSave(state.eval_params()),
                 train_state=ocp.args.StandardSave(_train_items(state)),
                 meta=ocp.args.JsonSave(meta)))
             manager.wait_until_finished()
@@ -88,7 +91,10 @@ class RunCheckpoints:
 
 
 def _train_items(state: Any) -> dict[str, Any]:
-    return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
+    items = {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
+    if state.ema is not None:  # the params item then holds the average; the trained weights go here
+        items["dense"] = state.params["dense"]
+    return items
 
 
 def make_meta(run_config: RunConfig, total_steps: int, step: int, sampler_state: dict[str, Any] | None,
@@ -99,13 +105,23 @@ def make_meta(run_config: RunConfig, total_steps: int, step: int, sampler_state:
             "sampler": sampler_state, **extra}
 
 
+def _with_defaults(saved_optim: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer config with the fields it lacks at OptimConfig's defaults."""
+    defaults = {f.name: f.default for f in dataclasses.fields(OptimConfig) if f.default is not dataclasses.MISSING}
+    return defaults | saved_optim
+
+
 def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 metadata in format 2's shape (see the module docstring); format 2 as it is."""
-    if meta["format_version"] == FORMAT_VERSION:
-        return meta
-    old = dict(meta)
-    run = {"model": old.pop("model_config"), "optim": old.pop("train_config", None), "loop": None}
-    return {**old, "format_version": FORMAT_VERSION, "model_family": "hrm", "run_config": run}
+    """Format 1 metadata in format 2's shape (see the module docstring); optimizer fields added
+    since a checkpoint was written (ema, ema_rate) at their defaults, which is what it ran with."""
+    if meta["format_version"] != FORMAT_VERSION:
+        old = dict(meta)
+        run = {"model": old.pop("model_config"), "optim": old.pop("train_config", None), "loop": None}
+        meta = {**old, "format_version": FORMAT_VERSION, "model_family": "hrm", "run_config": run}
+    run = meta.get("run_config")
+    if run is not None and run.get("optim") is not None:
+        meta = {**meta, "run_config": {**run, "optim": _with_defaults(run["optim"])}}
+    return meta
 
 
 # Reading ---------------------------------------------------------------------------------------
@@ -212,10 +228,11 @@ def restore(path: str | os.PathLike, abstract_state: Any, *, run_config: RunConf
     except Exception as err:
         raise CheckpointError(f"{where}: could not restore the state ({type(err).__name__}: {err}); the "
                               "checkpoint is incomplete or corrupt: delete it to fall back to an older one") from None
-    train_items = items["train_state"]
-    state = abstract_state.replace(params=items["params"], step=train_items["step"],
-                                   opt_state=train_items["opt_state"], carry=train_items["carry"],
-                                   rng=train_items["rng"])
+    train_items, params, ema = items["train_state"], items["params"], None
+    if abstract_state.ema is not None:
+        params, ema = {**params, "dense": train_items["dense"]}, params["dense"]
+    state = abstract_state.replace(params=params, step=train_items["step"], opt_state=train_items["opt_state"],
+                                   carry=train_items["carry"], rng=train_items["rng"], ema=ema)
     logger.info("restored %s (step %d)", where, step)
     return state, meta
 

@@ -154,6 +154,10 @@ class OptimConfig:
     puzzle_emb_lr: float = 1e-4
     puzzle_emb_weight_decay: float = 1.0
     seed: int = 0
+    # An exponential moving average of the dense parameters (TRM's pretrain.py `ema`, `ema_rate`),
+    # updated after every optimizer step; evaluation, best/ and exports then use it (hrm_jax.ema).
+    ema: bool = False
+    ema_rate: float = 0.999
 
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "epochs"):
@@ -167,6 +171,7 @@ class OptimConfig:
         _require(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio!r}")
         for name in ("beta1", "beta2"):
             _require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        _require(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate!r}")
 
     def total_steps(self, total_groups: int, mean_puzzle_examples: float) -> int:
         """Optimizer steps of a run, as the reference's pretrain.py estimates them."""

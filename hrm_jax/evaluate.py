@@ -2,7 +2,7 @@
 
 The reference (pretrain.py `evaluate`, models/losses.py ACTLossHead) scores the output of the last
 segment; on top of that this module reports what the Q-head would have given had it been allowed
-to stop early (the prediction at the first segment where q_halt > q_continue, which is the
+to stop early (the prediction at the first segment where the family's halting rule fires, which is the
 training-time halting rule without exploration), and two baselines that tell whether a number is
 meaningful: copying the input (exact and per-token) — a Sudoku or maze model that has learned
 nothing beats neither.
@@ -51,11 +51,13 @@ def _token_scores(pred: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Ar
     return correct / jnp.maximum(counts, 1), correct == counts
 
 
-def _segment_state(outputs, segment: jax.Array, early) -> dict[str, jax.Array]:
-    """Folds one segment's outputs into the early-halting record: the first segment where
-    q_halt > q_continue fixes that row's early prediction and step count."""
+def _segment_state(config, outputs, segment: jax.Array, early) -> dict[str, jax.Array]:
+    """Folds one segment's outputs into the early-halting record: the first segment where the
+    family's halting rule fires (HRM: q_halt > q_continue; TRM: q_halt > 0) fixes that row's early
+    prediction and step count."""
     pred = jnp.argmax(outputs["logits"], axis=-1).astype(jnp.int32)
-    halt_now = (outputs["q_halt_logits"] > outputs["q_continue_logits"]) & ~early["found"]
+    signal = family_of(config).halt_signal(config, outputs["q_halt_logits"], outputs["q_continue_logits"])
+    halt_now = signal & ~early["found"]
     return {"pred": jnp.where(halt_now[:, None], pred, early["pred"]),
             "steps": jnp.where(halt_now, segment, early["steps"]),
             "found": early["found"] | halt_now}
@@ -71,7 +73,7 @@ def rollout(params: Params, config: HRMConfig, batch: dict[str, jax.Array],
     family = family_of(config)
     carry = family.initial_carry(config, batch)
     carry, outputs = family.act_step(params, config, carry, batch, None, train=False)
-    early = _segment_state(outputs, jnp.int32(1),
+    early = _segment_state(config, outputs, jnp.int32(1),
                            {"pred": jnp.zeros(batch["labels"].shape, jnp.int32),
                             "steps": jnp.zeros(batch["labels"].shape[:1], jnp.int32),
                             "found": jnp.zeros(batch["labels"].shape[:1], jnp.bool_)})
@@ -79,7 +81,7 @@ def rollout(params: Params, config: HRMConfig, batch: dict[str, jax.Array],
     def segment(state, index):
         carry, _, early = state
         carry, outputs = family.act_step(params, config, carry, batch, None, train=False)
-        return (carry, outputs, _segment_state(outputs, index, early)), None
+        return (carry, outputs, _segment_state(config, outputs, index, early)), None
 
     # Eval mode halts only at halt_max_steps, so every row runs all segments (the reference's
     # models/hrm/hrm_act_v1.py halts early only while training).

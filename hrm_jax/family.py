@@ -3,8 +3,8 @@
 The loop (train.py), evaluation, checkpoints and the CLIs take any model config; they ask
 `family_of(config)` for its functions instead of testing types themselves. A family provides the ACT
 interface of hrm_jax/model.py: params from a key, a fresh carry, the carry refresh with a new batch,
-the puzzle-embedding rows, one training segment and one evaluation step. Adding a family (e.g. TRM)
-is one `Family(...)` entry in FAMILIES.
+the puzzle-embedding rows, one training segment, one evaluation step and the Q head's halting rule.
+HRM (hrm_jax/model.py) and TRM (hrm_jax/trm.py) are the two; adding one is a `Family(...)` entry.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from hrm_jax import model as hrm_model
+from hrm_jax import trm as trm_model
 from hrm_jax.config import ConfigError, HRMConfig
+from hrm_jax.trm_config import TRMConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,14 +31,20 @@ class Family:
     gather_puzzle_rows: Callable[..., Any]  # (params, config, puzzle_identifiers) -> rows
     act_segment: Callable[..., Any]  # (params, config, carry, rows, key, *, train, axis_name) -> (carry, outputs)
     act_step: Callable[..., Any]  # (params, config, carry, batch, key, *, train) -> (carry, outputs)
+    halt_signal: Callable[..., Any]  # (config, q_halt, q_continue) -> bool[B]: the Q head asks to stop
 
 
 HRM = Family(name="hrm", config_class=HRMConfig, init_params=hrm_model.init_params,
              initial_carry=hrm_model.initial_carry, refresh_carry=hrm_model.refresh_carry,
              gather_puzzle_rows=hrm_model.gather_puzzle_rows, act_segment=hrm_model.act_segment,
-             act_step=hrm_model.act_step)
+             act_step=hrm_model.act_step, halt_signal=hrm_model.halt_signal)
 
-FAMILIES: dict[str, Family] = {HRM.name: HRM}
+TRM = Family(name="trm", config_class=TRMConfig, init_params=trm_model.init_params,
+             initial_carry=trm_model.initial_carry, refresh_carry=trm_model.refresh_carry,
+             gather_puzzle_rows=trm_model.gather_puzzle_rows, act_segment=trm_model.act_segment,
+             act_step=trm_model.act_step, halt_signal=trm_model.halt_signal)
+
+FAMILIES: dict[str, Family] = {HRM.name: HRM, TRM.name: TRM}
 
 
 def family_of(model_config: Any) -> Family:

@@ -251,8 +251,8 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
         if rng is None:
             raise ValueError("act_segment(train=True) needs an rng key for halting exploration")
         q_halt, q_cont = jax.lax.stop_gradient(q_logits[:, 0]), jax.lax.stop_gradient(q_logits[:, 1])
-        halted = halted | (q_halt > q_cont)
-        halted = halted & (steps >= _min_halt_steps(config, rng, steps.shape[0], axis_name))
+        halted = halted | halt_signal(config, q_halt, q_cont)
+        halted = halted & (steps >= min_halt_steps(config, rng, steps.shape[0], axis_name))
         # Target Q from a second full inner forward on the new carry, without gradient (the
         # reference's PQN-style bootstrapping: no replay buffer, no target network).
         next_carry = carry.replace(z_H=z_H, z_L=z_L)
@@ -265,7 +265,12 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
     return new_carry, outputs
 
 
-def _min_halt_steps(config: HRMConfig, rng: jax.Array, batch_size: int, axis_name: str | None) -> jax.Array:
+def halt_signal(config: HRMConfig, q_halt_logits: jax.Array, q_continue_logits: jax.Array) -> jax.Array:
+    """Where the Q head asks to stop (without exploration): q_halt > q_continue."""
+    return q_halt_logits > q_continue_logits
+
+
+def min_halt_steps(config: HRMConfig, rng: jax.Array, batch_size: int, axis_name: str | None) -> jax.Array:
     """Exploration: one uniform per row; below the probability, a minimum of U{2..halt_max_steps}.
 
     Drawn for the global batch and sliced to this device's rows, so the draws do not depend on the

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 from hrm_jax.config import HRMConfig, LoopConfig, OptimConfig, RunConfig
 from hrm_jax.data.format import load_metadata
+from hrm_jax.trm_config import TRMConfig
 
 
 # Architectures --------------------------------------------------------------------------------
@@ -86,6 +87,51 @@ def arc_quickstart_model() -> HRMConfig:
                 L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=4, puzzle_emb_ndim=128, forward_dtype="float32")
 
 
+# TRM architectures (SamsungSAILMontreal/TinyRecursiveModels) --------------------------------------
+# config/arch/trm.yaml: 512 hidden, 8 heads, expansion 4, 16 ACT steps, exploration 0.1, a puzzle
+# embedding as wide as the hidden state in 16 slots; the README's commands set the rest.
+def _trm(**task: Any) -> TRMConfig:
+    arch = dict(H_cycles=3, L_cycles=6, H_layers=0, L_layers=2, hidden_size=512, expansion=4.0, num_heads=8,
+                pos_encodings="rope", halt_max_steps=16, halt_exploration_prob=0.1, puzzle_emb_ndim=512,
+                puzzle_emb_len=16, mlp_t=False, no_ACT_continue=True)
+    arch.update(task)
+    return TRMConfig(**arch)
+
+
+def trm_sudoku_mlp(**overrides: Any) -> TRMConfig:
+    """Sudoku-Extreme, MLP-t (README "pretrain_mlp_t_sudoku"): no attention, no positions; 5,028,866 parameters."""
+    return _trm(**(dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1, mlp_t=True, pos_encodings="none")
+                   | overrides))
+
+
+def trm_sudoku_att(**overrides: Any) -> TRMConfig:
+    """Sudoku-Extreme with attention and RoPE (README "pretrain_att_sudoku"); 6,828,034 parameters."""
+    return _trm(**(dict(seq_len=81, vocab_size=11, num_puzzle_identifiers=1) | overrides))
+
+
+def trm_maze(**overrides: Any) -> TRMConfig:
+    """Maze-Hard 30x30, attention, L_cycles 4 (README "pretrain_att_maze30x30"); 6,822,914 parameters."""
+    return _trm(**(dict(seq_len=900, vocab_size=6, num_puzzle_identifiers=1, L_cycles=4) | overrides))
+
+
+def trm_arc(num_puzzle_identifiers: int = 1, **overrides: Any) -> TRMConfig:
+    """ARC-AGI, attention, L_cycles 4 (README "pretrain_att_arc1concept_4"); 6,829,058 parameters.
+
+    num_puzzle_identifiers comes from the built dataset (one per task x augmentation)."""
+    return _trm(**(dict(seq_len=900, vocab_size=12, num_puzzle_identifiers=num_puzzle_identifiers, L_cycles=4)
+                   | overrides))
+
+
+def trm_tiny(seq_len: int = 81, vocab_size: int = 11, num_puzzle_identifiers: int = 1, **overrides: Any) -> TRMConfig:
+    """A CPU-sized TRM for quick starts and tests (float32 compute)."""
+    arch = dict(seq_len=seq_len, vocab_size=vocab_size, num_puzzle_identifiers=num_puzzle_identifiers, H_cycles=2,
+                L_cycles=2, L_layers=2, hidden_size=64, expansion=4.0, num_heads=4, pos_encodings="rope",
+                halt_max_steps=4, halt_exploration_prob=0.1, puzzle_emb_ndim=0, puzzle_emb_len=0,
+                forward_dtype="float32")
+    arch.update(overrides)
+    return TRMConfig(**arch)
+
+
 # Optimizer settings ---------------------------------------------------------------------------
 # As the reference README runs them: 8 GPUs, global batch 768, lr 1e-4, weight decay 1.0 for both optimizers.
 PAPER_PUZZLES_OPTIM = OptimConfig(epochs=20000, eval_interval=2000, lr=1e-4, puzzle_emb_lr=1e-4,
@@ -93,6 +139,12 @@ PAPER_PUZZLES_OPTIM = OptimConfig(epochs=20000, eval_interval=2000, lr=1e-4, puz
 # cfg_pretrain.yaml defaults (the ARC runs): 100k epochs, weight decay 0.1, puzzle_emb_lr 1e-2.
 PAPER_ARC_OPTIM = OptimConfig(epochs=100000, eval_interval=10000, lr=1e-4, puzzle_emb_lr=1e-2,
                               weight_decay=0.1, puzzle_emb_weight_decay=0.1)
+# The TRM README's commands (all with ema=True, rate 0.999): Sudoku and Maze 50,000 epochs (the
+# paper says 60,000 for Sudoku), eval every 5,000, lr 1e-4 both, weight decay 1.0 both; ARC keeps
+# cfg_pretrain.yaml's 100,000 epochs, eval every 10,000, puzzle_emb_lr 1e-2, weight decay 0.1.
+TRM_PUZZLES_OPTIM = OptimConfig(epochs=50000, eval_interval=5000, lr=1e-4, puzzle_emb_lr=1e-4, weight_decay=1.0,
+                                puzzle_emb_weight_decay=1.0, ema=True, ema_rate=0.999)
+TRM_ARC_OPTIM = PAPER_ARC_OPTIM.replace(ema=True, ema_rate=0.999)
 # The shipped model's recipe: tens of thousands of distinct puzzles (hrm_jax.data.sudoku_mix) instead of 1,000,
 # so weight decay 0.1 rather than 1.0, and a higher constant learning rate for the small model.
 SUDOKU_EDGE_OPTIM = OptimConfig(global_batch_size=768, epochs=2000, eval_interval=None, lr=2e-4, lr_warmup_steps=1000,
@@ -145,6 +197,26 @@ def run_arc_quickstart() -> RunConfig:
         global_batch_size=32, lr_warmup_steps=20))
 
 
+def run_trm_sudoku_mlp() -> RunConfig:
+    """TRM with the MLP token mixer on Sudoku-Extreme (README "pretrain_mlp_t_sudoku", one GPU, batch 768)."""
+    return RunConfig(model=trm_sudoku_mlp(), optim=TRM_PUZZLES_OPTIM)
+
+
+def run_trm_sudoku_att() -> RunConfig:
+    """TRM with attention on Sudoku-Extreme (README "pretrain_att_sudoku")."""
+    return RunConfig(model=trm_sudoku_att(), optim=TRM_PUZZLES_OPTIM)
+
+
+def run_trm_maze() -> RunConfig:
+    """TRM on Maze-Hard 30x30 (README "pretrain_att_maze30x30")."""
+    return RunConfig(model=trm_maze(), optim=TRM_PUZZLES_OPTIM)
+
+
+def run_trm_arc() -> RunConfig:
+    """TRM on ARC-AGI (README "pretrain_att_arc1concept_4"; --data names the built set)."""
+    return RunConfig(model=trm_arc(), optim=TRM_ARC_OPTIM)
+
+
 class Preset(NamedTuple):
     task: str  # the CLI that offers it: python -m experiments.<task>
     make: Callable[[], RunConfig]
@@ -161,18 +233,31 @@ PRESETS: dict[str, Preset] = {
     "arc1": Preset("arc", run_arc),
     "arc2": Preset("arc", run_arc),
     "arc_quickstart": Preset("arc", run_arc_quickstart),
+    "trm_sudoku_mlp": Preset("sudoku", run_trm_sudoku_mlp),
+    "trm_sudoku_att": Preset("sudoku", run_trm_sudoku_att),
+    "trm_maze": Preset("maze", run_trm_maze),
+    "trm_arc": Preset("arc", run_trm_arc),
 }
 
 # The paper's architectures by name (export's from-torch and the benchmarks pick one).
-MODEL_PRESETS: dict[str, Callable[..., HRMConfig]] = {"sudoku_extreme": sudoku_extreme, "maze_hard": maze_hard,
-                                                      "arc": arc, "sudoku_edge": sudoku_edge}
+TRM_MODEL_PRESETS: dict[str, Callable[..., TRMConfig]] = {"trm_sudoku_mlp": trm_sudoku_mlp,
+                                                          "trm_sudoku_att": trm_sudoku_att, "trm_maze": trm_maze,
+                                                          "trm_arc": trm_arc}
+MODEL_PRESETS: dict[str, Callable[..., HRMConfig | TRMConfig]] = {"sudoku_extreme": sudoku_extreme,
+                                                                  "maze_hard": maze_hard, "arc": arc,
+                                                                  "sudoku_edge": sudoku_edge, **TRM_MODEL_PRESETS}
 # The paper's optimizer settings by name (the benchmarks pick one).
 TRAIN_PRESETS: dict[str, OptimConfig] = {
     "sudoku_extreme": PAPER_PUZZLES_OPTIM,
     "sudoku_extreme_1gpu": run_sudoku_extreme_1gpu().optim,
     "maze_hard": PAPER_PUZZLES_OPTIM,
     "arc": PAPER_ARC_OPTIM,
+    "trm_sudoku_mlp": TRM_PUZZLES_OPTIM,
+    "trm_sudoku_att": TRM_PUZZLES_OPTIM,
+    "trm_maze": TRM_PUZZLES_OPTIM,
+    "trm_arc": TRM_ARC_OPTIM,
 }
+TRM_TRAIN_PRESETS = {name: TRAIN_PRESETS[name] for name in TRM_MODEL_PRESETS}
 
 
 class PresetError(ValueError):

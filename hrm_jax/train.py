@@ -29,6 +29,7 @@ from hrm_jax import parallel
 from hrm_jax.config import HRMConfig, LoopConfig, OptimConfig, RunConfig
 from hrm_jax.data.format import PuzzleSplit, load_split
 from hrm_jax.data.sampler import TrainSampler
+from hrm_jax.ema import eval_params, init_ema, update_ema
 from hrm_jax.evaluate import check_model_fits_data, difficulty_bands, evaluate
 from hrm_jax.family import family_of
 from hrm_jax.logging_utils import MetricsLogger, truncate_metrics
@@ -53,6 +54,11 @@ class TrainState:
     opt_state: optax.OptState  # AdamATan2 state of params["dense"] only
     carry: ACTCarry  # the ACT carry, [global_batch_size, ...]
     rng: jax.Array  # uint32 raw key data (jax.random.key_data), so orbax stores a plain array
+    ema: Params | None = None  # average of params["dense"] when optim.ema (hrm_jax.ema), else None
+
+    def eval_params(self) -> Params:
+        """The parameters evaluation, best/ and exports use: the averaged dense ones when there is an average."""
+        return eval_params(self.params, self.ema)
 
 
 def _empty_batch(config: HRMConfig, batch_size: int) -> Batch:
@@ -67,7 +73,8 @@ def _fresh_state(model_config: HRMConfig, train_config: OptimConfig, total_steps
     optimizer = make_dense_optimizer(train_config, total_steps)
     carry = family.initial_carry(model_config, _empty_batch(model_config, train_config.global_batch_size))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params["dense"]),
-                      carry=carry, rng=jax.random.key_data(k_train))
+                      carry=carry, rng=jax.random.key_data(k_train),
+                      ema=init_ema(params["dense"]) if train_config.ema else None)
 
 
 # Jitted: run eagerly, Flax's init dispatches (and compiles) hundreds of small ops.
@@ -127,8 +134,10 @@ def _train_step(state: TrainState, batch: Batch, model_config: HRMConfig, train_
     metrics = reduce_metrics(sums, train_config.global_batch_size)
     metrics["lr"] = jnp.asarray(lr_schedule(train_config.lr, train_config.lr_warmup_steps, total_steps,
                                             train_config.lr_min_ratio)(state.step), jnp.float32)
+    # After every optimizer step, as the reference's loop updates its EMAHelper.
+    ema = None if state.ema is None else update_ema(state.ema, new_params["dense"], train_config.ema_rate)
     new_state = TrainState(step=state.step + 1, params=new_params, opt_state=opt_state, carry=new_carry,
-                           rng=jax.random.key_data(rng))
+                           rng=jax.random.key_data(rng), ema=ema)
     return new_state, metrics
 
 
@@ -276,7 +285,7 @@ class _Run:
         """Evaluates, logs every group of results, redraws the plot, saves the best checkpoint."""
         if self.eval_data is None:
             return None
-        results = evaluate(state.params, self.model_config, self.eval_data, self.eval_batch_size,
+        results = evaluate(state.eval_params(), self.model_config, self.eval_data, self.eval_batch_size,
                            group_by=self.group_by, max_batches=self.config.loop.eval_max_batches, mesh=self.mesh)
         for name, metrics in results.items():
             self.log.log(step, "eval" if name == "all" else f"eval/{name}", metrics)
