@@ -7,10 +7,23 @@ Layout of a run directory (`out_dir`)::
     checkpoints/<step>/meta/         JSON: configs, total_steps, sampler state, metrics
     best/<step>/...                  the same, for the best eval exact accuracy (one kept)
 
+    checkpoints/<step>/hrm_manifest.json   size and SHA-256 of every file (hrm_jax.manifest)
+
 Params are an item of their own so that `load_params_for_eval` restores them without building an
-optimizer. Restores use an abstract target (orbax returns optax states as lists otherwise; see
-shared/NOTES-env.md "Orbax"). Saves wait until written: the trainer donates the state to the next
-step, and a checkpoint must be complete before the loop can be killed anyway.
+optimizer. Restores use an abstract target (orbax returns optax states as lists otherwise). Saves
+wait until written: the trainer donates the state to the next step, and a checkpoint must be
+complete before the loop can be killed anyway.
+
+Atomicity: orbax writes a step under a temporary name and renames it when every item is committed,
+so a save killed mid-write is never listed; the manifest, written after that, catches a finished
+step damaged later or one killed between the rename and the manifest. Readers that pick the latest
+step skip damaged ones (logged with the reason); the trainer moves them aside to
+`<step>.damaged-<time>` (orbax ignores such names, nothing is deleted) and resumes from the
+previous good one.
+
+Fault injection for tests: HRM_FAULT_KILL=<phase>@<step> makes the process SIGKILL itself while
+saving that step, phase `write` (orbax's asynchronous write has begun, nothing is committed) or
+`manifest` (orbax committed the step, the manifest is not written yet).
 """
 
 from __future__ import annotations
@@ -18,11 +31,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from hrm_jax import manifest
 from hrm_jax.config import HRMConfig, TrainConfig
 from hrm_jax.model import init_params
 
@@ -32,6 +48,7 @@ FORMAT_VERSION = 1
 PERIODIC_DIR = "checkpoints"
 BEST_DIR = "best"
 _ITEMS = ("params", "train_state", "meta")
+FAULT_ENV = "HRM_FAULT_KILL"
 
 
 class CheckpointError(ValueError):
@@ -59,25 +76,79 @@ class RunCheckpoints:
         self.best = _manager(os.path.join(self.out_dir, BEST_DIR), max_to_keep=1)
 
     def save(self, state: Any, meta: dict[str, Any], *, best: bool = False) -> str:
-        """Writes `state` (a train.TrainState) and `meta` (see `make_meta`); returns the step dir."""
+        """Writes `state` (a train.TrainState) and `meta` (see `make_meta`), waits until orbax has
+        committed it, then writes its manifest; returns the step dir. A step already saved is kept
+        if it is intact and rewritten (the damaged copy moved aside) if not."""
         manager = self.best if best else self.periodic
         step = int(jax.device_get(state.step))
+        path = os.path.join(os.fspath(manager.directory), str(step))
+        if step in manager.all_steps() and step_problem(path) is not None:
+            move_aside(manager, step, step_problem(path))
         if step not in manager.all_steps():
             manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 train_state=ocp.args.StandardSave(_train_items(state)),
-                meta=ocp.args.JsonSave(meta)))
+                meta=ocp.args.JsonSave({**meta, manifest.MANIFEST_KEY: True})))
+            _fault_point("write", step)
             manager.wait_until_finished()
-        path = os.path.join(os.fspath(manager.directory), str(step))
+            _fault_point("manifest", step)
+            manifest.write(path)
         logger.info("saved %s checkpoint %s", "best" if best else "periodic", path)
         return path
 
     def latest_step(self) -> int | None:
-        return self.periodic.latest_step()
+        """The newest intact periodic step; damaged or unfinished newer ones are moved aside."""
+        for step in sorted(self.periodic.all_steps(), reverse=True):
+            problem = step_problem(os.path.join(os.fspath(self.periodic.directory), str(step)))
+            if problem is None:
+                return step
+            move_aside(self.periodic, step, problem)
+        return None
 
     def close(self) -> None:
         self.periodic.close()
         self.best.close()
+
+
+def _fault_point(phase: str, step: int) -> None:
+    """SIGKILLs this process when HRM_FAULT_KILL names this phase and step (fault-injection tests)."""
+    if os.environ.get(FAULT_ENV) == f"{phase}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_problem(step_dir: str) -> str | None:
+    """None for an intact step dir, else what is wrong. Steps saved before manifests existed (their
+    metadata lacks MANIFEST_KEY) are accepted unverified."""
+    if os.path.exists(os.path.join(step_dir, manifest.MANIFEST_FILE)):
+        return manifest.problem(step_dir)
+    try:
+        meta = _read_json_item(step_dir)
+    except CheckpointError as err:
+        return str(err)
+    return manifest.problem(step_dir) if meta.get(manifest.MANIFEST_KEY) else None
+
+
+def _read_json_item(step_dir: str) -> dict[str, Any]:
+    manager = _manager(os.path.dirname(step_dir), read_only=True)
+    try:
+        meta = manager.restore(int(os.path.basename(step_dir)),
+                               args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as err:  # orbax raises several types for missing/corrupt files
+        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{step_dir}: checkpoint metadata is not a JSON object")
+    return meta
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
+    """Renames a damaged step dir to `<step>.damaged-<time>` (kept for inspection, ignored by orbax)."""
+    root = os.fspath(manager.directory)
+    target = os.path.join(root, f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(os.path.join(root, str(step)), target)
+    manager.reload()
+    logger.warning("checkpoint %s is damaged (%s): moved aside to %s; using the previous one",
+                   os.path.join(root, str(step)), problem, target)
+    return target
 
 
 def _train_items(state: Any) -> dict[str, Any]:
@@ -111,12 +182,28 @@ def _resolve(path: str | os.PathLike, step: int | None) -> tuple[ocp.CheckpointM
         root = path
     manager = _manager(root, read_only=True)
     steps = manager.all_steps()
+    explicit = step is not None
     if step is None:
-        step = max(steps) if steps else None
+        step = _latest_intact(root, steps)
     if step is None or step not in steps:
-        raise CheckpointError(f"{root}: no checkpoint{'' if step is None else f' for step {step}'} "
-                              f"(steps found: {sorted(steps)}); train first or pass the right path")
-    return manager, step, os.path.join(root, str(step))
+        raise CheckpointError(f"{root}: no {'intact ' if steps else ''}checkpoint"
+                              f"{f' for step {step}' if explicit else ''} (steps found: {sorted(steps)}); "
+                              "train first or pass the right path")
+    where = os.path.join(root, str(step))
+    problem = step_problem(where)
+    if problem is not None:
+        raise CheckpointError(f"{where}: damaged checkpoint ({problem}); use another step or run")
+    return manager, step, where
+
+
+def _latest_intact(root: str, steps) -> int | None:
+    """The newest step whose files match its manifest; damaged newer ones are logged and skipped."""
+    for step in sorted(steps, reverse=True):
+        problem = step_problem(os.path.join(root, str(step)))
+        if problem is None:
+            return step
+        logger.warning("skipping damaged checkpoint %s (%s)", os.path.join(root, str(step)), problem)
+    return None
 
 
 def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
