@@ -11,6 +11,7 @@ import logging
 import os
 import pathlib
 import re
+import shlex
 import sys
 from typing import Any, Callable
 
@@ -88,11 +89,18 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper())
     run = parser.add_argument_group("run")
     run.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default runs/<task>-<time>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    start = run.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last intact checkpoint (refused if it has none)")
+    start.add_argument("--restart", action="store_true",
+                       help="move a previous run in --out aside to <out>.old-<time> and start anew")
     run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     run.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: eval_interval epochs)")
     run.add_argument("--eval-batch-size", type=int, default=None)
-    run.add_argument("--checkpoint-every", type=int, default=None, help="steps between periodic checkpoints")
+    run.add_argument("--checkpoint-every", type=int, default=None,
+                     help="steps between periodic checkpoints (besides one at every evaluation)")
+    run.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                     help="save a checkpoint at least this often in wall time (default 10; 0: off)")
     run.add_argument("--early-stop-exact", type=float, default=None,
                      help="stop when training exact accuracy reaches this (the reference warns of late instability)")
     run.add_argument("--log-every", type=int, default=10)
@@ -139,11 +147,28 @@ def run_training(model_config: HRMConfig, train_config: TrainConfig, data_dir: s
     from hrm_jax.train import train  # noqa: PLC0415  (keeps --help fast)
 
     options = dict(max_steps=args.max_steps, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-                   checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+                   resume=args.resume, restart=args.restart,
                    early_stop_exact=args.early_stop_exact, log_every=args.log_every,
                    progress=not args.no_progress, tensorboard=args.tensorboard, num_devices=args.devices)
     options.update(overrides)
-    return train(model_config, train_config, data_dir, out_dir, **options)
+    summary = train(model_config, train_config, data_dir, out_dir, **options)
+    if summary["stopped_by"] is not None:
+        print(f"stopped by {summary['stopped_by']} at step {summary['step']}, checkpoint saved; continue with: "
+              f"{resume_command(out_dir)}")
+        sys.exit(0)
+    return summary
+
+
+def resume_command(out_dir: str | os.PathLike) -> str:
+    """This process's command line with --out pointing at out_dir and --resume (not --restart)."""
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--restart")]
+    if "--out" in argv:
+        index = argv.index("--out")
+        del argv[index:index + 2]
+    argv = [arg for arg in argv if not arg.startswith("--out=")]
+    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else sys.argv[0]
+    return shlex.join(["python", "-m", module, *argv, "--out", os.fspath(out_dir), "--resume"])
 
 
 def format_config(config: Any) -> str:

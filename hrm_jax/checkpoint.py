@@ -143,7 +143,10 @@ def _read_json_item(step_dir: str) -> dict[str, Any]:
 def move_aside(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
     """Renames a damaged step dir to `<step>.damaged-<time>` (kept for inspection, ignored by orbax)."""
     root = os.fspath(manager.directory)
-    target = os.path.join(root, f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    target = base = os.path.join(root, f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    copies = 1
+    while os.path.exists(target):  # the same step damaged twice within a second
+        target, copies = f"{base}-{copies}", copies + 1
     os.rename(os.path.join(root, str(step)), target)
     manager.reload()
     logger.warning("checkpoint %s is damaged (%s): moved aside to %s; using the previous one",

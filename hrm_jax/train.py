@@ -24,7 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hrm_jax import checkpoint as ckpt
-from hrm_jax import parallel
+from hrm_jax import parallel, run_dir
 from hrm_jax.config import HRMConfig, TrainConfig
 from hrm_jax.data.format import PuzzleSplit, load_split
 from hrm_jax.data.sampler import TrainSampler
@@ -33,6 +33,7 @@ from hrm_jax.logging_utils import MetricsLogger, truncate_metrics
 from hrm_jax.losses import act_loss
 from hrm_jax.model import ACTCarry, act_segment, gather_puzzle_rows, init_params, initial_carry, refresh_carry
 from hrm_jax.optim import lr_schedule, make_dense_optimizer, make_puzzle_emb_schedule, sparse_signsgd_update
+from hrm_jax.preemption import StopSignals
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,8 @@ class _Run:
         self.model_config, self.train_config, self.total_steps = model_config, train_config, total_steps
         self.mesh = mesh  # None: one device
         self.out_dir = out_dir
-        self.checkpoints = ckpt.RunCheckpoints(out_dir, max_to_keep=keep_checkpoints)
+        self.keep_checkpoints = keep_checkpoints
+        self.checkpoints: ckpt.RunCheckpoints | None = None  # opened by `start`
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.eval_data = eval_data
         self.eval_batch_size = eval_batch_size or train_config.global_batch_size
@@ -252,35 +254,57 @@ class _Run:
         self.last_eval: dict[str, float] | None = None
         self._tensorboard = tensorboard
         self.log: MetricsLogger | None = None
+        self.restored_window: list[dict[str, float]] = []  # a log window the checkpoint was taken inside
 
-    def start(self, sampler: TrainSampler, resume: bool) -> TrainState:
-        """Fresh state, or the latest checkpoint's state (sampler and metrics.jsonl rewound to it)."""
+    def start(self, sampler: TrainSampler, resume: bool, restart: bool) -> TrainState:
+        """Fresh state, or the latest intact checkpoint's state (sampler, log window and metrics.jsonl
+        rewound to it). Refuses to start over a previous run's files unless `restart` moves them aside."""
+        previous = run_dir.describe(self.out_dir)
+        if restart and previous:
+            run_dir.move_aside(self.out_dir)
+            previous = []
+        self.checkpoints = ckpt.RunCheckpoints(self.out_dir, max_to_keep=self.keep_checkpoints)
         latest = self.checkpoints.latest_step()
+        if latest is None and previous:
+            holds = ", ".join(run_dir.describe(self.out_dir))
+            raise TrainingError(
+                f"{self.out_dir}: {'no resumable checkpoint' if resume else 'holds a previous run'} ({holds}); "
+                f"train into a new out_dir (--out), or pass restart=True (--restart) to move this one aside to "
+                f"{self.out_dir.rstrip(os.sep)}.old-<time>")
         if latest is not None and not resume:
             raise TrainingError(f"{self.out_dir} already holds checkpoints (latest step {latest}); pass "
-                                "resume=True to continue that run or choose a new out_dir")
+                                "resume=True (--resume) to continue that run, restart=True (--restart) to move it "
+                                "aside, or choose a new out_dir")
         if latest is None:
-            truncate_metrics(self.metrics_path, -1)
             self.log = MetricsLogger(self.out_dir, tensorboard=self._tensorboard)
             if resume:
-                logger.info("resume: no checkpoint in %s, starting a new run", self.out_dir)
+                logger.info("resume: %s is empty, starting a new run", self.out_dir)
             return init_train_state(self.model_config, self.train_config, self.total_steps)
         state, meta = ckpt.restore(
             os.path.join(self.out_dir, ckpt.PERIODIC_DIR),
             abstract_train_state(self.model_config, self.train_config, self.total_steps),
-            model_config=self.model_config, train_config=self.train_config, total_steps=self.total_steps)
+            model_config=self.model_config, train_config=self.train_config, total_steps=self.total_steps,
+            step=latest)
         sampler.restore(meta["sampler"])
         best = meta.get("best_exact_accuracy")
         self.best_exact = -math.inf if best is None else float(best)
+        self.restored_window = list(meta.get("log_window") or [])
         dropped = truncate_metrics(self.metrics_path, int(meta["step"]))
         logger.info("resumed at step %d (%d later log records dropped)", meta["step"], dropped)
         self.log = MetricsLogger(self.out_dir, tensorboard=self._tensorboard)
         return state
 
-    def meta(self, step: int, sampler: TrainSampler) -> dict[str, Any]:
+    def meta(self, step: int, sampler: TrainSampler, window: list | None = None) -> dict[str, Any]:
+        """Checkpoint metadata; `window`: the per-step metrics of the log window not yet written, so
+        that a run resumed inside a window logs the same means as one never stopped."""
         best = None if self.best_exact == -math.inf else self.best_exact
+        log_window = [{k: float(v) for k, v in record.items()} for record in jax.device_get(window or [])]
         return ckpt.make_meta(self.model_config, self.train_config, self.total_steps, step, sampler.state(),
-                              best_exact_accuracy=best, eval_metrics=self.last_eval)
+                              best_exact_accuracy=best, eval_metrics=self.last_eval, log_window=log_window)
+
+    def save(self, state: TrainState, step: int, sampler: TrainSampler, window: list) -> None:
+        self.checkpoints.save(state, self.meta(step, sampler, window))
+        self.last_save = time.monotonic()
 
     def evaluate(self, state: TrainState, step: int, sampler: TrainSampler) -> dict[str, float] | None:
         """Evaluates, logs every group of results, redraws the plot, saves the best checkpoint."""
@@ -301,7 +325,8 @@ class _Run:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
-        self.checkpoints.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
@@ -313,17 +338,23 @@ def _progress_bar(enabled: bool, total: int, initial: int):
 def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os.PathLike,
           out_dir: str | os.PathLike, *, total_steps: int | None = None, max_steps: int | None = None,
           eval_every: int | None = None, eval_split: str | None = "test", eval_batch_size: int | None = None,
-          eval_max_batches: int | None = None, checkpoint_every: int | None = None, keep_checkpoints: int = 3,
-          resume: bool = False, early_stop_exact: float | None = None, log_every: int = 10,
+          eval_max_batches: int | None = None, checkpoint_every: int | None = None,
+          checkpoint_minutes: float | None = 10.0, keep_checkpoints: int = 3, resume: bool = False,
+          restart: bool = False, early_stop_exact: float | None = None, log_every: int = 10,
           progress: bool = True, tensorboard: bool = False, num_devices: int | None = 1) -> dict[str, Any]:
     """Trains on `<data_dir>/train`, evaluating on `<data_dir>/<eval_split>`; writes into out_dir.
 
     total_steps: schedule length (default: the reference's estimate from epochs and the data).
     max_steps: stop (resumably) after this step even if the schedule is longer.
     eval_every: steps between evaluations (default: train_config.eval_interval epochs in steps; the
-      last step is always evaluated). checkpoint_every: steps between periodic checkpoints (the
-      last step is always saved). resume: continue from out_dir's latest checkpoint (a new run if
-      there is none); without it, an out_dir holding checkpoints is refused.
+      last step is always evaluated). Periodic checkpoints are written at every evaluation, every
+      `checkpoint_every` steps if set, at least every `checkpoint_minutes` of wall time (None or 0:
+      no time-based saves), at the last step, and when SIGTERM/SIGINT stops the run (the step in
+      flight completes, the checkpoint is written, the summary's "stopped_by" names the signal).
+    resume: continue from out_dir's latest intact checkpoint (a new run if out_dir is empty); an
+      out_dir holding a previous run's files but no checkpoint is refused, as is one holding
+      checkpoints without resume. restart: move such a previous run aside to `<out_dir>.old-<time>`
+      first and start anew (nothing is deleted).
     early_stop_exact: stop once the training exact accuracy over a log window reaches this (the
       reference README advises stopping near 100% on Sudoku-Extreme: late training turns unstable).
     log_every: steps per metrics.jsonl train record (mean over the window; 1 logs every step).
@@ -334,12 +365,18 @@ def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os
       TensorBoard scalars (needs `tensorboard` or `tensorboardX`).
     num_devices: local devices to split each batch over (data parallel, hrm_jax.parallel; None: all).
       The global batch and the evaluation batch must divide evenly. Checkpoints do not depend on it.
-    Returns {"step", "total_steps", "stopped_early", "train" (last logged train metrics), "eval" (last
+    Returns {"step", "total_steps", "stopped_early", "stopped_by" (None or "SIGTERM"/"SIGINT"), "train" (last
+    logged train metrics), "eval" (last
     eval metrics of the whole split), "best_exact_accuracy", "state" (the final TrainState), "paths"}.
     """
     data_dir, out_dir = os.fspath(data_dir), os.fspath(out_dir)
     if log_every < 1:
         raise TrainingError(f"log_every must be >= 1, got {log_every}")
+    if checkpoint_minutes is not None and checkpoint_minutes < 0:
+        raise TrainingError(f"checkpoint_minutes must be >= 0 or None, got {checkpoint_minutes}")
+    if resume and restart:
+        raise TrainingError("resume and restart exclude each other: resume continues the run in out_dir, "
+                            "restart moves it aside")
     train_split = load_split(data_dir, "train")
     check_model_fits_data(model_config, train_split)
     meta = train_split.metadata
@@ -357,8 +394,8 @@ def train(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os
                tensorboard=tensorboard, keep_checkpoints=keep_checkpoints, eval_batch_size=eval_batch_size,
                eval_max_batches=eval_max_batches, mesh=mesh)
     try:
-        return _loop(run, sampler, resume, stop_at, eval_every, checkpoint_every, early_stop_exact,
-                     log_every, progress)
+        return _loop(run, sampler, (resume, restart), stop_at, eval_every, (checkpoint_every, checkpoint_minutes),
+                     early_stop_exact, log_every, progress)
     finally:
         run.close()
 
@@ -380,53 +417,61 @@ def _mesh(num_devices: int | None, train_config: TrainConfig, eval_batch_size: i
     return mesh
 
 
-def _loop(run: _Run, sampler: TrainSampler, resume: bool, stop_at: int, eval_every: int | None,
-          checkpoint_every: int | None, early_stop_exact: float | None, log_every: int,
+def _loop(run: _Run, sampler: TrainSampler, start: tuple[bool, bool], stop_at: int, eval_every: int | None,
+          cadence: tuple[int | None, float | None], early_stop_exact: float | None, log_every: int,
           progress: bool) -> dict[str, Any]:
-    state = run.start(sampler, resume)
+    """start: (resume, restart); cadence: (checkpoint_every steps, checkpoint_minutes)."""
+    checkpoint_every, checkpoint_minutes = cadence
+    state = run.start(sampler, *start)
     if run.mesh is not None:
         state = put_state(state, run.mesh)
     step = int(jax.device_get(state.step))
     step_fn = step_function(run.model_config, run.train_config, run.total_steps, run.mesh)
     bar = _progress_bar(progress, run.total_steps, step)
-    window, train_metrics, eval_metrics, stopped_early = [], None, None, False
-    start = tick = time.perf_counter()
-    while step < stop_at and not stopped_early:
-        state, metrics = step_fn(state, sampler.next_batch())
-        step += 1
-        window.append(metrics)
-        last = step == stop_at
-        if step % log_every == 0 or last:
-            train_metrics = _window_mean(jax.device_get(window))
-            now = time.perf_counter()
-            # Training throughput of the window (evaluation and checkpoint time excluded: `tick` restarts
-            # after them; the first window includes compilation), and wall time since the loop began.
-            train_metrics["steps_per_s"] = len(window) / (now - tick)
-            train_metrics["elapsed_s"] = now - start
-            run.log.log(step, "train", train_metrics)
-            bar.set_postfix(loss=f"{train_metrics['lm_loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}",
-                            exact=f"{train_metrics['exact_accuracy']:.3f}",
-                            steps_s=f"{train_metrics['steps_per_s']:.2f}")
-            bar.update(len(window))
-            window = []
-            stopped_early = (early_stop_exact is not None and train_metrics["exact_accuracy"] >= early_stop_exact)
-            if stopped_early:
-                logger.info("early stop at step %d: train exact accuracy %.4f >= %.4f", step,
-                            train_metrics["exact_accuracy"], early_stop_exact)
-        final = last or stopped_early
-        if final or (eval_every is not None and step % eval_every == 0):
-            eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
-        if final or (checkpoint_every is not None and step % checkpoint_every == 0):
-            run.checkpoints.save(state, run.meta(step, sampler))
-        if not window:  # a window just closed: time the next one from after any evaluation/checkpoint
-            tick = time.perf_counter()
+    window, train_metrics, eval_metrics, stopped_early = run.restored_window, None, None, False
+    begin = tick = time.perf_counter()
+    run.last_save = time.monotonic()
+    with StopSignals() as signals:
+        while step < stop_at and not stopped_early and signals.requested is None:
+            state, metrics = step_fn(state, sampler.next_batch())
+            step += 1
+            window.append(metrics)
+            last = step == stop_at
+            if step % log_every == 0 or last:
+                train_metrics = _window_mean(jax.device_get(window))
+                now = time.perf_counter()
+                # Training throughput of the window (evaluation and checkpoint time excluded: `tick` restarts
+                # after them; the first window includes compilation), and wall time since the loop began.
+                train_metrics["steps_per_s"] = len(window) / (now - tick)
+                train_metrics["elapsed_s"] = now - begin
+                run.log.log(step, "train", train_metrics)
+                bar.set_postfix(loss=f"{train_metrics['lm_loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}",
+                                exact=f"{train_metrics['exact_accuracy']:.3f}",
+                                steps_s=f"{train_metrics['steps_per_s']:.2f}")
+                bar.update(len(window))
+                window = []
+                stopped_early = (early_stop_exact is not None and train_metrics["exact_accuracy"] >= early_stop_exact)
+                if stopped_early:
+                    logger.info("early stop at step %d: train exact accuracy %.4f >= %.4f", step,
+                                train_metrics["exact_accuracy"], early_stop_exact)
+            final = last or stopped_early or signals.requested is not None
+            evaluated = eval_every is not None and step % eval_every == 0
+            if last or stopped_early or evaluated:
+                eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
+            timed = bool(checkpoint_minutes) and time.monotonic() - run.last_save >= 60 * checkpoint_minutes
+            if final or evaluated or timed or (checkpoint_every is not None and step % checkpoint_every == 0):
+                run.save(state, step, sampler, window)
+            if not window:  # a window just closed: time the next one from after any evaluation/checkpoint
+                tick = time.perf_counter()
     bar.close()
+    if signals.requested is not None:
+        logger.warning("stopped by %s at step %d; continue with resume=True (--resume)", signals.requested, step)
     if run.log is not None and os.path.exists(run.metrics_path):
         run.log.plot()
     best = None if run.best_exact == -math.inf else run.best_exact
     return {"step": step, "total_steps": run.total_steps, "stopped_early": stopped_early,
-            "train": train_metrics, "eval": eval_metrics, "best_exact_accuracy": best,
-            "state": state,
+            "stopped_by": signals.requested, "train": train_metrics, "eval": eval_metrics,
+            "best_exact_accuracy": best, "state": state,
             "paths": {"out_dir": run.out_dir, "metrics": run.metrics_path, "plot": run.log.plot_path,
                       "checkpoints": os.path.join(run.out_dir, ckpt.PERIODIC_DIR),
                       "best": os.path.join(run.out_dir, ckpt.BEST_DIR)}}
