@@ -26,6 +26,7 @@ QUICKSTART_DATA = common.RUNS_DIR / "data" / "arc-quickstart"
 # The quick start puts tasks whose grids fit 10x10 on a 10x10 canvas (100 tokens): at 900 tokens a
 # CPU step of even a tiny model takes many seconds (attention is quadratic in the length).
 QUICKSTART_GRID = 10
+SAMPLE_TASKS = 16  # per source in hrm_jax/data/samples/arc
 
 
 def quickstart_model():
@@ -98,15 +99,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Build a few small tasks, train the quick-start model on the CPU, score by voting."""
-    from hrm_jax.data.arc_build import arc1_sources, build_arc_dataset  # noqa: PLC0415
+    from hrm_jax.data.arc_build import arc1_sources, build_arc_dataset, sample_data_dir  # noqa: PLC0415
     from hrm_jax.train import train  # noqa: PLC0415
 
     data = args.data or QUICKSTART_DATA
+    if args.tasks > SAMPLE_TASKS:
+        raise common.CLIError(f"--tasks {args.tasks}: the bundled sample holds {SAMPLE_TASKS} tasks per source; "
+                              "for more, build a dataset from the full collections (`build`) and train on it")
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         print(f"building a quick-start dataset ({args.tasks} smallest tasks per source, {args.num_aug} "
               f"augmentations each, {QUICKSTART_GRID}x{QUICKSTART_GRID} canvas) into {data} ...")
-        build_arc_dataset(data, arc1_sources(), num_aug=args.num_aug, seed=args.seed, max_tasks=args.tasks,
-                          grid_size=QUICKSTART_GRID)
+        build_arc_dataset(data, arc1_sources(sample_data_dir()), num_aug=args.num_aug, seed=args.seed,
+                          max_tasks=args.tasks, grid_size=QUICKSTART_GRID)
     model_config = common.model_config_for_data(quickstart_model(), data)
     train_config = quickstart_train().replace(seed=args.seed)
     out = common.new_run_dir(f"{TASK}-quickstart", args.out)
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
     parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300)")
-    parser.add_argument("--tasks", type=common.positive_int, default=4, help="quick start: smallest tasks per source (default 4)")
+    parser.add_argument("--tasks", type=common.positive_int, default=4, help="quick start: smallest tasks per source, at most 16 (the bundled sample; default 4)")
     parser.add_argument("--num-aug", type=common.non_negative_int, default=16, help="quick start: augmentations per task (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
