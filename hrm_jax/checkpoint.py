@@ -110,6 +110,12 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _reason(err: Exception) -> str:
+    """An exception as one short line: orbax/TensorStore messages span dozens of lines of spec."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first[:200]}"
+
+
 def _fault_point(phase: str, step: int) -> None:
     """SIGKILLs this process when HRM_FAULT_KILL names this phase and step (fault-injection tests)."""
     if os.environ.get(FAULT_ENV) == f"{phase}@{step}":
@@ -134,7 +140,7 @@ def _read_json_item(step_dir: str) -> dict[str, Any]:
         meta = manager.restore(int(os.path.basename(step_dir)),
                                args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as err:  # orbax raises several types for missing/corrupt files
-        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({_reason(err)})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{step_dir}: checkpoint metadata is not a JSON object")
     return meta
@@ -215,7 +221,7 @@ def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as err:  # orbax raises several types for missing/corrupt files
-        raise CheckpointError(f"{where}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{where}: unreadable checkpoint metadata ({_reason(err)})") from None
     if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where}: not a hrm_jax checkpoint of format {FORMAT_VERSION}")
     return meta
@@ -270,7 +276,7 @@ def restore(path: str | os.PathLike, abstract_state: Any, *, model_config: HRMCo
             params=ocp.args.StandardRestore(abstract_state.params),
             train_state=ocp.args.StandardRestore(abstract_items)))
     except Exception as err:
-        raise CheckpointError(f"{where}: could not restore the state ({type(err).__name__}: {err}); the "
+        raise CheckpointError(f"{where}: could not restore the state ({_reason(err)}); the "
                               "checkpoint is incomplete or corrupt: delete it to fall back to an older one") from None
     train_items = items["train_state"]
     state = abstract_state.replace(params=items["params"], step=train_items["step"],
@@ -311,7 +317,7 @@ def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tu
         params = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract)))["params"]
     except Exception as err:
-        raise CheckpointError(f"{where}: could not restore the params ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{where}: could not restore the params ({_reason(err)})") from None
     return params, config
 
 
@@ -323,8 +329,10 @@ def save_params(directory: str | os.PathLike, params: dict[str, Any], model_conf
     if step in manager.all_steps():
         raise CheckpointError(f"{directory}: already holds a checkpoint for step {step}; choose another --out")
     meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_config": model_config.to_dict(),
-            "params_only": True, **extra}
+            "params_only": True, manifest.MANIFEST_KEY: True, **extra}
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
     manager.close()
-    return os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+    path = os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+    manifest.write(path)
+    return path
