@@ -21,6 +21,7 @@ sudoku: $(STAMP)
 	$(PY) -m experiments.sudoku
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: timing, the analytic FLOP count, device facts, results.
 
-Timing follows the device tool's METHOD.md: warm-up (compilation) excluded, every timed call
+Timing: warm-up (compilation) excluded, every timed call
 synchronised (`block_until_ready` / `torch.cuda.synchronize`), medians reported, inputs rotated.
 """
 
@@ -12,7 +12,8 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -49,7 +50,8 @@ def train_flops_per_example(config: HRMConfig) -> float:
 
 def rollout_flops_per_example(config: HRMConfig) -> float:
     """halt_max_steps inner forwards (evaluation runs every segment)."""
-    return layer_flops_per_token(config) * config.total_seq_len * forward_block_applications(config) * config.halt_max_steps
+    return (layer_flops_per_token(config) * config.total_seq_len * forward_block_applications(config)
+            * config.halt_max_steps)
 
 
 def share_gpu_with_torch() -> None:

@@ -50,8 +50,8 @@ def prepare(preset: str, workdir: pathlib.Path) -> dict[str, str]:
     from export.convert import save_state_dict, to_torch_state_dict  # noqa: PLC0415
     from export.solvers import export_checkpoint_to_onnx  # noqa: PLC0415
     from hrm_jax.checkpoint import save_params  # noqa: PLC0415
-    from hrm_jax.config import MODEL_PRESETS  # noqa: PLC0415
     from hrm_jax.model import init_params  # noqa: PLC0415
+    from hrm_jax.presets import MODEL_PRESETS  # noqa: PLC0415
 
     config = MODEL_PRESETS[preset](forward_dtype="float32")
     paths = {"checkpoint": workdir / f"{preset}-ckpt", "safetensors": workdir / f"{preset}.safetensors",
@@ -59,7 +59,8 @@ def prepare(preset: str, workdir: pathlib.Path) -> dict[str, str]:
     if not paths["checkpoint"].exists():
         params = jax.device_get(init_params(config, jax.random.key(0)))
         rng = np.random.default_rng(0)  # a non-zero Q head, so halting logic sees real values
-        params["dense"]["q_head"]["kernel"] = rng.normal(0, 0.02, params["dense"]["q_head"]["kernel"].shape).astype(np.float32)
+        q_kernel = params["dense"]["q_head"]["kernel"]
+        params["dense"]["q_head"]["kernel"] = rng.normal(0, 0.02, q_kernel.shape).astype(np.float32)
         save_params(paths["checkpoint"], params, config)
         save_state_dict(to_torch_state_dict(params, config), paths["safetensors"])
     if not paths["onnx"].exists():
@@ -88,7 +89,10 @@ def _load(backend: str, paths: dict[str, str], threads: int):
         config = read_metadata(paths["onnx"])[0]
         model = HRMTorch(config, "float32")
         model.load_state_dict(load_file(paths["safetensors"]), strict=True)
-        return (lambda x, ids: model.solve(torch.from_numpy(x), torch.from_numpy(ids)).logits.argmax(-1).numpy()), config
+        def solve(x, ids):
+            return model.solve(torch.from_numpy(x), torch.from_numpy(ids)).logits.argmax(-1).numpy()
+
+        return solve, config
     from export.solvers import JaxSolver  # noqa: PLC0415
 
     solver = JaxSolver(paths["checkpoint"])

@@ -103,7 +103,7 @@ def _sweep_blocks(kernel: str, seq: int) -> list:
 
 
 def _random_sets(shapes, count: int, seed: int) -> list[tuple[jax.Array, ...]]:
-    """`count` input tuples on the device, unit normals (never zeros: METHOD.md)."""
+    """`count` input tuples on the device, unit normals (never zeros: XLA may skip work on them)."""
     rng = np.random.default_rng(seed)
     return [tuple(jax.device_put(jnp.asarray(rng.standard_normal(s, np.float32), DTYPE)) for s in shapes)
             for _ in range(count)]

@@ -11,7 +11,7 @@ fastest config the default and times the Sudoku-Extreme train step (batch 768) a
 benchmarks/results/<gpu>-<date>.json (or --out) under "mosaic_kernels".
 
 The fused projection + residual add + RMSNorm kernel this script also timed was dropped (commit
-7740b86 has it; BUILD_NOTES, session 6).
+7740b86 has it; BUILD_NOTES.md, GPU speed).
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def sweep(rows: int, iters: int) -> list[dict]:
 def whole_step_and_rollout(iters: int) -> list[dict]:
     from benchmarks.rollout import _randomise_heads, bench_jax  # noqa: PLC0415
     from benchmarks.train_step import bench_train_step  # noqa: PLC0415
-    from hrm_jax.config import MODEL_PRESETS  # noqa: PLC0415
     from hrm_jax.model import init_params  # noqa: PLC0415
+    from hrm_jax.presets import MODEL_PRESETS  # noqa: PLC0415
 
     rows = []
     for mlp in MLP_IMPLS:

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.train_step import TOTAL_STEPS, random_batches
-from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, TRAIN_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS
+from hrm_jax.presets import MODEL_PRESETS, TRAIN_PRESETS
 from hrm_jax.train import init_train_state, train_step
 
 

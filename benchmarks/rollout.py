@@ -20,15 +20,17 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks.train_step import random_batches
-from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, MODEL_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS
 from hrm_jax.evaluate import rollout
 from hrm_jax.model import init_params
+from hrm_jax.presets import MODEL_PRESETS
 
 
 def _randomise_heads(params, seed=0):
     """Non-zero Q head and puzzle embeddings, so no backend can shortcut a zero path."""
     rng = np.random.default_rng(seed)
-    params["dense"]["q_head"]["kernel"] = np.asarray(rng.normal(0, 0.02, params["dense"]["q_head"]["kernel"].shape), np.float32)
+    q_kernel = params["dense"]["q_head"]["kernel"]
+    params["dense"]["q_head"]["kernel"] = np.asarray(rng.normal(0, 0.02, q_kernel.shape), np.float32)
     if "puzzle_emb" in params:
         params["puzzle_emb"] = np.asarray(rng.normal(0, 0.02, params["puzzle_emb"].shape), np.float32)
     return jax.device_put(params)

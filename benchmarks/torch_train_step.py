@@ -81,8 +81,8 @@ def segment(inner: HRMInner, z_H, z_L, inputs, puzzle_identifiers, puzzle_rows):
     x = inner.embed(inputs, puzzle_identifiers, puzzle_rows)
     with torch.no_grad():
         for h in range(cfg.H_cycles):
-            for l in range(cfg.L_cycles):
-                if h < cfg.H_cycles - 1 or l < cfg.L_cycles - 1:
+            for low in range(cfg.L_cycles):
+                if h < cfg.H_cycles - 1 or low < cfg.L_cycles - 1:
                     z_L = inner.L_level(z_L, z_H + x, cos_sin)
             if h < cfg.H_cycles - 1:
                 z_H = inner.H_level(z_H, z_L, cos_sin)
@@ -144,7 +144,8 @@ class TorchTrainer:
         device = self.params[0].device
         self.step_count = 0
         self.lrs = torch.from_numpy(_schedule_values(train_config.lr, train_config, total_steps)).to(device)
-        self.emb_lrs = torch.from_numpy(_schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)).to(device)
+        emb_lrs = _schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
+        self.emb_lrs = torch.from_numpy(emb_lrs).to(device)
         # 1-based update counts on the device: a fresh host tensor per step would be a blocking copy.
         self.update_counts = torch.arange(1, total_steps + 2, dtype=torch.float32, device=device)
         self.carry: TorchCarry | None = None

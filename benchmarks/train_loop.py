@@ -25,9 +25,10 @@ import jax
 
 from benchmarks import common
 from benchmarks.train_step import TOTAL_STEPS, random_batches
-from hrm_jax.config import ATTENTION_IMPLS, MODEL_PRESETS, TRAIN_PRESETS
+from hrm_jax.config import ATTENTION_IMPLS, LoopConfig, RunConfig
 from hrm_jax.data.format import load_split
 from hrm_jax.data.sampler import TrainSampler
+from hrm_jax.presets import MODEL_PRESETS, TRAIN_PRESETS, sized_for_data
 from hrm_jax.train import init_train_state, train, train_step
 
 WINDOW = 100
@@ -51,11 +52,9 @@ def _windows(name: str, step_once, steps: int, sync) -> list[float]:
 
 
 def run(args) -> dict:
-    model_config = MODEL_PRESETS[args.preset](attention_impl=args.attention_impl)
-    from experiments.common import model_config_for_data  # noqa: PLC0415
-
-    model_config = model_config_for_data(model_config, args.data)
-    train_config = TRAIN_PRESETS[args.preset]
+    run_config = sized_for_data(RunConfig(model=MODEL_PRESETS[args.preset](attention_impl=args.attention_impl),
+                                          optim=TRAIN_PRESETS[args.preset]), args.data)
+    model_config, train_config = run_config.model, run_config.optim
     total_steps = TOTAL_STEPS
     split = load_split(args.data, "train")
     kwargs = dict(model_config=model_config, train_config=train_config, total_steps=total_steps)
@@ -100,9 +99,9 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory() as out_dir:
         start = time.perf_counter()
         profiler.enable()
-        summary = train(model_config, train_config, args.data, out_dir, total_steps=total_steps,
-                        max_steps=args.steps + 1, eval_split=None, checkpoint_every=None, log_every=WINDOW,
-                        progress=False)
+        loop = LoopConfig(out_dir=out_dir, total_steps=total_steps, max_steps=args.steps + 1, eval_split=None,
+                          log_every=WINDOW, progress=False)
+        summary = train(run_config.replace(loop=loop), args.data)
         profiler.disable()
         elapsed = time.perf_counter() - start
     results["train"] = [args.steps / elapsed]  # includes its one compile and the final checkpoint

@@ -24,13 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, MODEL_PRESETS, NORM_IMPLS, TRAIN_PRESETS
 from hrm_jax import parallel
+from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, NORM_IMPLS
+from hrm_jax.presets import MODEL_PRESETS, TRAIN_PRESETS
 from hrm_jax.train import init_train_state, put_state, step_function
 
 
 def random_batches(config, batch_size: int, count: int, seed: int = 0) -> list[dict[str, jax.Array]]:
-    """Sudoku-like token batches on the device (never zeros: METHOD.md), rotated during timing."""
+    """Sudoku-like token batches on the device (never zeros: XLA may skip work on them), rotated during timing."""
     rng = np.random.default_rng(seed)
     batches = []
     for _ in range(count):
@@ -128,7 +129,8 @@ def _torch_modes(requested: list[str] | None) -> list[str]:
 
 
 def _print_rows(rows: list[dict]) -> None:
-    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'mlp':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} {'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
+    print(f"{'backend':>14} {'attn':>6} {'norm':>6} {'mlp':>6} {'batch':>6} {'ms/step':>8} {'steps/s':>8} "
+          f"{'ex/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:
         print(f"{r['backend']:>14} {r.get('attention_impl', '-'):>6} {r.get('norm_impl', '-'):>6} "
               f"{r.get('mlp_impl', '-'):>6} {r['batch']:>6} "
@@ -136,7 +138,8 @@ def _print_rows(rows: list[dict]) -> None:
               f"{r['tflops']:8.1f} {r.get('mfu', float('nan')):6.1%} {r['peak_memory_gib'] or float('nan'):8.2f}")
     for torch_row in (r for r in rows if not r["backend"].startswith("jax")):
         for jax_row in (r for r in rows if r["backend"] == "jax" and r["batch"] == torch_row["batch"]):
-            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}, {jax_row['mlp_impl']}) / "
+            print(f"batch {jax_row['batch']}: jax ({jax_row['attention_impl']}, {jax_row['norm_impl']}, "
+                  f"{jax_row['mlp_impl']}) / "
                   f"{torch_row['backend']} = {jax_row['examples_per_s'] / torch_row['examples_per_s']:.2f}x")
 
 

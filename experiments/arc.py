@@ -16,36 +16,14 @@ import sys
 import time
 
 from experiments import common
-from hrm_jax.config import TRAIN_PRESETS, TrainConfig, arc, tiny
+from hrm_jax import cli
+from hrm_jax.presets import ARC_QUICKSTART_GRID
 
 TASK = "arc"
-PRESETS = ("arc1", "arc2", "quickstart")
 # The reference's output folders (dataset/build_arc_dataset.py).
 DEFAULT_DATA = {"arc1": pathlib.Path("data/arc-aug-1000"), "arc2": pathlib.Path("data/arc-2-aug-1000")}
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "arc-quickstart"
-# The quick start puts tasks whose grids fit 10x10 on a 10x10 canvas (100 tokens): at 900 tokens a
-# CPU step of even a tiny model takes many seconds (attention is quadratic in the length).
-QUICKSTART_GRID = 10
 SAMPLE_TASKS = 16  # per source in hrm_jax/data/samples/arc
-
-
-def quickstart_model():
-    """CPU-sized; unlike Sudoku/maze, ARC needs the puzzle embedding (it names the task and augmentation)."""
-    return tiny(seq_len=QUICKSTART_GRID ** 2, vocab_size=12, hidden_size=128, num_heads=4, H_layers=1, L_layers=1,
-                H_cycles=2, L_cycles=2, halt_max_steps=4, puzzle_emb_ndim=128, forward_dtype="float32")
-
-
-def quickstart_train() -> TrainConfig:
-    return TrainConfig(global_batch_size=32, epochs=100000, eval_interval=None, lr=1e-3, lr_warmup_steps=20,
-                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1)
-
-
-def model_for(preset: str):
-    return quickstart_model() if preset == "quickstart" else arc()
-
-
-def train_for(preset: str) -> TrainConfig:
-    return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS["arc"]
 
 
 # Commands ---------------------------------------------------------------------------------------
@@ -54,7 +32,7 @@ def _sources(args: argparse.Namespace):
 
     if args.dataset == "arc2":
         if args.eval is None:
-            raise common.CLIError("--dataset arc2 needs --eval PATH: the ARC-AGI-2 evaluation tasks are not bundled "
+            raise cli.CLIError("--dataset arc2 needs --eval PATH: the ARC-AGI-2 evaluation tasks are not bundled "
                                   "(a JSON file of tasks or a folder such as ARC-AGI-2/data/evaluation)")
         return arc2_sources(args.eval, args.source_dir)
     sources = arc1_sources(args.source_dir)
@@ -76,13 +54,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _data_for(args: argparse.Namespace) -> pathlib.Path:
     data = args.data or DEFAULT_DATA.get(args.preset)
     if data is None:
-        raise common.CLIError(f"--preset {args.preset} needs --data DIR (a dataset built with `build`)")
+        raise cli.CLIError(f"--preset {args.preset} needs --data DIR (a dataset built with `build`)")
     return data
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     data = _data_for(args)
-    summary = common.train_from_args(args, model_for(args.preset), train_for(args.preset), data, TASK)
+    summary = common.train_from_args(args, TASK, data)
     _print_summary(summary)
     print(f"\nscore by voting: python -m experiments.arc eval --checkpoint {summary['paths']['best']} --data {data}")
     return 0
@@ -100,28 +78,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Build a few small tasks, train the quick-start model on the CPU, score by voting."""
     from hrm_jax.data.arc_build import arc1_sources, build_arc_dataset, sample_data_dir  # noqa: PLC0415
-    from hrm_jax.train import train  # noqa: PLC0415
 
     data = args.data or QUICKSTART_DATA
     if args.tasks > SAMPLE_TASKS:
-        raise common.CLIError(f"--tasks {args.tasks}: the bundled sample holds {SAMPLE_TASKS} tasks per source; "
-                              "for more, build a dataset from the full collections (`build`) and train on it")
+        raise cli.CLIError(f"--tasks {args.tasks}: the bundled sample holds {SAMPLE_TASKS} tasks per source; "
+                           "for more, build a dataset from the full collections (`build`) and train on it")
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         print(f"building a quick-start dataset ({args.tasks} smallest tasks per source, {args.num_aug} "
-              f"augmentations each, {QUICKSTART_GRID}x{QUICKSTART_GRID} canvas) into {data} ...")
-        build_arc_dataset(data, arc1_sources(sample_data_dir()), num_aug=args.num_aug, seed=args.seed,
-                          max_tasks=args.tasks, grid_size=QUICKSTART_GRID)
-    model_config = common.model_config_for_data(quickstart_model(), data)
-    train_config = quickstart_train().replace(seed=args.seed)
-    out = common.new_run_dir(f"{TASK}-quickstart", args.out)
-    print(f"training {common.format_config(model_config)}\n  for {args.steps} steps at batch "
-          f"{train_config.global_batch_size} -> {out}")
+              f"augmentations each, {ARC_QUICKSTART_GRID}x{ARC_QUICKSTART_GRID} canvas) into {data} ...")
+        build_arc_dataset(data, arc1_sources(sample_data_dir()), num_aug=args.num_aug, seed=args.quickstart_seed,
+                          max_tasks=args.tasks, grid_size=ARC_QUICKSTART_GRID)
     start = time.perf_counter()
-    summary = train(model_config, train_config, data, out, total_steps=args.steps, eval_every=args.steps,
-                    checkpoint_every=args.steps, log_every=10, progress=not args.no_progress)
+    summary = common.quickstart(args, TASK, data, evaluations=1)
     print(f"trained in {time.perf_counter() - start:.0f} s")
     _print_summary(summary)
-    _score(summary["state"].params, model_config, data, "test", train_config.global_batch_size, True)
+    run = summary["config"]
+    _score(summary["state"].params, run.model, data, "test", run.optim.global_batch_size, True)
     return 0
 
 
@@ -168,57 +140,45 @@ def _print_summary(summary: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.arc", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
-    parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300)")
-    parser.add_argument("--tasks", type=common.positive_int, default=4, help="quick start: smallest tasks per source, at most 16 (the bundled sample; default 4)")
-    parser.add_argument("--num-aug", type=common.non_negative_int, default=16, help="quick start: augmentations per task (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="{build,train,eval}")
+    parser, sub = common.task_parser(TASK, __doc__)
+    parser.add_argument("--tasks", type=cli.positive_int, default=4,
+                        help="quick start: smallest tasks per source (default 4)")
+    parser.add_argument("--num-aug", type=cli.non_negative_int, default=16,
+                        help="quick start: augmentations per task (default 16)")
 
     build = sub.add_parser("build", help="build an augmented dataset (the reference's protocol)")
     build.add_argument("--out", type=pathlib.Path, required=True)
     build.add_argument("--dataset", choices=("arc1", "arc2"), default="arc1",
                        help="arc1: ARC-AGI-1 training + ConceptARC, test = ARC-AGI-1 evaluation; arc2: ARC-AGI-2")
     build.add_argument("--eval", type=pathlib.Path, default=None,
-                       help="evaluation tasks (JSON file or folder): required for arc2, replaces ARC-AGI-1 evaluation for arc1")
+                       help="evaluation tasks (JSON file or folder): required for arc2, replaces ARC-AGI-1 "
+                            "evaluation for arc1")
     build.add_argument("--source-dir", type=pathlib.Path, default=None,
                        help="folder of the packed task files (default $HRM_ARC_DATA or ../shared/data/arc)")
-    build.add_argument("--num-aug", type=common.non_negative_int, default=1000, help="augmented versions per task (paper: 1000)")
+    build.add_argument("--num-aug", type=cli.non_negative_int, default=1000,
+                       help="augmented versions per task (paper: 1000)")
     build.add_argument("--seed", type=int, default=42, help="the reference's default seed")
-    build.add_argument("--max-tasks", type=common.positive_int, default=None, help="keep only this many smallest tasks per source")
-    build.add_argument("--grid-size", type=common.positive_int, default=30,
-                       help="canvas side (30 = the paper's 900 tokens; smaller keeps only tasks that fit, for CPU trials)")
+    build.add_argument("--max-tasks", type=cli.positive_int, default=None,
+                       help="keep only this many smallest tasks per source")
+    build.add_argument("--grid-size", type=cli.positive_int, default=30,
+                       help="canvas side (30 = the paper's 900 tokens; smaller keeps only tasks that fit, "
+                            "for CPU trials)")
 
-    train = sub.add_parser("train", help="train on a built dataset")
-    train.add_argument("--data", type=pathlib.Path, default=None, help="default data/arc-aug-1000 (arc1), data/arc-2-aug-1000 (arc2)")
-    train.add_argument("--preset", choices=PRESETS, default="arc1",
-                       help="arc1/arc2: the paper's hrm_v1 model and ARC training settings; quickstart: CPU-sized")
-    common.add_kernel_flags(train)
-    common.add_train_flags(train)
-
-    evaluate = sub.add_parser("eval", help="score a checkpoint by voting over augmentations (pass@k)")
-    evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
-    evaluate.add_argument("--data", type=pathlib.Path, required=True)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", type=common.positive_int, default=256)
+    common.add_train_command(sub, TASK, default_preset="arc1",
+                             data_help="default data/arc-aug-1000 (arc1), data/arc-2-aug-1000 (arc2)",
+                             preset_help="arc1/arc2: the paper's hrm_v1 model and ARC training settings; "
+                                         "quickstart: CPU-sized")
+    evaluate = common.add_eval_command(sub, "score a checkpoint by voting over augmentations (pass@k)")
     evaluate.add_argument("--keep-empty", action="store_true",
                           help="let predictions without a grid vote (as the reference notebook; they are never right)")
-    evaluate.add_argument("--json", default=None, help="write the scores (with per-task results) to this JSON file")
     evaluate.add_argument("--attempts", default=None, help="write the top-2 answers per test input (ARC Prize form)")
     return parser
 
 
-@common.cli_main
+@cli.cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
     commands = {"build": cmd_build, "train": cmd_train, "eval": cmd_eval, None: cmd_quickstart}
-    return commands[args.command](args)
+    return common.run_main(build_parser(), commands, argv)
 
 
 if __name__ == "__main__":

@@ -1,176 +1,153 @@
-"""Pieces every task CLI shares: train-config flags, model configs sized from the data, run
-folders, result tables, and turning known errors into one clear line (exit code 2)."""
+"""What the task CLIs share: the parser skeleton (quick start, train, eval), the train command
+(a preset sized to the data, overridden by flags), run folders and result tables.
+
+Each task file (sudoku.py, maze.py, arc.py) adds its own commands (build, solve, ...) and flags.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
-import functools
-import logging
 import os
 import pathlib
-import re
 import shlex
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import jax
-
-from hrm_jax.config import ATTENTION_IMPLS, MLP_IMPLS, NORM_IMPLS, HRMConfig, TrainConfig
-from hrm_jax.data.format import load_metadata
+from hrm_jax import cli
+from hrm_jax import train as training
+from hrm_jax.config import IMPLEMENTATION_FIELDS, LoopConfig, OptimConfig, RunConfig
+from hrm_jax.presets import preset, presets_for, sized_for_data
 
 RUNS_DIR = pathlib.Path(os.environ.get("HRM_RUNS_DIR", "runs"))
-
-# TrainConfig fields settable from the command line (flag --global-batch-size -> global_batch_size).
-_TRAIN_FLAGS = {"global_batch_size": int, "epochs": int, "eval_interval": int, "lr": float,
-                "lr_min_ratio": float, "lr_warmup_steps": int, "weight_decay": float, "beta1": float,
-                "beta2": float, "puzzle_emb_lr": float, "puzzle_emb_weight_decay": float, "seed": int}
+QUICKSTART = "quickstart"  # each task's `--preset quickstart` is the registry's <task>_quickstart
+CLIError = cli.CLIError  # the task files raise it for bad arguments
 
 
-class CLIError(ValueError):
-    """A bad command-line argument: printed as one line, exit code 2."""
+# The parser ----------------------------------------------------------------------------------
+def task_parser(task: str, doc: str) -> tuple[argparse.ArgumentParser, Any]:
+    """The top-level parser of `python -m experiments.<task>` (its description and examples from
+    the module docstring) with the quick-start flags every task has, and its subcommand set."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{task}", description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=doc.split("\n\n", 1)[1])
+    parser.add_argument("--data", type=pathlib.Path, default=None,
+                        help="quick start: dataset folder (built if missing)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
+    parser.add_argument("--steps", type=cli.positive_int, default=300,
+                        help="quick start: optimizer steps (default 300, a few minutes on 2 CPU cores)")
+    # Its own dest: `train --seed` (OptimConfig.seed) must not see the quick start's default.
+    parser.add_argument("--seed", dest="quickstart_seed", type=int, default=0, help="quick start: seed")
+    parser.add_argument("--no-progress", action="store_true", help="quick start: no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
+    return parser, parser.add_subparsers(dest="command")
 
 
-def cli_main(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wraps a CLI's main so that expected errors (bad input, data, checkpoints, a batch too large
-    for the device) print one line.
-
-    Every error class the package raises for bad input derives from ValueError or OSError; a
-    traceback is kept only for real bugs (anything else).
-    """
-
-    @functools.wraps(main)
-    def wrapper(argv: list[str] | None = None) -> int:
-        try:
-            return main(argv)
-        except (ValueError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        except jax.errors.JaxRuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
-            print(f"error: {out_of_memory_message(error)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
-            return 130
-
-    return wrapper
+def add_train_command(sub, task: str, *, default_preset: str, data_help: str | None = None,
+                      preset_help: str | None = None) -> argparse.ArgumentParser:
+    """`train`: --data, --preset (the task's presets), the kernel, optimizer and loop flags."""
+    train = sub.add_parser("train", help="train on a built dataset")
+    if data_help is None:
+        train.add_argument("--data", type=pathlib.Path, required=True)
+    else:
+        train.add_argument("--data", type=pathlib.Path, default=None, help=data_help)
+    names = [_short(name, task) for name in presets_for(task)]
+    train.add_argument("--preset", choices=names, default=default_preset, help=preset_help)
+    cli.add_config_flags(train.add_argument_group("kernels (how, not what, the model computes)"),
+                         type(preset(_full(default_preset, task)).model), only=IMPLEMENTATION_FIELDS)
+    cli.add_config_flags(train.add_argument_group("training hyperparameters (override the preset)"), OptimConfig)
+    cli.add_config_flags(train.add_argument_group("run"), LoopConfig)
+    return train
 
 
-def is_out_of_memory(error: Exception) -> bool:
-    """XLA's allocation failure (the same status on CPU and GPU)."""
-    return "RESOURCE_EXHAUSTED" in str(error)
+def add_eval_command(sub, help_text: str) -> argparse.ArgumentParser:
+    """`eval`: --checkpoint, --data, --split, --batch-size, --json (tasks add their own flags)."""
+    evaluate = sub.add_parser("eval", help=help_text)
+    evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
+    evaluate.add_argument("--data", type=pathlib.Path, required=True)
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--batch-size", type=cli.positive_int, default=256)
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return evaluate
 
 
-def out_of_memory_message(error: Exception) -> str:
-    """What ran out, how much was asked for, and the flags that make a run fit."""
-    device = jax.devices()[0]
-    asked = re.search(r"allocat(?:e|ing) (\d+) bytes", str(error))  # XLA:CPU "allocating N", XLA:GPU "allocate N"
-    amount = f" (an allocation of {int(asked.group(1)) / 2**30:.1f} GiB failed)" if asked else ""
-    return (f"out of memory on {device.platform} device {device.device_kind!r}{amount}. Use smaller batches "
-            "(train: --global-batch-size, --eval-batch-size or a smaller --preset; eval: --batch-size), split "
-            "them over more GPUs (--devices N), or a device with more memory. Files already written are kept: "
-            "train --resume continues from the last checkpoint")
+def run_main(parser: argparse.ArgumentParser, commands: dict[str | None, Callable[[argparse.Namespace], int]],
+             argv: list[str] | None) -> int:
+    """Parses, sets up logging and runs the chosen command (None: the quick start)."""
+    args = parser.parse_args(argv)
+    cli.setup_logging(args.verbose)
+    return commands[args.command](args)
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # orbax and absl are chatty at INFO.
-    for name in ("absl", "orbax", "jax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def _short(name: str, task: str) -> str:
+    return QUICKSTART if name == f"{task}_{QUICKSTART}" else name
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags overriding the preset's TrainConfig, and how the run is driven."""
-    group = parser.add_argument_group("training hyperparameters (override the preset)")
-    for name, kind in _TRAIN_FLAGS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=kind, default=None, metavar=kind.__name__.upper())
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", type=pathlib.Path, default=None, help="run folder (default runs/<task>-<time>)")
-    start = run.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true",
-                       help="continue the run in --out from its last intact checkpoint (refused if it has none)")
-    start.add_argument("--restart", action="store_true",
-                       help="move a previous run in --out aside to <out>.old-<time> and start anew")
-    run.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    run.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: eval_interval epochs)")
-    run.add_argument("--eval-batch-size", type=int, default=None)
-    run.add_argument("--checkpoint-every", type=int, default=None,
-                     help="steps between periodic checkpoints (besides one at every evaluation)")
-    run.add_argument("--checkpoint-minutes", type=float, default=10.0,
-                     help="save a checkpoint at least this often in wall time (default 10; 0: off)")
-    run.add_argument("--early-stop-exact", type=float, default=None,
-                     help="stop when training exact accuracy reaches this (the reference warns of late instability)")
-    run.add_argument("--log-every", type=int, default=10)
-    run.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs (needs tensorboardX)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--devices", type=device_count, default=1, metavar="N|all",
-                     help="split each batch over N local GPUs (data parallel; 'all': every one). The global and "
-                          "evaluation batch sizes must divide by N; the results match one device (default 1)")
+def _full(name: str, task: str) -> str:
+    return f"{task}_{QUICKSTART}" if name == QUICKSTART else name
 
 
-def add_kernel_flags(parser: argparse.ArgumentParser) -> None:
-    """--attention-impl / --norm-impl / --mlp-impl: how (not what) the model computes; numbers in BUILD_NOTES."""
-    parser.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default=None,
-                        help="attention kernel (default xla); cudnn and pallas (NVIDIA GPUs, bf16) make the "
-                             "Sudoku step 1.3x faster on an H100")
-    parser.add_argument("--norm-impl", choices=NORM_IMPLS, default=None,
-                        help="residual add + RMSNorm (default xla); pallas: a fused Triton kernel")
-    parser.add_argument("--mlp-impl", choices=MLP_IMPLS, default=None,
-                        help="silu(x W_gate) * (x W_up) (default xla); pallas: one Mosaic GPU matmul with the "
-                             "activation in its epilogue (Hopper GPUs, bf16)")
+# Running ----------------------------------------------------------------------------------------
+def run_config_from_args(args: argparse.Namespace, task: str, data_dir: str | os.PathLike) -> RunConfig:
+    """The preset of --preset sized to the data, with every given flag applied and a run folder."""
+    run = sized_for_data(preset(_full(args.preset, task)), data_dir)
+    loop = cli.config_from_flags(run.loop, args)
+    return run.replace(model=cli.config_from_flags(run.model, args, only=IMPLEMENTATION_FIELDS),
+                       optim=cli.config_from_flags(run.optim, args),
+                       loop=loop.replace(out_dir=str(new_run_dir(task, loop.out_dir))))
 
 
-def train_config_from_args(base: TrainConfig, args: argparse.Namespace) -> TrainConfig:
-    changes = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name, None) is not None}
-    return base.replace(**changes)
+def train_from_args(args: argparse.Namespace, task: str, data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The `train` command of every task CLI."""
+    run = run_config_from_args(args, task, data_dir)
+    print(f"run folder: {run.loop.out_dir}\nmodel: {format_config(run.model)}\ntrain: {format_config(run.optim)}")
+    return train_or_exit(run, data_dir)
 
 
-def model_config_for_data(base: HRMConfig, data_dir: str | os.PathLike, split: str = "train") -> HRMConfig:
-    """The preset's architecture with the task sizes (seq_len, vocab, identifiers) of the dataset."""
-    meta = load_metadata(data_dir, split)
-    return base.replace(seq_len=meta.seq_len, vocab_size=meta.vocab_size,
-                        num_puzzle_identifiers=meta.num_puzzle_identifiers)
+def quickstart(args: argparse.Namespace, task: str, data_dir: str | os.PathLike, *, evaluations: int) -> dict:
+    """The quick start's training: `<task>_quickstart` for --steps steps, `evaluations` evaluations
+    and checkpoints spread over them."""
+    run = sized_for_data(preset(f"{task}_{QUICKSTART}"), data_dir)
+    every = max(1, args.steps // evaluations)
+    run = run.replace(optim=run.optim.replace(seed=args.quickstart_seed), loop=LoopConfig(
+        out_dir=str(new_run_dir(f"{task}-{QUICKSTART}", args.out)), total_steps=args.steps, eval_every=every,
+        checkpoint_every=every, log_every=10, progress=not args.no_progress))
+    print(f"training {format_config(run.model)}\n  for {args.steps} steps at batch "
+          f"{run.optim.global_batch_size} -> {run.loop.out_dir}")
+    return train_or_exit(run, data_dir)
 
 
-def new_run_dir(task: str, out: pathlib.Path | None) -> pathlib.Path:
-    if out is not None:
-        return out
-    return RUNS_DIR / f"{task}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def run_training(model_config: HRMConfig, train_config: TrainConfig, data_dir: str | os.PathLike,
-                 out_dir: pathlib.Path, args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
-    """hrm_jax.train.train with the run flags of add_train_flags (keyword overrides win)."""
-    from hrm_jax.train import train  # noqa: PLC0415  (keeps --help fast)
-
-    options = dict(max_steps=args.max_steps, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-                   checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
-                   resume=args.resume, restart=args.restart,
-                   early_stop_exact=args.early_stop_exact, log_every=args.log_every,
-                   progress=not args.no_progress, tensorboard=args.tensorboard, num_devices=args.devices)
-    options.update(overrides)
-    summary = train(model_config, train_config, data_dir, out_dir, **options)
+def train_or_exit(run: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
+    """hrm_jax.train.train; a run stopped by SIGTERM/SIGINT (its checkpoint saved) prints how to
+    resume it and exits 0, so schedulers see a clean stop."""
+    summary = training.train(run, data_dir)
     if summary["stopped_by"] is not None:
         print(f"stopped by {summary['stopped_by']} at step {summary['step']}, checkpoint saved; continue with: "
-              f"{resume_command(out_dir)}")
+              f"{resume_command(run.loop.out_dir)}")
         sys.exit(0)
     return summary
 
 
 def resume_command(out_dir: str | os.PathLike) -> str:
     """This process's command line with --out pointing at out_dir and --resume (not --restart)."""
-    argv = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--restart")]
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--restart") and not arg.startswith("--out=")]
     if "--out" in argv:
         index = argv.index("--out")
         del argv[index:index + 2]
-    argv = [arg for arg in argv if not arg.startswith("--out=")]
-    module = sys.modules["__main__"].__spec__.name if getattr(sys.modules["__main__"], "__spec__", None) else sys.argv[0]
-    return shlex.join(["python", "-m", module, *argv, "--out", os.fspath(out_dir), "--resume"])
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    module = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return shlex.join(["python", *module, *argv, "--out", os.fspath(out_dir), "--resume"])
 
 
+def new_run_dir(task: str, out: str | os.PathLike | None) -> pathlib.Path:
+    if out is not None:
+        return pathlib.Path(out)
+    return RUNS_DIR / f"{task}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+# Output ----------------------------------------------------------------------------------------
 def format_config(config: Any) -> str:
     return ", ".join(f"{f.name}={getattr(config, f.name)}" for f in dataclasses.fields(config))
 
@@ -178,7 +155,8 @@ def format_config(config: Any) -> str:
 def print_eval_table(results: dict[str, dict[str, float]], title: str = "evaluation") -> None:
     """Exact and token accuracy (last segment and Q-halted) beside the copy-the-input baseline."""
     print(f"\n{title}")
-    header = f"{'split':<22} {'count':>7} {'exact':>8} {'exact(Q)':>9} {'token':>8} {'steps(Q)':>9} {'copy exact':>11} {'copy token':>11}"
+    header = (f"{'split':<22} {'count':>7} {'exact':>8} {'exact(Q)':>9} {'token':>8} {'steps(Q)':>9} "
+              f"{'copy exact':>11} {'copy token':>11}")
     print(header)
     print("-" * len(header))
     for name, m in results.items():
@@ -186,41 +164,6 @@ def print_eval_table(results: dict[str, dict[str, float]], title: str = "evaluat
               f"{m.get('early_exact_accuracy', float('nan')):>9.2%} {m['accuracy']:>8.2%} "
               f"{m.get('early_steps', float('nan')):>9.2f} {m.get('copy_exact_accuracy', float('nan')):>11.2%} "
               f"{m.get('copy_accuracy', float('nan')):>11.2%}")
-
-
-def _int_at_least(text: str, minimum: int) -> int:
-    value = int(text)
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
-
-
-def device_count(text: str) -> int | None:
-    """argparse type: a positive integer, or 'all' (None: every local device)."""
-    return None if text == "all" else _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
-
-
-def train_from_args(args: argparse.Namespace, model_base: HRMConfig, train_base: TrainConfig,
-                    data_dir: str | os.PathLike, task: str) -> dict[str, Any]:
-    """The `train` command of every task CLI: size the preset to the data, apply the flags, run."""
-    model_config = model_config_for_data(model_base, data_dir)
-    for field in ("attention_impl", "norm_impl", "mlp_impl"):
-        if getattr(args, field, None):
-            model_config = model_config.replace(**{field: getattr(args, field)})
-    train_config = train_config_from_args(train_base, args)
-    out = new_run_dir(task, args.out)
-    print(f"run folder: {out}\nmodel: {format_config(model_config)}\ntrain: {format_config(train_config)}")
-    return run_training(model_config, train_config, data_dir, out, args)
 
 
 def print_run_summary(summary: dict[str, Any], best_note: str = "") -> None:
@@ -238,17 +181,3 @@ def print_run_summary(summary: dict[str, Any], best_note: str = "") -> None:
     paths = summary["paths"]
     print(f"checkpoints: {paths['checkpoints']}\nbest checkpoint: {paths['best']}\n"
           f"metrics: {paths['metrics']}\nplot: {paths['plot']}")
-
-
-def cpu_quickstart_model() -> HRMConfig:
-    """The Sudoku and Maze quick-start architecture: small enough for 2 CPU cores, large enough to
-    beat the baselines within minutes (128 wide, 2+2 layers, 2x2 cycles, 4 ACT steps)."""
-    from hrm_jax.config import tiny  # noqa: PLC0415
-
-    return tiny(hidden_size=128, num_heads=4, H_layers=2, L_layers=2, H_cycles=2, L_cycles=2,
-                halt_max_steps=4, forward_dtype="float32")
-
-
-def cpu_quickstart_train() -> TrainConfig:
-    return TrainConfig(global_batch_size=64, epochs=100000, eval_interval=None, lr=1e-3, lr_warmup_steps=50,
-                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1)

@@ -14,27 +14,14 @@ import pathlib
 import sys
 import time
 
-
 from experiments import common
-from hrm_jax.config import TRAIN_PRESETS, TrainConfig, maze_hard
+from hrm_jax import cli
 
 TASK = "maze"
-PRESETS = ("maze_hard", "quickstart")
 # Quick-start mazes: 8x8 (64 tokens, a 4x4 lattice) with paths over 10 steps, the same
 # generator as the paper-sized set at a size that a small model learns on 2 CPU cores.
 QUICKSTART_SIZE, QUICKSTART_MIN_PATH = 8, 10
-
-
-quickstart_model = common.cpu_quickstart_model
-quickstart_train = common.cpu_quickstart_train
-
-
-def model_for(preset: str):
-    return quickstart_model() if preset == "quickstart" else maze_hard()
-
-
-def train_for(preset: str) -> TrainConfig:
-    return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS[preset]
+NO_COPY_BASELINE = " (copy-the-input baseline: 0%: the input marks no path)"
 
 
 # Commands ---------------------------------------------------------------------------------------
@@ -50,19 +37,17 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    summary = common.train_from_args(args, model_for(args.preset), train_for(args.preset), args.data, TASK)
-    common.print_run_summary(summary, " (copy-the-input baseline: 0%: the input marks no path)")
+    common.print_run_summary(common.train_from_args(args, TASK, args.data), NO_COPY_BASELINE)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
     from hrm_jax.data.format import load_split  # noqa: PLC0415
-    from hrm_jax.evaluate import check_model_fits_data, difficulty_bands, evaluate  # noqa: PLC0415
+    from hrm_jax.evaluate import difficulty_bands, evaluate  # noqa: PLC0415
 
     params, config = load_params_for_eval(args.checkpoint)
     split = load_split(args.data, args.split)
-    check_model_fits_data(config, split)
     results, predictions = evaluate(params, config, split, args.batch_size, group_by=difficulty_bands(split),
                                     return_predictions=True)
     common.print_eval_table(results, f"{args.checkpoint} on {args.data}/{args.split} (groups: shortest-path length)")
@@ -75,27 +60,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Generate small mazes, train the quick-start model for a few minutes on the CPU, evaluate."""
-    from hrm_jax.data.format import load_metadata  # noqa: PLC0415
     from hrm_jax.data.maze import build_maze_dataset  # noqa: PLC0415
-    from hrm_jax.train import train  # noqa: PLC0415
 
     data = args.data or common.RUNS_DIR / "data" / f"maze-quickstart-{args.size}x{args.size}-{args.min_path}"
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         print(f"generating {args.size}x{args.size} mazes (shortest path > {args.min_path} steps) into {data} ...")
         build_maze_dataset(data, train_size=1000, test_size=200, min_path=args.min_path, aug=True,
-                           seed=args.seed, size=args.size)
-    meta = load_metadata(data, "train")
-    model_config = common.model_config_for_data(quickstart_model(), data)
-    train_config = quickstart_train().replace(seed=args.seed)
-    out = common.new_run_dir(f"{TASK}-quickstart", args.out)
-    print(f"training {common.format_config(model_config)}\n  for {args.steps} steps at batch "
-          f"{train_config.global_batch_size} on {meta.total_groups} training mazes -> {out}")
+                           seed=args.quickstart_seed, size=args.size)
     start = time.perf_counter()
-    summary = train(model_config, train_config, data, out, total_steps=args.steps,
-                    eval_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 4), log_every=10,
-                    progress=not args.no_progress)
+    summary = common.quickstart(args, TASK, data, evaluations=4)
     print(f"trained and evaluated in {time.perf_counter() - start:.0f} s")
-    common.print_run_summary(summary, " (copy-the-input baseline: 0%: the input marks no path)")
+    common.print_run_summary(summary, NO_COPY_BASELINE)
     print(f"\nlook at its answers: python -m experiments.maze eval --checkpoint {summary['paths']['best']} "
           f"--data {data} --show 2")
     return 0
@@ -128,52 +103,36 @@ def _show(predictions: dict, count: int) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.maze", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
-    parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300)")
-    parser.add_argument("--size", type=int, default=QUICKSTART_SIZE, help=f"quick start: grid side (default {QUICKSTART_SIZE})")
+    parser, sub = common.task_parser(TASK, __doc__)
+    parser.add_argument("--size", type=int, default=QUICKSTART_SIZE,
+                        help=f"quick start: grid side (default {QUICKSTART_SIZE})")
     parser.add_argument("--min-path", type=int, default=QUICKSTART_MIN_PATH,
                         help=f"quick start: shortest paths longer than this (default {QUICKSTART_MIN_PATH})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="{build,train,eval}")
 
     build = sub.add_parser("build", help="generate a maze dataset (default: the paper's Maze-Hard sizes)")
     build.add_argument("--out", type=pathlib.Path, required=True)
     build.add_argument("--size", type=int, default=30, help="grid side (paper: 30)")
-    build.add_argument("--min-path", type=int, default=110, help="keep mazes whose shortest path is longer (paper: 110)")
-    build.add_argument("--train-size", type=common.positive_int, default=1000, help="training mazes (paper: 1000)")
-    build.add_argument("--test-size", type=common.positive_int, default=1000, help="test mazes (paper: 1000)")
+    build.add_argument("--min-path", type=int, default=110,
+                       help="keep mazes whose shortest path is longer (paper: 110)")
+    build.add_argument("--train-size", type=cli.positive_int, default=1000, help="training mazes (paper: 1000)")
+    build.add_argument("--test-size", type=cli.positive_int, default=1000, help="test mazes (paper: 1000)")
     build.add_argument("--aug", action="store_true",
-                       help="add the 8 dihedral transforms of each training maze (the reference's --aug, off there too)")
+                       help="add the 8 dihedral transforms of each training maze (the reference's --aug, "
+                            "off there too)")
     build.add_argument("--loop-prob", type=float, default=0.05, help="chance to open each remaining inner wall (loops)")
     build.add_argument("--seed", type=int, default=0)
 
-    train = sub.add_parser("train", help="train on a built dataset")
-    train.add_argument("--data", type=pathlib.Path, required=True)
-    train.add_argument("--preset", choices=PRESETS, default="maze_hard")
-    common.add_kernel_flags(train)
-    common.add_train_flags(train)
-
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a split (with per-path-length results)")
-    evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
-    evaluate.add_argument("--data", type=pathlib.Path, required=True)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", type=common.positive_int, default=256)
-    evaluate.add_argument("--show", type=int, default=0, metavar="N", help="print the first N mazes with the model's answer")
-    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    common.add_train_command(sub, TASK, default_preset="maze_hard")
+    evaluate = common.add_eval_command(sub, "evaluate a checkpoint on a split (with per-path-length results)")
+    evaluate.add_argument("--show", type=int, default=0, metavar="N",
+                          help="print the first N mazes with the model's answer")
     return parser
 
 
-@common.cli_main
+@cli.cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
     commands = {"build": cmd_build, "train": cmd_train, "eval": cmd_eval, None: cmd_quickstart}
-    return commands[args.command](args)
+    return common.run_main(build_parser(), commands, argv)
 
 
 if __name__ == "__main__":

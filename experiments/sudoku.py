@@ -18,24 +18,10 @@ import time
 import numpy as np
 
 from experiments import common
-from hrm_jax.config import TRAIN_PRESETS, TrainConfig, sudoku_extreme
+from hrm_jax import cli
 
 TASK = "sudoku"
-# The paper's runs (reference README): 8 GPUs at global batch 768, or one GPU at 384 with lr 7e-5.
-PRESETS = ("sudoku_extreme", "sudoku_extreme_1gpu", "quickstart")
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
-
-
-quickstart_model = common.cpu_quickstart_model
-quickstart_train = common.cpu_quickstart_train
-
-
-def model_for(preset: str):
-    return quickstart_model() if preset == "quickstart" else sudoku_extreme()
-
-
-def train_for(preset: str) -> TrainConfig:
-    return quickstart_train() if preset == "quickstart" else TRAIN_PRESETS[preset]
 
 
 # Commands ---------------------------------------------------------------------------------------
@@ -51,20 +37,38 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_mixed(args: argparse.Namespace) -> int:
+    from hrm_jax.data import sudoku_mix  # noqa: PLC0415
+    from hrm_jax.data.sudoku import default_source_dir  # noqa: PLC0415
+
+    start = time.perf_counter()
+    if args.bases is not None:
+        bases = sudoku_mix.load_bases(args.bases)
+    else:
+        sizes = sudoku_mix.BaseSizes(train_hard=args.train_hard)
+        bases = sudoku_mix.select_bases(args.source or default_source_dir(), sizes, seed=args.seed,
+                                        workers=args.workers)
+        if args.bases_out is not None:
+            sudoku_mix.save_bases(args.bases_out, bases)
+    report = sudoku_mix.build_mixed_dataset(args.out, bases, variants=args.variants, seed=args.seed,
+                                            workers=args.workers)
+    print(json.dumps(report, indent=1))
+    print(f"built {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    summary = common.train_from_args(args, model_for(args.preset), train_for(args.preset), args.data, TASK)
-    common.print_run_summary(summary)
+    common.print_run_summary(common.train_from_args(args, TASK, args.data))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
     from hrm_jax.data.format import load_split  # noqa: PLC0415
-    from hrm_jax.evaluate import check_model_fits_data, difficulty_bands, evaluate  # noqa: PLC0415
+    from hrm_jax.evaluate import difficulty_bands, evaluate  # noqa: PLC0415
 
     params, config = load_params_for_eval(args.checkpoint)
     split = load_split(args.data, args.split)
-    check_model_fits_data(config, split)
     results = evaluate(params, config, split, args.batch_size, group_by=difficulty_bands(split))
     common.print_eval_table(results, f"{args.checkpoint} on {args.data}/{args.split}")
     if args.json:
@@ -80,7 +84,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or (_latest_quickstart_checkpoint() if needs_checkpoint else None)
     solver = _load_solver(args.backend, checkpoint, args.onnx, args.engine, args.early_halt)
     if (solver.config.seq_len, solver.config.vocab_size) != (81, 11):
-        raise common.CLIError(f"the model has seq_len {solver.config.seq_len} and vocab {solver.config.vocab_size}; "
+        raise cli.CLIError(f"the model has seq_len {solver.config.seq_len} and vocab {solver.config.vocab_size}; "
                               "a Sudoku model has 81 and 11: pass a checkpoint or export of a Sudoku run")
     inputs = (puzzle.astype(np.int32) + 1)[None]  # the reference's encoding: blank 1, digit d -> d + 1
     ids = np.zeros((1,), np.int32)
@@ -97,26 +101,17 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Build a small set, train the quickstart model for a few minutes on the CPU, evaluate."""
-    from hrm_jax.data.format import load_metadata  # noqa: PLC0415
     from hrm_jax.data.sudoku import build_quickstart_dataset, default_source_dir  # noqa: PLC0415
 
     data = args.data or QUICKSTART_DATA
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         source = default_source_dir()
         print(f"building a quick-start dataset from {source} into {data} ...")
-        build_quickstart_dataset(data, source_dir=source, seed=args.seed, max_blanks=args.max_blanks)
-    meta = load_metadata(data, "train")
-    model_config = common.model_config_for_data(quickstart_model(), data)
-    train_config = quickstart_train().replace(seed=args.seed)
-    out = common.new_run_dir(f"{TASK}-quickstart", args.out)
-    print(f"training {common.format_config(model_config)}\n  for {args.steps} steps at batch "
-          f"{train_config.global_batch_size} on {meta.total_groups} training puzzles -> {out}")
-    from hrm_jax.train import train  # noqa: PLC0415
-
-    summary = train(model_config, train_config, data, out, total_steps=args.steps, eval_every=args.steps // 4,
-                    checkpoint_every=args.steps // 4, log_every=10, progress=not args.no_progress)
+        build_quickstart_dataset(data, source_dir=source, seed=args.quickstart_seed, max_blanks=args.max_blanks)
+    summary = common.quickstart(args, TASK, data, evaluations=4)
     common.print_run_summary(summary)
-    print(f"\nsolve a puzzle with it: python -m experiments.sudoku solve --checkpoint {summary['paths']['best']} PUZZLE")
+    print("\nsolve a puzzle with it: python -m experiments.sudoku solve --checkpoint "
+          f"{summary['paths']['best']} PUZZLE")
     return 0
 
 
@@ -126,7 +121,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def _latest_quickstart_checkpoint() -> pathlib.Path:
     runs = sorted(common.RUNS_DIR.glob(f"{TASK}*/best"))
     if not runs:
-        raise common.CLIError("no checkpoint given and no run found under runs/: pass --checkpoint DIR "
+        raise cli.CLIError("no checkpoint given and no run found under runs/: pass --checkpoint DIR "
                               "or train one first with `python -m experiments.sudoku`")
     return runs[-1]
 
@@ -135,7 +130,8 @@ def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: b
     from export.solvers import load_solver  # noqa: PLC0415  (imports each runtime only when chosen)
 
     if backend == "onnx" and onnx_path is None:
-        print(f"exporting {checkpoint} to ONNX first (minutes for the paper's model; pass --onnx FILE to reuse an export "
+        print(f"exporting {checkpoint} to ONNX first (minutes for the paper's model; pass --onnx FILE to reuse "
+              "an export "
               "from `python -m export onnx`)")
     return load_solver(backend, checkpoint, onnx_path=onnx_path, engine_path=engine_path, early_halt=early_halt)
 
@@ -169,58 +165,56 @@ def _grid(cells: np.ndarray) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.sudoku", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("--data", type=pathlib.Path, default=None, help="quick start: dataset folder (built if missing)")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="quick start: run folder")
-    parser.add_argument("--steps", type=common.positive_int, default=300, help="quick start: optimizer steps (default 300, about 5 minutes on 2 cores)")
-    parser.add_argument("--max-blanks", type=int, default=None, help="quick start: reveal solution cells until at most this many blanks remain")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of the library (INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="{build,train,eval,solve}")
+    parser, sub = common.task_parser(TASK, __doc__)
+    parser.add_argument("--max-blanks", type=int, default=None,
+                        help="quick start: reveal solution cells until at most this many blanks remain")
 
     build = sub.add_parser("build", help="build a dataset from the puzzle collections")
     build.add_argument("--out", type=pathlib.Path, required=True)
-    build.add_argument("--source", type=pathlib.Path, default=None, help="puzzle collections (default $HRM_SUDOKU_DATA or ../shared/data/sudoku)")
-    build.add_argument("--train-size", type=common.positive_int, default=1000, help="training puzzles (paper: 1000)")
+    build.add_argument("--source", type=pathlib.Path, default=None,
+                       help="puzzle collections (default $HRM_SUDOKU_DATA or ../shared/data/sudoku)")
+    build.add_argument("--train-size", type=cli.positive_int, default=1000, help="training puzzles (paper: 1000)")
     build.add_argument("--num-aug", type=int, default=1000, help="augmentations per training puzzle (paper: 1000)")
-    build.add_argument("--test-size", type=int, default=None, help="test puzzles (default: every remaining hard puzzle)")
-    build.add_argument("--max-blanks", type=int, default=None, help="reveal solution cells until at most this many blanks remain (easier puzzles)")
+    build.add_argument("--test-size", type=int, default=None,
+                       help="test puzzles (default: every remaining hard puzzle)")
+    build.add_argument("--max-blanks", type=int, default=None,
+                       help="reveal solution cells until at most this many blanks remain (easier puzzles)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--workers", type=int, default=None, help="solver processes (default: all CPUs)")
 
-    train = sub.add_parser("train", help="train on a built dataset")
-    train.add_argument("--data", type=pathlib.Path, required=True)
-    train.add_argument("--preset", choices=PRESETS, default="sudoku_extreme")
-    common.add_kernel_flags(train)
-    common.add_train_flags(train)
+    mixed = sub.add_parser("build-mixed", help="build a mixed-difficulty set (17-clue, newspaper-style, hardest)")
+    mixed.add_argument("--out", type=pathlib.Path, required=True)
+    mixed.add_argument("--bases", type=pathlib.Path, default=None,
+                       help="base puzzles saved by --bases-out (skips solving)")
+    mixed.add_argument("--bases-out", type=pathlib.Path, default=None, help="also save the solved base puzzles here")
+    mixed.add_argument("--source", type=pathlib.Path, default=None, help="puzzle collections (default as build)")
+    mixed.add_argument("--train-hard", type=cli.positive_int, default=12000, help="forum-hardest training bases")
+    mixed.add_argument("--variants", type=cli.positive_int, default=32, help="examples per training base")
+    mixed.add_argument("--seed", type=int, default=0)
+    mixed.add_argument("--workers", type=int, default=None, help="solver processes (default: all CPUs)")
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint on a split (with per-difficulty results)")
-    evaluate.add_argument("--checkpoint", type=pathlib.Path, required=True)
-    evaluate.add_argument("--data", type=pathlib.Path, required=True)
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", type=common.positive_int, default=256)
-    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    common.add_train_command(sub, TASK, default_preset="sudoku_extreme")
+    common.add_eval_command(sub, "evaluate a checkpoint on a split (with per-difficulty results)")
 
     solve = sub.add_parser("solve", help="solve one puzzle (81 chars, '.' or '0' for blanks)")
     solve.add_argument("puzzle")
     solve.add_argument("--checkpoint", type=pathlib.Path, default=None, help="default: the newest runs/sudoku*/best")
     solve.add_argument("--backend", choices=("jax", "torch", "onnx", "tensorrt"), default="jax")
-    solve.add_argument("--onnx", type=pathlib.Path, default=None, help="ONNX file (backend onnx; exported on the fly if omitted)")
+    solve.add_argument("--onnx", type=pathlib.Path, default=None,
+                       help="ONNX file (backend onnx; exported on the fly if omitted)")
     solve.add_argument("--engine", type=pathlib.Path, default=None, help="TensorRT engine (backend tensorrt)")
-    solve.add_argument("--early-halt", action="store_true", help="stop when the Q head says halt (default: all segments, as the paper's evaluation)")
+    solve.add_argument("--early-halt", action="store_true",
+                       help="stop when the Q head says halt (default: all segments, as the paper's evaluation)")
     solve.add_argument("--bench", type=int, nargs="?", const=20, default=0, metavar="N",
                        help="also time N solves (default 20): latency per puzzle and peak memory")
     return parser
 
 
-@common.cli_main
+@cli.cli_main
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
-    commands = {"build": cmd_build, "train": cmd_train, "eval": cmd_eval, "solve": cmd_solve, None: cmd_quickstart}
-    return commands[args.command](args)
+    commands = {"build": cmd_build, "build-mixed": cmd_build_mixed, "train": cmd_train, "eval": cmd_eval,
+                "solve": cmd_solve, None: cmd_quickstart}
+    return common.run_main(build_parser(), commands, argv)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import sys
 
 import numpy as np
 
-from experiments import common
-from hrm_jax.config import MODEL_PRESETS, HRMConfig
+from hrm_jax import cli
+from hrm_jax.config import HRMConfig
+from hrm_jax.presets import MODEL_PRESETS
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -44,14 +45,14 @@ def _config_for(args: argparse.Namespace) -> HRMConfig:
         try:
             base = HRMConfig(**json.loads(pathlib.Path(args.config_json).read_text()))
         except (OSError, ValueError, TypeError) as err:
-            raise common.CLIError(f"--config-json {args.config_json}: not a readable HRMConfig JSON ({err})") from None
+            raise cli.CLIError(f"--config-json {args.config_json}: not a readable HRMConfig JSON ({err})") from None
     else:
         base = MODEL_PRESETS[args.preset]()
     changes = {}
     for item in args.set or ():
         field, sep, value = item.partition("=")
         if not sep or field not in base.to_dict():
-            raise common.CLIError(f"--set {item!r}: expected FIELD=VALUE with a field of HRMConfig "
+            raise cli.CLIError(f"--set {item!r}: expected FIELD=VALUE with a field of HRMConfig "
                                   f"({', '.join(base.to_dict())})")
         kind = type(base.to_dict()[field])
         changes[field] = value if kind is str else kind(float(value)) if kind is int else kind(value)
@@ -97,7 +98,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
 
     if args.out.suffix != ".onnx":
-        raise common.CLIError(f"--out {args.out}: give a file name ending in .onnx")
+        raise cli.CLIError(f"--out {args.out}: give a file name ending in .onnx")
     params, config = load_params_for_eval(args.checkpoint)
     model = HRMTorch(config, args.dtype)
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
@@ -122,7 +123,7 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
     calibration = None
     if precision == "int8":
         if args.calib_data is None:
-            raise common.CLIError("--int8 needs --calib-data DIR: a dataset built by `python -m experiments.<task> build`")
+            raise cli.CLIError("--int8 needs --calib-data DIR: a dataset built by `python -m experiments.<task> build`")
         from hrm_jax.data.format import load_split  # noqa: PLC0415
 
         split = load_split(args.calib_data, args.calib_split)
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     to_torch.add_argument("--out", type=pathlib.Path, required=True, help="FILE.pt or FILE.safetensors")
 
     from_torch = sub.add_parser("from-torch", help="torch state dict (ours or the reference's) -> orbax checkpoint")
-    from_torch.add_argument("state_dict", type=pathlib.Path, help=".pt/.pth/.bin/.safetensors or a reference step_N file")
+    from_torch.add_argument("state_dict", type=pathlib.Path,
+                            help=".pt/.pth/.bin/.safetensors or a reference step_N file")
     from_torch.add_argument("--preset", choices=sorted(MODEL_PRESETS), default="sudoku_extreme",
                             help="model config the weights were trained with (default sudoku_extreme)")
     from_torch.add_argument("--config-json", default=None, help="an HRMConfig as JSON instead of --preset")
@@ -160,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     onnx = sub.add_parser("onnx", help="orbax checkpoint -> ONNX (solve and segment graphs)")
     onnx.add_argument("--checkpoint", type=pathlib.Path, required=True)
-    onnx.add_argument("--out", type=pathlib.Path, required=True, help="FILE.onnx (the segment graph goes to FILE.segment.onnx)")
+    onnx.add_argument("--out", type=pathlib.Path, required=True,
+                      help="FILE.onnx (the segment graph goes to FILE.segment.onnx)")
     onnx.add_argument("--graph", choices=("both", "solve", "segment"), default="both")
     onnx.add_argument("--dtype", choices=DTYPES, default="float32",
                       help="compute dtype (float32 for CPUs; float16/bfloat16 for GPUs)")
@@ -172,19 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     precision = trt.add_mutually_exclusive_group()
     precision.add_argument("--fp16", action="store_true", help="allow fp16 kernels")
     precision.add_argument("--int8", action="store_true", help="int8 with entropy calibration (needs --calib-data)")
-    trt.add_argument("--max-batch", type=common.positive_int, default=64)
-    trt.add_argument("--opt-batch", type=common.positive_int, default=1, help="batch size to tune for")
+    trt.add_argument("--max-batch", type=cli.positive_int, default=64)
+    trt.add_argument("--opt-batch", type=cli.positive_int, default=1, help="batch size to tune for")
     trt.add_argument("--calib-data", type=pathlib.Path, default=None, help="int8: a built dataset")
     trt.add_argument("--calib-split", default="train")
-    trt.add_argument("--calib-batch-size", type=common.positive_int, default=16)
-    trt.add_argument("--calib-batches", type=common.positive_int, default=32)
+    trt.add_argument("--calib-batch-size", type=cli.positive_int, default=16)
+    trt.add_argument("--calib-batches", type=cli.positive_int, default=32)
     return parser
 
 
-@common.cli_main
+@cli.cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    common.setup_logging(args.verbose)
+    cli.setup_logging(args.verbose)
     commands = {"torch": cmd_torch, "from-torch": cmd_from_torch, "onnx": cmd_onnx, "tensorrt": cmd_tensorrt}
     return commands[args.command](args)
 

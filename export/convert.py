@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import safetensors.torch
 import torch
 
-from hrm_jax.config import HRMConfig
 from export.torch_model import TORCH_DTYPES
+from hrm_jax.config import HRMConfig
 
 TORCH_PREFIX = "model.inner."
 _STRIPPABLE_PREFIXES = ("_orig_mod.", "model.", "inner.")
@@ -248,8 +250,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(tensors, str(path))
+        safetensors.torch.save_file(tensors, str(path))
     elif path.suffix in TORCH_SUFFIXES:
         torch.save(tensors, path)
     else:
@@ -264,9 +265,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
         try:
-            loaded: Any = load_file(str(path))
+            loaded: Any = safetensors.torch.load_file(str(path))
         except Exception as err:  # safetensors raises SafetensorError (not exported) or OSError
             raise CheckpointFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
                                         f"{_one_line(err)}") from err

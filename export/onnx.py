@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.solvers import SolveResult, check_solver_inputs
 from export.torch_model import HRMTorch
+from export.types import SolveResult, check_solver_inputs
 from hrm_jax.config import HRMConfig
 
 logger = logging.getLogger(__name__)

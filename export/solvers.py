@@ -21,64 +21,33 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from hrm_jax.config import HRMConfig
+from export.types import BackendUnavailableError, Solver, SolveResult, check_solver_inputs
+
+# Re-exported: callers import the shared types from here as well as from export/types.py.
+__all__ = ["BACKENDS", "BackendUnavailableError", "JaxSolver", "SolveResult", "Solver", "TorchSolver",
+           "check_solver_inputs", "export_checkpoint_to_onnx", "load_solver"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("jax", "torch", "onnx", "tensorrt")
 
 
-class SolveResult(NamedTuple):
-    """What every backend returns."""
-
-    predictions: np.ndarray  # int32[B, seq_len]: argmax tokens of the segment the row stopped at
-    steps: np.ndarray  # int32[B]: segments used (1..halt_max_steps)
-    q_halt: np.ndarray  # f32[B]: Q-head halt logit of that segment
-
-
-class Solver(Protocol):
-    name: str
-    config: HRMConfig
-
-    def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult: ...
-
-
-class BackendUnavailableError(ValueError):
-    """A backend whose runtime or input file is missing; the message says how to get it."""
-
-
-def check_solver_inputs(config: HRMConfig, inputs: Any, puzzle_identifiers: Any) -> tuple[np.ndarray, np.ndarray]:
-    """int32 copies of a batch, or a ValueError that names the wrong shape or value range."""
-    inputs, ids = np.asarray(inputs), np.asarray(puzzle_identifiers)
-    if inputs.ndim != 2 or inputs.shape[1] != config.seq_len:
-        raise ValueError(f"inputs must have shape [batch, {config.seq_len}], got {list(inputs.shape)}")
-    if ids.shape != inputs.shape[:1]:
-        raise ValueError(f"puzzle_identifiers must have shape [{inputs.shape[0]}], got {list(ids.shape)}")
-    if inputs.size and (inputs.min() < 0 or inputs.max() >= config.vocab_size):
-        raise ValueError(f"input tokens must lie in 0..{config.vocab_size - 1}, got {inputs.min()}..{inputs.max()}")
-    if ids.size and (ids.min() < 0 or ids.max() >= config.num_puzzle_identifiers):
-        raise ValueError(f"puzzle identifiers must lie in 0..{config.num_puzzle_identifiers - 1}")
-    return inputs.astype(np.int32), ids.astype(np.int32)
-
-
 class JaxSolver:
-    """hrm_jax's jitted rollout (hrm_jax/evaluate.py) on the default JAX device."""
+    """hrm_jax's jitted rollout (hrm_jax/evaluate.py, the one evaluation uses) on the default JAX device."""
 
     name = "jax"
 
     def __init__(self, checkpoint: str | os.PathLike, *, early_halt: bool = False) -> None:
-        import jax  # noqa: PLC0415
-
+        # jax is imported only when this backend is chosen: the other backends run without it.
         from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
-        from hrm_jax.evaluate import rollout  # noqa: PLC0415
+        from hrm_jax.evaluate import rollout_jit  # noqa: PLC0415
 
         self.params, self.config = load_params_for_eval(checkpoint)
         self.early_halt = early_halt
-        self._rollout = jax.jit(rollout, static_argnames=("config", "loss_type"))
+        self._rollout = rollout_jit
 
     def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult:
         inputs, ids = check_solver_inputs(self.config, inputs, puzzle_identifiers)
@@ -135,8 +104,9 @@ def export_checkpoint_to_onnx(checkpoint: str | os.PathLike, out: str | os.PathL
     return export_onnx(model, out, graph)
 
 
-def load_solver(backend: str, checkpoint: str | os.PathLike | None = None, *, onnx_path: str | os.PathLike | None = None,
-                engine_path: str | os.PathLike | None = None, early_halt: bool = False) -> Solver:
+def load_solver(backend: str, checkpoint: str | os.PathLike | None = None, *,
+                onnx_path: str | os.PathLike | None = None, engine_path: str | os.PathLike | None = None,
+                early_halt: bool = False) -> Solver:
     """A solver for `backend` (see the module docstring); clear errors for what is missing."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

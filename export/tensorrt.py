@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from export.solvers import BackendUnavailableError, SolveResult, check_solver_inputs
+from export.types import BackendUnavailableError, SolveResult, check_solver_inputs
 from hrm_jax.config import HRMConfig
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, *
         build_config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
         build_config.set_flag(trt.BuilderFlag.INT8)
-        build_config.int8_calibrator = _make_calibrator(trt, calibration, sidecar_path(engine_path).with_suffix(".calib"))
+        cache = sidecar_path(engine_path).with_suffix(".calib")
+        build_config.int8_calibrator = _make_calibrator(trt, calibration, cache)
         build_config.set_calibration_profile(profile)
     logger.info("building a %s TensorRT engine from %s (%s graph, batch %d..%d)", precision, onnx_path, dtype,
                 min_batch, max_batch)

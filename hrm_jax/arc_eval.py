@@ -5,7 +5,7 @@ each prediction is cropped at the markers, mapped back (inverse dihedral transfo
 permutation, read from the puzzle name) and votes for its grid. Candidates rank by (number of
 votes, mean sigmoid(q_halt)) and pass@k asks whether the answer is among the first k.
 
-Two task scores (REFERENCE-FACTS 12): `pass@k` is the notebook's (a task counts only if all of its
+Two task scores: `pass@k` is the reference notebook's (arc_eval.ipynb) (a task counts only if all of its
 test inputs are right) and `prize_pass@k` is the ARC Prize scorer's (a task scores the fraction of
 its test inputs that are right). The baseline `copy` predicts each test input unchanged.
 
@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import pathlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -4,15 +4,19 @@ Layout of a run directory (`out_dir`)::
 
     checkpoints/<step>/params/       params: {"dense", "buffers", "puzzle_emb"?} (StandardSave)
     checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng"}       (StandardSave)
-    checkpoints/<step>/meta/         JSON: configs, total_steps, sampler state, metrics
+    checkpoints/<step>/meta/         JSON: the run configuration, total_steps, sampler state, metrics
     best/<step>/...                  the same, for the best eval exact accuracy (one kept)
-
     checkpoints/<step>/hrm_manifest.json   size and SHA-256 of every file (hrm_jax.manifest)
 
 Params are an item of their own so that `load_params_for_eval` restores them without building an
-optimizer. Restores use an abstract target (orbax returns optax states as lists otherwise). Saves
-wait until written: the trainer donates the state to the next step, and a checkpoint must be
+optimizer. Restores use an abstract target (without one orbax returns optax states as plain lists).
+Saves wait until written: the trainer donates the state to the next step, and a checkpoint must be
 complete before the loop can be killed anyway.
+
+Metadata format 2 stores the whole RunConfig tree as `run_config` and the model family's name;
+format 1 (written before the run configuration was one tree) stored `model_config` and
+`train_config` side by side. Format 1 is read by converting it on the fly (`_upgrade`): its two
+configs are format 2's `model` and `optim`, its family is HRM, and it had no loop settings.
 
 Atomicity: orbax writes a step under a temporary name and renames it when every item is committed,
 so a save killed mid-write is never listed; the manifest, written after that, catches a finished
@@ -39,12 +43,14 @@ import jax
 import orbax.checkpoint as ocp
 
 from hrm_jax import manifest
-from hrm_jax.config import HRMConfig, TrainConfig
-from hrm_jax.model import init_params
+from hrm_jax.config import IMPLEMENTATION_FIELDS, RunConfig
+from hrm_jax.family import Family, family_named, family_of
+from hrm_jax.layers import runnable_here
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
 PERIODIC_DIR = "checkpoints"
 BEST_DIR = "best"
 _ITEMS = ("params", "train_state", "meta")
@@ -164,12 +170,21 @@ def _train_items(state: Any) -> dict[str, Any]:
     return {"step": state.step, "opt_state": state.opt_state, "carry": state.carry, "rng": state.rng}
 
 
-def make_meta(model_config: HRMConfig, train_config: TrainConfig, total_steps: int, step: int,
-              sampler_state: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+def make_meta(run_config: RunConfig, total_steps: int, step: int, sampler_state: dict[str, Any] | None,
+              **extra: Any) -> dict[str, Any]:
     """The JSON part of a checkpoint; `extra` holds e.g. eval metrics and the best exact accuracy."""
     return {"format_version": FORMAT_VERSION, "step": int(step), "total_steps": int(total_steps),
-            "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+            "model_family": family_of(run_config.model).name, "run_config": run_config.to_dict(),
             "sampler": sampler_state, **extra}
+
+
+def _upgrade(meta: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 metadata in format 2's shape (see the module docstring); format 2 as it is."""
+    if meta["format_version"] == FORMAT_VERSION:
+        return meta
+    old = dict(meta)
+    run = {"model": old.pop("model_config"), "optim": old.pop("train_config", None), "loop": None}
+    return {**old, "format_version": FORMAT_VERSION, "model_family": "hrm", "run_config": run}
 
 
 # Reading ---------------------------------------------------------------------------------------
@@ -222,13 +237,13 @@ def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as err:  # orbax raises several types for missing/corrupt files
         raise CheckpointError(f"{where}: unreadable checkpoint metadata ({_reason(err)})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: not a hrm_jax checkpoint of format {FORMAT_VERSION}")
-    return meta
+    if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_FORMATS:
+        raise CheckpointError(f"{where}: not a hrm_jax checkpoint of format {' or '.join(map(str, _READABLE_FORMATS))}")
+    return _upgrade(meta)
 
 
 def config_from_dict(cls, data: dict[str, Any], where: str):
-    """HRMConfig/TrainConfig from its saved dict; unknown or missing fields give a CheckpointError."""
+    """A config dataclass from its saved dict; unknown or missing fields give a CheckpointError."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -245,17 +260,31 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
             for k in sorted(set(saved) | set(current)) if saved.get(k, "<missing>") != current.get(k, "<missing>")]
 
 
-# Fields that choose how, not what, is computed: a run may resume with another kernel.
-IMPLEMENTATION_FIELDS = ("attention_impl", "norm_impl", "mlp_impl")
+def saved_family(meta: dict[str, Any], where: str) -> Family:
+    try:
+        return family_named(meta["model_family"])
+    except ValueError as err:
+        raise CheckpointError(f"{where}: {err}") from None
 
 
-def check_compatible(meta: dict[str, Any], model_config: HRMConfig, train_config: TrainConfig,
-                     total_steps: int, where: str) -> None:
-    """Raises CheckpointMismatchError listing every differing field with both values."""
-    saved_model = {k: v for k, v in meta["model_config"].items() if k not in IMPLEMENTATION_FIELDS}
-    current_model = {k: v for k, v in model_config.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
-    diffs = (config_differences(saved_model, current_model, "model")
-             + config_differences(meta["train_config"], train_config.to_dict(), "train"))
+def saved_model_config(meta: dict[str, Any], where: str):
+    """The model config a checkpoint was written with (its family's config class)."""
+    return config_from_dict(saved_family(meta, where).config_class, meta["run_config"]["model"], where)
+
+
+def check_compatible(meta: dict[str, Any], run_config: RunConfig, total_steps: int, where: str) -> None:
+    """Raises CheckpointMismatchError listing every differing field with both values.
+
+    Compared: the model family, the model (kernel choices aside: IMPLEMENTATION_FIELDS), the optimizer
+    and total_steps, which fix the numbers; the loop settings may differ (they drive the run).
+    """
+    saved = meta["run_config"]
+    family = family_of(run_config.model).name
+    diffs = [] if meta["model_family"] == family else [f"model family: saved {meta['model_family']!r}, now {family!r}"]
+    saved_model = {k: v for k, v in saved["model"].items() if k not in IMPLEMENTATION_FIELDS}
+    current_model = {k: v for k, v in run_config.model.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
+    diffs += (config_differences(saved_model, current_model, "model")
+              + config_differences(saved["optim"] or {}, run_config.optim.to_dict(), "optim"))
     if int(meta["total_steps"]) != int(total_steps):
         diffs.append(f"total_steps: saved {meta['total_steps']}, now {total_steps}")
     if diffs:
@@ -263,13 +292,13 @@ def check_compatible(meta: dict[str, Any], model_config: HRMConfig, train_config
                                       + ". Resume with the saved configuration or use a new out_dir.")
 
 
-def restore(path: str | os.PathLike, abstract_state: Any, *, model_config: HRMConfig,
-            train_config: TrainConfig, total_steps: int, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+def restore(path: str | os.PathLike, abstract_state: Any, *, run_config: RunConfig, total_steps: int,
+            step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores a TrainState (structure and shapes of `abstract_state`, e.g. from jax.eval_shape)
     and its metadata. Refuses (CheckpointMismatchError) a checkpoint written with other configs."""
     manager, step, where = _resolve(path, step)
     meta = read_meta(where)
-    check_compatible(meta, model_config, train_config, total_steps, where)
+    check_compatible(meta, run_config, total_steps, where)
     abstract_items = _train_items(abstract_state)
     try:
         items = manager.restore(step, args=ocp.args.Composite(
@@ -286,32 +315,14 @@ def restore(path: str | os.PathLike, abstract_state: Any, *, model_config: HRMCo
     return state, meta
 
 
-def runnable_here(config: HRMConfig) -> HRMConfig:
-    """`config` with its kernel choices (IMPLEMENTATION_FIELDS) set to "xla" where this machine cannot
-    run them: every GPU kernel off GPU, the Hopper-only SwiGLU kernel on older GPUs. They change how,
-    not what, is computed, so a run trained with cuDNN attention on an H100 evaluates on a CPU."""
-    from kernels_pallas.mosaic import has_wgmma  # noqa: PLC0415  (jax only; kernels stay optional imports)
-
-    device = jax.devices()[0]
-    if device.platform != "gpu":
-        changes = {field: "xla" for field in IMPLEMENTATION_FIELDS if getattr(config, field) != "xla"}
-    elif config.mlp_impl == "pallas" and not has_wgmma(device):
-        changes = {"mlp_impl": "xla"}
-    else:
-        changes = {}
-    if changes:
-        logger.info("running with %s on %s (the checkpoint's choices need another GPU)",
-                    ", ".join(f"{k}='xla'" for k in changes), device.device_kind)
-    return config.replace(**changes)
-
-
-def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], HRMConfig]:
+def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tuple[dict[str, Any], Any]:
     """(params, model_config) of a checkpoint, for evaluation or the solve CLI. `path` is a run's
     out_dir (its latest periodic checkpoint), `<out_dir>/best`, a manager dir or a step dir.
     Kernel choices this machine cannot run fall back to XLA (`runnable_here`)."""
     manager, step, where = _resolve(path, step)
     meta = read_meta(where)
-    config = runnable_here(config_from_dict(HRMConfig, meta["model_config"], where))
+    config = runnable_here(saved_model_config(meta, where))
+    init_params = saved_family(meta, where).init_params
     abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
     try:
         params = manager.restore(step, args=ocp.args.Composite(
@@ -321,15 +332,16 @@ def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tu
     return params, config
 
 
-def save_params(directory: str | os.PathLike, params: dict[str, Any], model_config: HRMConfig, *,
+def save_params(directory: str | os.PathLike, params: dict[str, Any], model_config: Any, *,
                 step: int = 0, **extra: Any) -> str:
     """Writes a params-only checkpoint (no optimizer state) that `load_params_for_eval` and the
     solvers read, e.g. weights converted from a PyTorch checkpoint. Refuses to overwrite a step."""
     manager = _manager(directory, max_to_keep=None)
     if step in manager.all_steps():
         raise CheckpointError(f"{directory}: already holds a checkpoint for step {step}; choose another --out")
-    meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_config": model_config.to_dict(),
-            "params_only": True, manifest.MANIFEST_KEY: True, **extra}
+    meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_family": family_of(model_config).name,
+            "run_config": {"model": model_config.to_dict(), "optim": None, "loop": None}, "params_only": True,
+            manifest.MANIFEST_KEY: True, **extra}
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
     manager.close()

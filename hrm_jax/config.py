@@ -1,21 +1,34 @@
-"""Configuration dataclasses and the paper's presets.
+"""The configuration tree of a run: what is trained (the model), how it is optimised, how the loop runs.
 
-Field names and defaults follow the reference (sapientinc/HRM, models/hrm/hrm_act_v1.py and
-config/arch/hrm_v1.yaml, config/cfg_pretrain.yaml) so that configs and checkpoints map 1:1.
+    RunConfig(model=HRMConfig(...), optim=OptimConfig(...), loop=LoopConfig(...))
+
+Model and optimizer field names and defaults follow the reference (sapientinc/HRM,
+models/hrm/hrm_act_v1.py, config/arch/hrm_v1.yaml, config/cfg_pretrain.yaml) so that configs and
+checkpoints map 1:1. A checkpoint stores the whole tree; resuming compares the model (kernel choices
+aside) and the optimizer, which fix the numbers, and lets the loop settings change (they drive the
+run). The named configurations of the paper's experiments are in hrm_jax/presets.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Literal
 
-POS_ENCODINGS = ("rope", "learned")
-FORWARD_DTYPES = ("bfloat16", "float16", "float32")
+PosEncoding = Literal["rope", "learned"]
+ForwardDtype = Literal["bfloat16", "float16", "float32"]
 # cudnn: fused attention on NVIDIA GPUs, bf16/fp16 only. pallas: kernels_pallas (Triton kernels;
 # off GPU they run in Pallas interpret mode, correct but slow).
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
-NORM_IMPLS = ("xla", "pallas")  # the residual add + RMSNorm of each block
-MLP_IMPLS = ("xla", "pallas")  # silu(x @ W_gate) * (x @ W_up) of each block ("pallas": Hopper only)
+AttentionImpl = Literal["xla", "cudnn", "pallas"]
+NormImpl = Literal["xla", "pallas"]  # the residual add + RMSNorm of each block
+MlpImpl = Literal["xla", "pallas"]  # silu(x @ W_gate) * (x @ W_up) of each block ("pallas": Hopper only)
+POS_ENCODINGS = typing.get_args(PosEncoding)
+FORWARD_DTYPES = typing.get_args(ForwardDtype)
+ATTENTION_IMPLS = typing.get_args(AttentionImpl)
+NORM_IMPLS = typing.get_args(NormImpl)
+MLP_IMPLS = typing.get_args(MlpImpl)
+# Model fields that choose how, not what, is computed: a run may resume or evaluate with other kernels.
+IMPLEMENTATION_FIELDS = ("attention_impl", "norm_impl", "mlp_impl")
 
 
 class ConfigError(ValueError):
@@ -44,17 +57,22 @@ class HRMConfig:
     hidden_size: int
     expansion: float
     num_heads: int
-    pos_encodings: Literal["rope", "learned"] = "rope"
+    pos_encodings: PosEncoding = "rope"
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
     halt_max_steps: int
     halt_exploration_prob: float
 
-    forward_dtype: str = "bfloat16"
-    attention_impl: str = "xla"
-    norm_impl: str = "xla"
-    mlp_impl: str = "xla"
+    forward_dtype: ForwardDtype = "bfloat16"
+    # How, not what, is computed (IMPLEMENTATION_FIELDS); the speed of each choice is in BUILD_NOTES.md.
+    attention_impl: AttentionImpl = dataclasses.field(default="xla", metadata={
+        "help": "attention kernel; cudnn and pallas (NVIDIA GPUs, bf16) make the Sudoku step 1.3x faster on an H100"})
+    norm_impl: NormImpl = dataclasses.field(default="xla", metadata={
+        "help": "residual add + RMSNorm; pallas: a fused Triton kernel"})
+    mlp_impl: MlpImpl = dataclasses.field(default="xla", metadata={
+        "help": "silu(x W_gate) * (x W_up); pallas: one Mosaic GPU matmul with the activation in its epilogue "
+                "(Hopper GPUs, bf16)"})
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
@@ -109,7 +127,7 @@ class HRMConfig:
         inter = round(self.expansion * self.hidden_size * 2 / 3)
         return -(-inter // 256) * 256
 
-    def replace(self, **changes: Any) -> "HRMConfig":
+    def replace(self, **changes: Any) -> HRMConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,8 +135,12 @@ class HRMConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Optimisation hyperparameters (names as the reference's PretrainConfig)."""
+class OptimConfig:
+    """Optimisation hyperparameters and the data schedule (names as the reference's PretrainConfig).
+
+    eval_interval (epochs) also sets how many epochs the sampler draws per pass, as the reference's
+    loader does, so it changes the batches and belongs here rather than in LoopConfig.
+    """
 
     global_batch_size: int = 768
     epochs: int = 20000
@@ -150,66 +172,95 @@ class TrainConfig:
         """Optimizer steps of a run, as the reference's pretrain.py estimates them."""
         return int(self.epochs * total_groups * mean_puzzle_examples / self.global_batch_size)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> OptimConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-# Presets ----------------------------------------------------------------------------------
-# The architecture of config/arch/hrm_v1.yaml: 512 hidden, 8 heads, 4+4 layers, 2x2 cycles,
-# 16 ACT steps, exploration 0.1, puzzle embedding as wide as the hidden state.
-def _hrm_v1(**task: Any) -> HRMConfig:
-    arch = dict(H_cycles=2, L_cycles=2, H_layers=4, L_layers=4, hidden_size=512, expansion=4.0,
-                num_heads=8, pos_encodings="rope", halt_max_steps=16, halt_exploration_prob=0.1,
-                puzzle_emb_ndim=512)
-    arch.update(task)
-    return HRMConfig(**arch)
+# The name the optimizer config had before the run configuration became a tree; kept for callers.
+TrainConfig = OptimConfig
 
 
-def sudoku_extreme(**overrides: Any) -> HRMConfig:
-    """Sudoku-Extreme: 81 cells, vocab 11 (pad, blank, digits 1-9), one puzzle identifier."""
-    return _hrm_v1(seq_len=81, vocab_size=11, num_puzzle_identifiers=1, **overrides)
+def _optional_at_least(value: Any, minimum: int, field: str) -> None:
+    _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum),
+             field, f"must be None or an integer >= {minimum}, got {value!r}")
 
 
-def maze_hard(**overrides: Any) -> HRMConfig:
-    """Maze-Hard 30x30: 900 cells, vocab 6 (pad + '# SGo'), one puzzle identifier."""
-    return _hrm_v1(seq_len=900, vocab_size=6, num_puzzle_identifiers=1, **overrides)
+def _field(default: Any, help: str) -> Any:
+    """A field whose `help` the CLIs show (hrm_jax/cli.py generates the flags from the fields)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-def arc(num_puzzle_identifiers: int = 1, **overrides: Any) -> HRMConfig:
-    """ARC: 30x30 grids (900 tokens), vocab 12 (pad, eos, colours 0-9).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """How a run is driven: where it writes, how often it evaluates, logs and saves, when it stops.
 
-    num_puzzle_identifiers comes from the built dataset (one per task x augmentation).
+    None of these change the numbers a step computes, so a resumed run may change any of them.
     """
-    return _hrm_v1(seq_len=900, vocab_size=12, num_puzzle_identifiers=num_puzzle_identifiers, **overrides)
+
+    out_dir: str | None = _field(None, "run folder (the CLIs default to runs/<task>-<time>; train() needs one)")
+    total_steps: int | None = _field(None, "schedule length (default: the reference's estimate from the data)")
+    max_steps: int | None = _field(None, "stop (resumably) after this step even if the schedule is longer")
+    eval_every: int | None = _field(None, "steps between evaluations (default: eval_interval epochs; last step too)")
+    eval_split: str | None = _field("test", "split of the data folder to evaluate on (missing: no evaluation)")
+    eval_batch_size: int | None = _field(None, "evaluation batch size (default: the global batch size)")
+    eval_max_batches: int | None = _field(None, "evaluate only this many batches (a quick look at a large set)")
+    checkpoint_every: int | None = _field(None, "steps between periodic checkpoints (besides one at every evaluation, "
+                                                "the last step and a SIGTERM/SIGINT stop)")
+    checkpoint_minutes: float | None = _field(10.0, "save a checkpoint at least this often, in minutes of wall time "
+                                                    "(0 or None: off)")
+    keep_checkpoints: int = _field(3, "periodic checkpoints kept (the best one is kept apart in out_dir/best)")
+    resume: bool = _field(False, "continue from out_dir's latest intact checkpoint (refused if out_dir holds a run "
+                                 "without one; an empty out_dir starts a new run)")
+    restart: bool = _field(False, "move a previous run in out_dir aside to <out_dir>.old-<time> and start anew")
+    early_stop_exact: float | None = _field(None, "stop once a log window's training exact accuracy reaches this "
+                                                  "(the reference README warns of late instability)")
+    log_every: int = _field(10, "steps per metrics.jsonl train record (the mean over the window)")
+    devices: int | None = _field(1, "split each batch over N local GPUs (data parallel; None or 'all': every one); "
+                                    "the global and evaluation batch sizes must divide by N; results match one device")
+    progress: bool = _field(True, "a tqdm bar (loss, token/exact accuracy, steps/s)")
+    tensorboard: bool = _field(False, "also write TensorBoard scalars (needs tensorboard or tensorboardX)")
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "max_steps", "eval_every", "eval_batch_size", "eval_max_batches",
+                     "checkpoint_every", "devices"):
+            _optional_at_least(getattr(self, name), 1, name)
+        for name in ("keep_checkpoints", "log_every"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        _require(self.early_stop_exact is None or 0.0 <= self.early_stop_exact <= 1.0, "early_stop_exact",
+                 f"must be None or in [0, 1], got {self.early_stop_exact!r}")
+        _require(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes",
+                 f"must be None or >= 0, got {self.checkpoint_minutes!r}")
+        _require(not (self.resume and self.restart), "restart",
+                 "excludes resume: resume continues the run in out_dir, restart moves it aside")
+
+    def replace(self, **changes: Any) -> LoopConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-MODEL_PRESETS = {"sudoku_extreme": sudoku_extreme, "maze_hard": maze_hard, "arc": arc}
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One run: `model` (HRMConfig, or another family's config: see hrm_jax/family.py), `optim`, `loop`."""
 
-# Training hyperparameters as the reference README runs them.
-TRAIN_PRESETS = {
-    # 8 GPUs: global batch 768, lr 1e-4, weight decay 1.0 for both optimizers.
-    "sudoku_extreme": TrainConfig(epochs=20000, eval_interval=2000, lr=1e-4, puzzle_emb_lr=1e-4,
-                                  weight_decay=1.0, puzzle_emb_weight_decay=1.0),
-    # The README's single-GPU demo: global batch 384, lr 7e-5.
-    "sudoku_extreme_1gpu": TrainConfig(global_batch_size=384, epochs=20000, eval_interval=2000, lr=7e-5,
-                                       puzzle_emb_lr=7e-5, weight_decay=1.0, puzzle_emb_weight_decay=1.0),
-    "maze_hard": TrainConfig(epochs=20000, eval_interval=2000, lr=1e-4, puzzle_emb_lr=1e-4,
-                             weight_decay=1.0, puzzle_emb_weight_decay=1.0),
-    # cfg_pretrain.yaml defaults (the ARC runs): 100k epochs, weight decay 0.1, puzzle_emb_lr 1e-2.
-    "arc": TrainConfig(epochs=100000, eval_interval=10000, lr=1e-4, puzzle_emb_lr=1e-2,
-                       weight_decay=0.1, puzzle_emb_weight_decay=0.1),
-}
+    model: Any
+    optim: OptimConfig = OptimConfig()
+    loop: LoopConfig = LoopConfig()
 
+    def __post_init__(self) -> None:
+        _require(dataclasses.is_dataclass(self.model) and not isinstance(self.model, type), "model",
+                 f"must be a model config such as HRMConfig, got {type(self.model).__name__}")
+        _require(isinstance(self.optim, OptimConfig), "optim", f"must be an OptimConfig, got {self.optim!r}")
+        _require(isinstance(self.loop, LoopConfig), "loop", f"must be a LoopConfig, got {self.loop!r}")
 
-def tiny(seq_len: int = 81, vocab_size: int = 11, num_puzzle_identifiers: int = 1, **overrides: Any) -> HRMConfig:
-    """A CPU-sized config for quick starts and tests (float32 compute)."""
-    arch = dict(seq_len=seq_len, vocab_size=vocab_size, num_puzzle_identifiers=num_puzzle_identifiers,
-                H_cycles=2, L_cycles=2, H_layers=2, L_layers=2, hidden_size=64, expansion=4.0,
-                num_heads=4, pos_encodings="rope", halt_max_steps=4, halt_exploration_prob=0.1,
-                puzzle_emb_ndim=0, forward_dtype="float32")
-    arch.update(overrides)
-    return HRMConfig(**arch)
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with whole parts replaced: run.replace(loop=run.loop.replace(max_steps=10))."""
+        return dataclasses.replace(self, **changes)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "optim": self.optim.to_dict(), "loop": self.loop.to_dict()}

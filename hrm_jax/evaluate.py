@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +27,11 @@ from hrm_jax import parallel
 from hrm_jax.config import HRMConfig
 from hrm_jax.data.format import PuzzleSplit
 from hrm_jax.data.sampler import eval_batches
+from hrm_jax.family import family_of
 from hrm_jax.losses import IGNORE_LABEL_ID, LOSS_FUNCTIONS, binary_cross_entropy_with_logits
-from hrm_jax.model import act_step, initial_carry
+from hrm_jax.types import Params
 
 logger = logging.getLogger(__name__)
-
-Params = dict[str, Any]
 
 # Per-row values averaged into metrics (the rest of a rollout's outputs are predictions).
 ROW_METRICS = ("accuracy", "exact_accuracy", "q_halt_accuracy", "steps", "lm_loss", "q_halt_loss",
@@ -69,8 +68,9 @@ def rollout(params: Params, config: HRMConfig, batch: dict[str, jax.Array],
     the ROW_METRICS values, plus predictions int32[B, S] (last segment), early_predictions
     int32[B, S], q_halt_logits / q_continue_logits f32[B] (last segment) and has_labels bool[B].
     """
-    carry = initial_carry(config, batch)
-    carry, outputs = act_step(params, config, carry, batch, None, train=False)
+    family = family_of(config)
+    carry = family.initial_carry(config, batch)
+    carry, outputs = family.act_step(params, config, carry, batch, None, train=False)
     early = _segment_state(outputs, jnp.int32(1),
                            {"pred": jnp.zeros(batch["labels"].shape, jnp.int32),
                             "steps": jnp.zeros(batch["labels"].shape[:1], jnp.int32),
@@ -78,10 +78,11 @@ def rollout(params: Params, config: HRMConfig, batch: dict[str, jax.Array],
 
     def segment(state, index):
         carry, _, early = state
-        carry, outputs = act_step(params, config, carry, batch, None, train=False)
+        carry, outputs = family.act_step(params, config, carry, batch, None, train=False)
         return (carry, outputs, _segment_state(outputs, index, early)), None
 
-    # Eval mode halts only at halt_max_steps, so every row runs all segments (REFERENCE-FACTS 4).
+    # Eval mode halts only at halt_max_steps, so every row runs all segments (the reference's
+    # models/hrm/hrm_act_v1.py halts early only while training).
     indices = jnp.arange(2, config.halt_max_steps + 1, dtype=jnp.int32)
     (carry, outputs, early), _ = jax.lax.scan(segment, (carry, outputs, early), indices)
     return _row_results(carry, outputs, early, config, loss_type)
@@ -111,10 +112,11 @@ def _row_results(carry, outputs, early, config: HRMConfig, loss_type: str) -> di
     }
 
 
-_rollout_jit = jax.jit(rollout, static_argnames=("config", "loss_type"))
+# The one jitted rollout: evaluation here and export/solvers.py's jax backend both call it.
+rollout_jit = jax.jit(rollout, static_argnames=("config", "loss_type"))
 
 
-def check_model_fits_data(config: HRMConfig, split: PuzzleSplit) -> None:
+def check_model_fits_data(config, split: PuzzleSplit) -> None:
     """Raises EvaluationError when the model's sizes disagree with the dataset's metadata."""
     meta = split.metadata
     bad = [f"{name}: model {getattr(config, name)} vs data {getattr(meta, name)}"
@@ -141,7 +143,7 @@ def _parallel_rollout(mesh, config: HRMConfig, loss_type: str):
 
 def _rollout_fn(config: HRMConfig, loss_type: str, mesh):
     if mesh is None:
-        return lambda params, batch: _rollout_jit(params, config, batch, loss_type=loss_type)
+        return lambda params, batch: rollout_jit(params, config, batch, loss_type=loss_type)
     run = _parallel_rollout(mesh, config, loss_type)
     return lambda params, batch: run(params, parallel.put_batch(batch, mesh))
 

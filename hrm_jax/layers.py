@@ -6,6 +6,7 @@ chosen once, where the embeddings are cast (config.forward_dtype).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import einops
@@ -13,7 +14,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hrm_jax.config import HRMConfig
+from hrm_jax.config import IMPLEMENTATION_FIELDS, HRMConfig
+from kernels_pallas.attention import attention as pallas_attention
+from kernels_pallas.mosaic import has_wgmma
+from kernels_pallas.rms_norm import add_rms_norm as fused_add_rms_norm
+from kernels_pallas.swiglu_matmul import swiglu_matmul, swiglu_matmul_reference
+
+logger = logging.getLogger(__name__)
 
 # std of a standard normal truncated to [-2, 2]; dividing by it makes the truncated draw have the
 # requested std. The reference's trunc_normal_init_ applies the same correction (models/common.py).
@@ -42,9 +49,7 @@ def rms_norm(x: jax.Array, eps: float) -> jax.Array:
 def add_rms_norm(h: jax.Array, delta: jax.Array, eps: float, impl: str = "xla") -> jax.Array:
     """rms_norm(h + delta): the residual add and norm of a post-norm block ("pallas": one fused kernel)."""
     if impl == "pallas":
-        from kernels_pallas.rms_norm import add_rms_norm as fused  # imported only when selected
-
-        return fused(h, delta, eps)
+        return fused_add_rms_norm(h, delta, eps)
     return rms_norm(h + delta, eps)
 
 
@@ -146,13 +151,6 @@ def split_projection(x: jax.Array, kernel: jax.Array, parts: int) -> list[jax.Ar
     return [jnp.dot(x, block) for block in jnp.split(kernel, parts, axis=1)]
 
 
-def gated_silu(x: jax.Array, gate_up: jax.Array) -> jax.Array:
-    """silu(x @ W_gate) * (x @ W_up), gate_up [hidden, 2 * inter] with columns gate|up (XLA): SwiGLU
-    before its down projection, and the reference of kernels_pallas.swiglu_matmul."""
-    gate, up = split_projection(x, gate_up, 2)
-    return jax.nn.silu(gate) * up
-
-
 class Attention(nn.Module):
     """Non-causal multi-head self-attention, one stored qkv_proj weight (columns q|k|v), rotary positions."""
 
@@ -168,9 +166,7 @@ class Attention(nn.Module):
             query, key = apply_rotary(query, *cos_sin), apply_rotary(key, *cos_sin)
         # Softmax scale 1/sqrt(head_dim), logits in f32: the same as flash-attn in the reference.
         if cfg.attention_impl == "pallas":
-            from kernels_pallas.attention import attention  # imported only when selected
-
-            out = attention(query, key, value)
+            out = pallas_attention(query, key, value)
         else:
             out = jax.nn.dot_product_attention(query, key, value, is_causal=False,
                                                implementation=cfg.attention_impl)
@@ -188,11 +184,9 @@ class SwiGLU(nn.Module):
         hidden, inter = self.config.hidden_size, self.config.intermediate_size
         gate_up = LinearKernel(hidden, 2 * inter, name="gate_up_proj")(x.dtype)
         if self.config.mlp_impl == "pallas":
-            from kernels_pallas.swiglu_matmul import swiglu_matmul  # imported only when selected
-
             h = swiglu_matmul(x, gate_up)
         else:
-            h = gated_silu(x, gate_up)
+            h = swiglu_matmul_reference(x, gate_up)
         return CastedLinear(self.config.hidden_size, name="down_proj")(h)
 
 
@@ -206,3 +200,20 @@ class Block(nn.Module):
         eps, impl = self.config.rms_norm_eps, self.config.norm_impl
         h = add_rms_norm(h, Attention(self.config, name="self_attn")(h, cos_sin), eps, impl)
         return add_rms_norm(h, SwiGLU(self.config, name="mlp")(h), eps, impl)
+
+
+def runnable_here(config: HRMConfig) -> HRMConfig:
+    """`config` with its kernel choices (IMPLEMENTATION_FIELDS) set to "xla" where this machine cannot
+    run them: every GPU kernel off GPU, the Hopper-only SwiGLU kernel on older GPUs. They change how,
+    not what, is computed, so a run trained with cuDNN attention on an H100 evaluates on a CPU."""
+    device = jax.devices()[0]
+    if device.platform != "gpu":
+        changes = {field: "xla" for field in IMPLEMENTATION_FIELDS if getattr(config, field) != "xla"}
+    elif config.mlp_impl == "pallas" and not has_wgmma(device):
+        changes = {"mlp_impl": "xla"}
+    else:
+        changes = {}
+    if changes:
+        logger.info("running with %s on %s (the checkpoint's choices need another GPU)",
+                    ", ".join(f"{k}='xla'" for k in changes), device.device_kind)
+    return config.replace(**changes)

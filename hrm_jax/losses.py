@@ -97,8 +97,13 @@ def act_loss(outputs: dict[str, jax.Array], carry, loss_type: str = "stablemax_c
     return total, metrics
 
 
-def reduce_metrics(metric_sums: dict[str, float], batch_size: int) -> dict[str, float]:
-    """Means as the reference logs them: losses per batch row, the rest per counted (halted) row."""
-    count = max(float(metric_sums["count"]), 1.0)
-    return {k: float(v) / (batch_size if k.endswith("loss") else count)
-            for k, v in metric_sums.items() if k != "count"} | {"count": float(metric_sums["count"])}
+def reduce_metrics(metric_sums: dict[str, jax.Array], batch_size: int) -> dict[str, jax.Array]:
+    """Means as the reference logs them: losses per batch row, the rest per counted (halted) row.
+
+    Traceable (the train step calls it under jit) and usable on host arrays; f32 results.
+    """
+    count = jnp.maximum(metric_sums["count"], 1).astype(jnp.float32)
+    out = {k: jnp.asarray(v).astype(jnp.float32) / (batch_size if k.endswith("loss") else count)
+           for k, v in metric_sums.items() if k != "count"}
+    out["count"] = jnp.asarray(metric_sums["count"]).astype(jnp.float32)
+    return out

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of (params, config, carry, batch, rng); `config` is a frozen,
 hashable dataclass and can be a static argument of `jax.jit`. Numerics follow the reference
-(sapientinc/HRM models/hrm/hrm_act_v1.py); REFERENCE-FACTS.md lists the details that matter.
+(sapientinc/HRM models/hrm/hrm_act_v1.py).
 
 params = {"dense":  Flax params trained by AdamATan2,
           "buffers": {"H_init": f32[hidden], "L_init": f32[hidden]}  (fixed, saved, never trained),
@@ -21,12 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from hrm_jax.config import HRMConfig
-from hrm_jax.layers import (Block, CastedEmbedding, CastedLinear, rotary_cos_sin,
-                            trunc_normal_init)
+from hrm_jax.layers import Block, CastedEmbedding, CastedLinear, rotary_cos_sin, trunc_normal_init
 from hrm_jax.parallel import global_rows
+from hrm_jax.types import Batch, Params
 
-Params = dict[str, Any]
-Batch = dict[str, jax.Array]
 DATA_KEYS = ("inputs", "labels", "puzzle_identifiers")
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
@@ -160,7 +158,8 @@ def initial_carry(config: HRMConfig, batch: Batch) -> ACTCarry:
 def refresh_carry(params: Params, config: HRMConfig, carry: ACTCarry, batch: Batch) -> ACTCarry:
     """Halted rows restart from H_init/L_init with the batch's example at that row; others keep theirs.
 
-    As the reference, the incoming example at a non-halted row is dropped (REFERENCE-FACTS item 4).
+    As the reference, the incoming example at a non-halted row is dropped (the reference's pretrain.py keeps
+    the carry across batches; models/hrm/hrm_act_v1.py `reset_carry` replaces only halted rows).
     """
     halted = carry.halted
     dtype = forward_dtype(config)

@@ -112,7 +112,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, seq_len: int, head_dim: 
 
     init = (jnp.zeros((block_q, width), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, pl.cdiv(seq_len, block_k), step, init)
+    acc, m, l = lax.fori_loop(0, pl.cdiv(seq_len, block_k), step, init)  # noqa: E741  (flash notation)
     store(o_ref, (acc / l[:, None]).astype(o_ref.dtype), mask=q_mask)
     store(lse_ref, m + jnp.log2(l), mask=q_rows)
 

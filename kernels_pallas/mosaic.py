@@ -29,7 +29,7 @@ def interpret_params(interpret: bool):
     if not interpret:
         return None
     # GPU interpret mode is not public API yet (jax 0.10-0.12 keep it here).
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # noqa: PLC0415  (private path)
 
     return InterpretGPUParams()
 

@@ -6,7 +6,7 @@ token at hidden 512), the pass reads them back and writes h (3 KB). Here the act
 to the f32 accumulators in the matmul's epilogue, so only h reaches memory.
 
 The kernel is Pallas *Mosaic GPU* (wgmma, TMA, warp specialisation), not Triton: the Triton
-backend did not reach matmul speed on these shapes (BUILD_NOTES, session 5). One CTA has two
+backend did not reach matmul speed on these shapes (BUILD_NOTES.md, GPU speed). One CTA has two
 compute warpgroups, each owning `tile_m` rows and two f32 accumulators (gate and up,
 `tile_m x tile_n`), and one memory warpgroup streaming x and both weight blocks through a
 `stages`-deep TMA pipeline. CTAs are persistent and walk the (M, N) tiles with N fastest, so a
@@ -170,11 +170,15 @@ def _fused_call(x2d: jax.Array, w: jax.Array, tiles: TileConfig, interpret: bool
 
 
 def swiglu_matmul_reference(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Plain jnp: the layer's own XLA path (hrm_jax.layers.gated_silu), w [hidden, 2 * inter] with
-    columns gate|up. Differentiated calls run exactly this (the custom_vjp forward rule below)."""
-    from hrm_jax.layers import gated_silu  # noqa: PLC0415  (hrm_jax imports this module lazily)
+    """Plain jnp: silu(x @ W_gate) * (x @ W_up), w [hidden, 2 * inter] with columns gate|up.
 
-    return gated_silu(x, w)
+    It is also the XLA path of hrm_jax.layers.SwiGLU, and differentiated calls of the kernel run
+    exactly this (the custom_vjp forward rule below). One matmul per column block, as
+    hrm_jax.layers.split_projection does: the same numbers as slicing one matmul's output, without
+    the slice copies.
+    """
+    w_gate, w_up = jnp.split(w, 2, axis=1)
+    return jax.nn.silu(jnp.dot(x, w_gate)) * jnp.dot(x, w_up)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

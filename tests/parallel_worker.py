@@ -10,11 +10,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hrm_jax import parallel  # noqa: E402
-from hrm_jax.evaluate import EvaluationError, evaluate  # noqa: E402
 from hrm_jax.data.format import load_split  # noqa: E402
-from hrm_jax.train import (TrainingError, init_train_state, parallel_train_step, put_state, train,  # noqa: E402
-                           train_step)
-from tests.test_train import CFG, NUM_TRAIN, TC, TOTAL, batch_of, make_dataset  # noqa: E402
+from hrm_jax.evaluate import EvaluationError, evaluate  # noqa: E402
+from hrm_jax.train import TrainingError, init_train_state, parallel_train_step, put_state, train_step  # noqa: E402
+from tests.test_train import CFG, NUM_TRAIN, TC, TOTAL, batch_of, make_dataset, train  # noqa: E402
 
 # Exploration on half the rows, so the global-batch draws are exercised.
 CFG_EXPLORE = CFG.replace(halt_exploration_prob=0.5)
@@ -55,16 +54,16 @@ def check_step_parity() -> None:
 def check_loop_and_evaluation(workdir: str) -> None:
     data = make_dataset(os.path.join(workdir, "data"))
     common = dict(total_steps=TOTAL, eval_batch_size=8, progress=False, log_every=4)
-    one = train(CFG_EXPLORE, TC, data, os.path.join(workdir, "one"), num_devices=1, **common)
-    two = train(CFG_EXPLORE, TC, data, os.path.join(workdir, "two"), num_devices=2, **common)
+    one = train(CFG_EXPLORE, TC, data, os.path.join(workdir, "one"), devices=1, **common)
+    two = train(CFG_EXPLORE, TC, data, os.path.join(workdir, "two"), devices=2, **common)
     for key in ("lm_loss", "accuracy"):
         assert abs(two["train"][key] - one["train"][key]) <= 1e-4, (key, two["train"][key], one["train"][key])
         assert abs(two["eval"][key] - one["eval"][key]) <= 1e-4, (key, two["eval"][key], one["eval"][key])
     # A two-device run stopped at step 4 and resumed (from its orbax checkpoint) ends where the
     # uninterrupted one does.
     resumed_dir = os.path.join(workdir, "resumed")
-    train(CFG_EXPLORE, TC, data, resumed_dir, num_devices=2, max_steps=4, **common)
-    resumed = train(CFG_EXPLORE, TC, data, resumed_dir, num_devices=2, resume=True, **common)
+    train(CFG_EXPLORE, TC, data, resumed_dir, devices=2, max_steps=4, **common)
+    resumed = train(CFG_EXPLORE, TC, data, resumed_dir, devices=2, resume=True, **common)
     gap = max_relative_gap(jax.device_get(resumed["state"].params), jax.device_get(two["state"].params))
     assert resumed["step"] == TOTAL and gap <= 1e-6, (resumed["step"], gap)
     # Evaluation alone, split over the mesh, equals the one-device evaluation of the same parameters.
@@ -75,8 +74,8 @@ def check_loop_and_evaluation(workdir: str) -> None:
     assert all(abs(got[k] - want[k]) <= 1e-5 for k in want), (got, want)
     print("loop, resume and evaluation: two devices match one")
 
-    for kwargs, message in ((dict(num_devices=3), "this host has 2"),
-                            (dict(num_devices=2, eval_batch_size=7), "eval batch size 7 cannot be split")):
+    for kwargs, message in ((dict(devices=3), "this host has 2"),
+                            (dict(devices=2, eval_batch_size=7), "eval batch size 7 cannot be split")):
         try:
             train(CFG_EXPLORE, TC, data, os.path.join(workdir, "bad"), **{**common, **kwargs})
         except TrainingError as err:

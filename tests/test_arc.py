@@ -12,10 +12,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrm_jax.arc_eval import (ARCEvalError, collect_votes, grid_key, rank_candidates, score_predictions,
-                              score_votes)
-from hrm_jax.data.arc import (DIHEDRAL_INVERSE, IDENTITY, ARCDataError, Augmentation, crop, crop_sizes,
-                              dihedral_transform, encode_grid, load_tasks, parse_puzzle_name, random_augmentation)
+from hrm_jax.arc_eval import ARCEvalError, collect_votes, grid_key, rank_candidates, score_predictions, score_votes
+from hrm_jax.data.arc import (
+    DIHEDRAL_INVERSE,
+    IDENTITY,
+    ARCDataError,
+    Augmentation,
+    crop,
+    crop_sizes,
+    dihedral_transform,
+    encode_grid,
+    load_tasks,
+    parse_puzzle_name,
+    random_augmentation,
+)
 from hrm_jax.data.arc_build import Source, build_arc_dataset
 from hrm_jax.data.dihedral import DihedralError
 from hrm_jax.data.format import load_split
@@ -82,7 +92,8 @@ def test_dihedral_ids_are_the_reference_group():
     for tid in range(8):
         np.testing.assert_array_equal(dihedral_transform(grid, tid), reference_dihedral(grid, tid))
         np.testing.assert_array_equal(dihedral_transform(dihedral_transform(grid, tid), DIHEDRAL_INVERSE[tid]), grid)
-    assert len({dihedral_transform(grid, t).tobytes() + bytes(dihedral_transform(grid, t).shape) for t in range(8)}) == 8
+    images = {dihedral_transform(grid, t).tobytes() + bytes(dihedral_transform(grid, t).shape) for t in range(8)}
+    assert len(images) == 8
     with pytest.raises(DihedralError, match="0..7"):
         dihedral_transform(grid, 8)
 
@@ -177,7 +188,8 @@ def test_tiny_build_has_the_reference_layout(tiny_build):
     train, test = load_split(out, "train"), load_split(out, "test")
     names = json.loads((out / "identifiers.json").read_text())
     meta = train.metadata
-    assert (meta.seq_len, meta.vocab_size, meta.pad_id, meta.ignore_label_id, meta.blank_identifier_id) == (900, 12, 0, 0, 0)
+    sizes = (meta.seq_len, meta.vocab_size, meta.pad_id, meta.ignore_label_id, meta.blank_identifier_id)
+    assert sizes == (900, 12, 0, 0, 0)
     # 3 tasks x 6 puzzles + b1 (all its augmentations are duplicates) + blank id 0.
     assert names[0] == "<blank>" and len(names) == meta.num_puzzle_identifiers == 3 * 6 + 1 + 1
     assert report["tasks_not_full"] == 1 and meta.total_groups == 4 and test.metadata.total_groups == 1
@@ -285,12 +297,13 @@ def test_mismatched_identifiers_are_reported():
 @pytest.mark.skipif(not (DATA / "arc-agi-1_training.json").is_file(), reason="needs the ARC task files")
 def test_cli_build_train_eval(tmp_path, capsys, monkeypatch):
     from experiments import arc
-    from hrm_jax.config import tiny
+    from hrm_jax import presets
 
     # A smaller model than the quick start's keeps compilation (most of this test's time) short.
-    monkeypatch.setattr(arc, "quickstart_model", lambda: tiny(
+    small = presets.run_arc_quickstart().replace(model=presets.tiny(
         seq_len=36, vocab_size=12, hidden_size=32, num_heads=2, H_layers=1, L_layers=1, H_cycles=1, L_cycles=1,
         halt_max_steps=2, puzzle_emb_ndim=32))
+    monkeypatch.setitem(presets.PRESETS, "arc_quickstart", presets.Preset("arc", lambda: small))
 
     data = tmp_path / "data"
     assert arc.main(["build", "--out", str(data), "--max-tasks", "1", "--num-aug", "2", "--grid-size", "6",

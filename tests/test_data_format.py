@@ -6,8 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from hrm_jax.data.format import (DatasetFormatError, PuzzleDatasetMetadata, load_metadata, load_split,
-                                 write_split)
+from hrm_jax.data.format import DatasetFormatError, PuzzleDatasetMetadata, load_metadata, load_split, write_split
 
 SEQ_LEN, VOCAB, CODE_DIGITS = 6, 16, 3  # the first CODE_DIGITS input tokens encode the example id
 

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 
 import hrm_jax as H
+from experiments import sudoku
 from export.__main__ import main as export_main
 from export.solvers import BackendUnavailableError, load_solver
 from export.tensorrt import TensorRTUnavailableError, build_engine, calibration_batches
-from experiments import sudoku
 from hrm_jax.checkpoint import CheckpointError, load_params_for_eval, save_params
 from tests.test_export_torch import assert_trees_equal, random_batch, random_params
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sudoku_case():
     """A Sudoku-shaped (81 cells, vocab 11) small model with random weights."""
     cfg = H.tiny(hidden_size=32, num_heads=2, H_layers=1, L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=3,
@@ -42,7 +42,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_file(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert export_main(["onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--graph", "solve", "--no-check"]) == 0
+    args = ["onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--graph", "solve", "--no-check"]
+    assert export_main(args) == 0
     return out
 
 
@@ -53,7 +54,8 @@ def test_orbax_to_torch_file_and_back_is_identical(checkpoint, tmp_path, suffix,
     assert export_main(["torch", "--checkpoint", str(checkpoint), "--out", str(weights)]) == 0
     (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
     back = tmp_path / "back"
-    assert export_main(["from-torch", str(weights), "--config-json", str(tmp_path / "cfg.json"), "--out", str(back)]) == 0
+    args = ["from-torch", str(weights), "--config-json", str(tmp_path / "cfg.json"), "--out", str(back)]
+    assert export_main(args) == 0
     restored, restored_cfg = load_params_for_eval(back)
     assert restored_cfg == cfg
     assert_trees_equal(restored, params)

@@ -41,13 +41,13 @@ VARIANTS = {"rope_puzzle_emb": dict(pos_encodings="rope", puzzle_emb_ndim=40),
 ROLLOUT = jax.jit(rollout, static_argnames=("config", "loss_type"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(variant: str):
     cfg = small_config(halt_max_steps=SEGMENTS, **VARIANTS[variant])
     return cfg, random_params(cfg, seed=11)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exported(variant: str, graph: str, dtype: str, tmp_dir: str) -> str:
     """Exports once per (variant, graph, dtype) for the whole session."""
     cfg, params = case(variant)
@@ -82,7 +82,8 @@ def test_segment_graph_matches_jax_every_segment(tmp_dir, variant, batch_size):
         errors = {"logits": rel_err(out["logits"], want[segment]["logits"]),
                   "q_halt": q_err(out["q_halt"], want[segment]["q_halt_logits"]),
                   "q_continue": q_err(out["q_continue"], want[segment]["q_continue_logits"]),
-                  "z_H": rel_err(carry["z_H"], want[segment]["z_H"]), "z_L": rel_err(carry["z_L"], want[segment]["z_L"])}
+                  "z_H": rel_err(carry["z_H"], want[segment]["z_H"]),
+                  "z_L": rel_err(carry["z_L"], want[segment]["z_L"])}
         print(f"{variant} b{batch_size} segment {segment + 1}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
         assert max(errors.values()) <= RTOL_F32, errors
         np.testing.assert_array_equal(carry["steps"], np.full(batch_size, segment + 1))
@@ -117,7 +118,8 @@ def test_solve_graph_matches_jax_rollout(tmp_dir, batch_size, early_halt):
     errors = {"onnx": q_err(got.q_halt, truth.q_halt_logits.numpy())}
     if not early_halt:  # the rollout reports the last segment's Q; the early rule keeps the stopping one
         errors["jax"] = q_err(want["q_halt_logits"], truth.q_halt_logits.numpy())
-    print(f"b{batch_size} early_halt={early_halt}: q_halt vs float64 " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(f"b{batch_size} early_halt={early_halt}: q_halt vs float64 "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
     assert max(errors.values()) <= FREE_RUNNING_RTOL, errors
 
 
@@ -137,7 +139,7 @@ def test_float16_graph_is_close_to_jax_float32(tmp_dir):
     runner = OnnxSegment(exported("rope_puzzle_emb", "segment", "float16", tmp_dir))
     carry = runner.initial_carry(7)
     assert carry["z_H"].dtype == np.float16
-    for segment in range(SEGMENTS):
+    for _ in range(SEGMENTS):
         carry, out = runner.step(carry, batch["inputs"], batch["puzzle_identifiers"])
     err = rel_err(out["logits"].astype(np.float32), want[-1]["logits"])
     print(f"float16 graph, logits after {SEGMENTS} segments: rel err {err:.1e}")

@@ -15,9 +15,17 @@ import pytest
 import torch
 
 import hrm_jax as H
-from export.convert import (CheckpointFormatError, CheckpointMismatchError, canonical_state_dict, expected_shapes,
-                            from_torch_state_dict, load_state_dict, num_trainable, save_state_dict,
-                            to_torch_state_dict)
+from export.convert import (
+    CheckpointFormatError,
+    CheckpointMismatchError,
+    canonical_state_dict,
+    expected_shapes,
+    from_torch_state_dict,
+    load_state_dict,
+    num_trainable,
+    save_state_dict,
+    to_torch_state_dict,
+)
 from export.torch_model import HRMTorch
 
 # max|torch - jax| / max|jax| at float32; what we reach is printed by the parity tests (~1e-6).
@@ -75,7 +83,7 @@ def test_sudoku_extreme_state_dict_matches_reference_keys_and_size():
     cfg = H.sudoku_extreme()
     sd = HRMTorch(cfg).state_dict()
     assert len(sd) == 39  # the released Sudoku checkpoint's tensor count
-    assert num_trainable(sd) == 27_275_266  # REFERENCE-FACTS item 13
+    assert num_trainable(sd) == 27_275_266  # the reference's count for hrm_v1 on Sudoku
     want = {"model.inner." + k: s for k, s in expected_shapes(cfg).items()}
     assert {k: tuple(v.shape) for k, v in sd.items()} == want
     assert sd["model.inner.H_init"].dtype == torch.bfloat16  # a bf16 buffer, as the reference's
@@ -256,7 +264,7 @@ def jax_rollout(cfg, params, batch, segments):
     return history
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parity_case(variant_index):
     """(cfg, params, batch, jax history of PARITY_SEGMENTS segments) for VARIANTS[variant_index]."""
     cfg = small_config(halt_max_steps=PARITY_SEGMENTS, **VARIANTS[variant_index])
@@ -347,7 +355,7 @@ def test_full_rollout_stays_near_float64_like_jax(index):
 
 
 def test_act_step_carry_semantics_match_jax():
-    """Halted rows restart with the incoming example; running rows keep theirs (REFERENCE-FACTS 4)."""
+    """Halted rows restart with the incoming example; running rows keep theirs (the reference's reset_carry)."""
     cfg, params, first, _ = parity_case(1)
     second = random_batch(cfg, PARITY_BATCH, seed=12)
     carry, _ = JAX_STEP(params, cfg, H.initial_carry(cfg, first), first, None, train=False)

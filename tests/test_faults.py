@@ -20,9 +20,10 @@ import pytest
 
 from hrm_jax import checkpoint as ckpt
 from hrm_jax import manifest
-from hrm_jax.train import TrainingError, abstract_train_state, train
+from hrm_jax.config import RunConfig
+from hrm_jax.train import TrainingError, abstract_train_state
 from tests import fault_worker
-from tests.test_train import CFG, TC, leaves_equal, make_dataset, train_records
+from tests.test_train import CFG, TC, leaves_equal, make_dataset, train, train_records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOTAL = fault_worker.TOTAL_STEPS
@@ -76,7 +77,7 @@ def steps(out) -> list[int]:
 
 
 def final_state(out):
-    state, _ = ckpt.restore(out, abstract_train_state(CFG, TC, TOTAL), model_config=CFG, train_config=TC,
+    state, _ = ckpt.restore(out, abstract_train_state(CFG, TC, TOTAL), run_config=RunConfig(model=CFG, optim=TC),
                             total_steps=TOTAL, step=TOTAL)
     return jax.device_get(state)
 

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 
 from hrm_jax import tiny
-from hrm_jax.layers import (Attention, Block, CastedEmbedding, CastedLinear, SwiGLU, apply_rotary,
-                            rms_norm, rotary_cos_sin, split_projection, trunc_normal_init)
+from hrm_jax.layers import (
+    Attention,
+    Block,
+    CastedEmbedding,
+    CastedLinear,
+    SwiGLU,
+    apply_rotary,
+    rms_norm,
+    rotary_cos_sin,
+    split_projection,
+    trunc_normal_init,
+)
 from tests import numpy_reference as ref
 
 RTOL = 2e-5  # float32 compute vs float64 reference

@@ -95,8 +95,8 @@ def test_one_step_gradient_flows_only_through_last_steps():
     module, cs = HRMInner(cfg), _cos_sin(cfg)
     p_H, p_L = z_H, z_L
     for h in range(cfg.H_cycles):
-        for l in range(cfg.L_cycles):
-            if (h, l) != (cfg.H_cycles - 1, cfg.L_cycles - 1):
+        for low in range(cfg.L_cycles):
+            if (h, low) != (cfg.H_cycles - 1, cfg.L_cycles - 1):
                 p_L = module.apply({"params": dense}, p_L, p_H + x, cs, method=HRMInner.l_level)
         if h != cfg.H_cycles - 1:
             p_H = module.apply({"params": dense}, p_H, p_L, cs, method=HRMInner.h_level)
@@ -157,8 +157,9 @@ def test_reset_takes_new_rows_only_where_halted():
         np.testing.assert_array_equal(refreshed.current_data[key][0::2], second[key][0::2])
         np.testing.assert_array_equal(refreshed.current_data[key][1::2], first[key][1::2])  # incoming dropped
     np.testing.assert_array_equal(refreshed.steps, [0, 1, 0, 1])
-    np.testing.assert_array_equal(refreshed.z_H[0], np.broadcast_to(params["buffers"]["H_init"], refreshed.z_H[0].shape))
-    np.testing.assert_array_equal(refreshed.z_L[2], np.broadcast_to(params["buffers"]["L_init"], refreshed.z_L[2].shape))
+    shape = refreshed.z_H[0].shape
+    np.testing.assert_array_equal(refreshed.z_H[0], np.broadcast_to(params["buffers"]["H_init"], shape))
+    np.testing.assert_array_equal(refreshed.z_L[2], np.broadcast_to(params["buffers"]["L_init"], shape))
     np.testing.assert_array_equal(refreshed.z_H[1], carry.z_H[1])
 
 

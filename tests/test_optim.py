@@ -16,8 +16,15 @@ import optax
 import pytest
 
 from hrm_jax.config import TrainConfig
-from hrm_jax.optim import (AdamATan2State, OptimConfigError, adam_atan2, lr_schedule, make_dense_optimizer,
-                           make_puzzle_emb_schedule, sparse_signsgd_update)
+from hrm_jax.optim import (
+    AdamATan2State,
+    OptimConfigError,
+    adam_atan2,
+    lr_schedule,
+    make_dense_optimizer,
+    make_puzzle_emb_schedule,
+    sparse_signsgd_update,
+)
 
 # float32 compute against a float64 reference, over up to 10 updates of size ~lr.
 RTOL, ATOL = 1e-6, 1e-7

@@ -33,11 +33,19 @@ pytest.importorskip("pydantic", reason="the reference's model config is a pydant
 import hrm_jax as H  # noqa: E402
 from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: E402
 from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
-from hrm_jax.config import TrainConfig  # noqa: E402
-from hrm_jax.checkpoint import IMPLEMENTATION_FIELDS  # noqa: E402
-from hrm_jax.train import _reduce_metrics, init_train_state, train_step  # noqa: E402
-from tests.test_export_torch import (JAX_STEP, PARITY_BATCH, PARITY_RTOL, VARIANTS, random_batch,  # noqa: E402
-                                     random_params, rel_err, small_config)
+from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig
+from hrm_jax.losses import reduce_metrics
+from hrm_jax.train import init_train_state, train_step
+from tests.test_export_torch import (  # noqa: E402
+    JAX_STEP,
+    PARITY_BATCH,
+    PARITY_RTOL,
+    VARIANTS,
+    random_batch,
+    random_params,
+    rel_err,
+    small_config,
+)
 from tests.test_torch_train_step import METRIC_RTOL, assert_trained_params_match, batches  # noqa: E402
 
 REFERENCE_DIR = os.environ.get("HRM_REFERENCE_DIR")
@@ -64,8 +72,8 @@ def ref():
     sys.modules.setdefault("flash_attn", stand_in)
     sys.path.insert(0, REFERENCE_DIR)
     try:
-        from models.hrm import hrm_act_v1  # noqa: PLC0415
         from models import losses, sparse_embedding  # noqa: PLC0415
+        from models.hrm import hrm_act_v1  # noqa: PLC0415
     finally:
         sys.path.remove(REFERENCE_DIR)
     return types.SimpleNamespace(act=hrm_act_v1, losses=losses, sparse=sparse_embedding)
@@ -154,7 +162,7 @@ def training(ref):
         for p in dense:
             p.grad = None
         sign_sgd.zero_grad()
-        reduced = _reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, tc.global_batch_size)
+        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, tc.global_batch_size)
         ref_metrics.append({k: float(v) for k, v in reduced.items()})
     ref_params = from_torch_state_dict(model.state_dict(), cfg)
     return jax_metrics, ref_metrics, params, jax.device_get(state.params), ref_params

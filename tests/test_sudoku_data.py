@@ -9,11 +9,19 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hrm_jax.data import sudoku as sd
-from hrm_jax.data.sudoku_solver import (LINE_PERMS, SudokuFormatError, SudokuTransform,
-                                        format_puzzle, parse_puzzle, read_collection, solve)
+from hrm_jax.data.sudoku_solver import (
+    LINE_PERMS,
+    SudokuFormatError,
+    SudokuTransform,
+    format_puzzle,
+    parse_puzzle,
+    read_collection,
+    solve,
+)
 
 SAMPLE = read_collection(str(sd.SAMPLE_PATH))
 PUZZLES = SAMPLE.grids[:40]

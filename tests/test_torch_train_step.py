@@ -17,8 +17,8 @@ from benchmarks.torch_train_step import TorchTrainer, model_from_params
 from benchmarks.train_step import random_batches
 from export.convert import from_torch_state_dict
 from hrm_jax.config import TrainConfig
-from hrm_jax.losses import IGNORE_LABEL_ID
-from hrm_jax.train import _reduce_metrics, init_train_state, train_step
+from hrm_jax.losses import IGNORE_LABEL_ID, reduce_metrics
+from hrm_jax.train import init_train_state, train_step
 from tests.test_export_torch import random_params, small_config
 
 STEPS = 5  # halt_max_steps 3: rows halt at step 3 and reload at step 4
@@ -48,14 +48,15 @@ def runs():
     state = init_train_state(config, train_config, total_steps).replace(params=jax.device_put(params))
     jax_metrics = []
     for batch in data:
-        state, metrics = train_step(state, batch, model_config=config, train_config=train_config, total_steps=total_steps)
+        state, metrics = train_step(state, batch, model_config=config, train_config=train_config,
+                                    total_steps=total_steps)
         jax_metrics.append({k: float(v) for k, v in metrics.items()})
 
     trainer = TorchTrainer(model_from_params(params, config, "cpu"), train_config, total_steps)
     torch_metrics = []
     for batch in data:
         sums = trainer.step({k: torch.from_numpy(v) for k, v in batch.items()})
-        reduced = _reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, train_config.global_batch_size)
+        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, train_config.global_batch_size)
         torch_metrics.append({k: float(v) for k, v in reduced.items()})
     torch_params = from_torch_state_dict(trainer.inner.state_dict(prefix="model.inner."), config)
     return jax_metrics, torch_metrics, params, jax.device_get(state.params), torch_params, trainer

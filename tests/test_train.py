@@ -14,7 +14,8 @@ import hrm_jax as H
 from hrm_jax.checkpoint import CheckpointMismatchError
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
 from hrm_jax.logging_utils import read_metrics
-from hrm_jax.train import TIMING_METRICS, TrainingError, init_train_state, on_default_device, train, train_step
+from hrm_jax.train import TIMING_METRICS, TrainingError, init_train_state, on_default_device, train_step
+from hrm_jax.train import train as train_run
 
 NUM_TRAIN, SEQ, VOCAB = 64, 8, 6
 CFG = H.tiny(seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=NUM_TRAIN + 1, hidden_size=32, num_heads=2,
@@ -22,6 +23,11 @@ CFG = H.tiny(seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=NUM_TRAIN + 1
 TC = H.TrainConfig(global_batch_size=16, epochs=10, eval_interval=None, lr=1e-3, lr_warmup_steps=0,
                    weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, seed=0)
 TOTAL = 8  # schedule length for every test here, so train_step compiles once (lr is constant anyway)
+
+
+def train(model, optim, data, out_dir, **loop):
+    """hrm_jax.train.train on RunConfig(model, optim, LoopConfig(out_dir, **loop))."""
+    return train_run(H.RunConfig(model=model, optim=optim, loop=H.LoopConfig(out_dir=str(out_dir), **loop)), data)
 
 
 def task(inputs: np.ndarray) -> np.ndarray:
@@ -109,7 +115,7 @@ def test_puzzle_table_sparse_update_and_carry_keeps_unhalted_examples():
     got = np.asarray(state.params["puzzle_emb"], np.float64)
     untouched = np.setdiff1d(np.arange(NUM_TRAIN + 1), ids)
     np.testing.assert_array_equal(got[untouched], table[untouched])  # bitwise
-    # Batch rows: p <- p (1 - lr wd) - lr sign(g) (REFERENCE-FACTS item 8), so the step divided by
+    # Batch rows: p <- p (1 - lr wd) - lr sign(g) (the reference's sparse sign-SGD), so the step divided by
     # lr is a sign, and every row has gradient (the puzzle slot feeds the whole sequence).
     lr, wd = TC.puzzle_emb_lr, TC.puzzle_emb_weight_decay
     signs = (table[[5, 7, 9]] * (1 - lr * wd) - got[[5, 7, 9]]) / lr
@@ -117,7 +123,8 @@ def test_puzzle_table_sparse_update_and_carry_keeps_unhalted_examples():
     assert set(np.unique(np.round(signs))) == {-1.0, 1.0}
 
     # Q starts at q_halt == q_continue (bias -5 both), so no row halts before halt_max_steps = 3:
-    # the next batch's examples are dropped and its rows (ids 20..35) never touched (REFERENCE-FACTS 4).
+    # the next batch's examples are dropped and its rows (ids 20..35) never touched
+    # (the reference replaces only halted rows of the carry).
     assert not np.any(np.asarray(state.carry.halted))
     before = np.asarray(state.params["puzzle_emb"]).copy()
     state, _ = step(state, batch_of(rng, np.arange(20, 36)))
@@ -179,7 +186,7 @@ def test_loop_resume_matches_uninterrupted_run(tmp_path):
     # A new run into a used out_dir, or a resume with another config, is refused by name.
     with pytest.raises(TrainingError, match="resume=True"):
         train(CFG, TC, data, out_b, **kwargs)
-    with pytest.raises(CheckpointMismatchError, match=r"train\.lr: saved 0\.001, now 0\.002"):
+    with pytest.raises(CheckpointMismatchError, match=r"optim\.lr: saved 0\.001, now 0\.002"):
         train(CFG, TC.replace(lr=2e-3), data, out_b, resume=True, **kwargs)
 
 

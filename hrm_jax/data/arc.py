@@ -91,12 +91,14 @@ def parse_task(name: str, task: Any, where: str) -> ARCTask:
     # The reference prefers a "name" field (some ARC-AGI-1 files carry one) over the file stem.
     name = str(task.get("name", name))
     if _AUG_NAME.match(name):
-        raise ARCDataError(f"{where}: task name {name!r} looks like an augmented name (<task>_t<k>_<colours>); rename it")
+        raise ARCDataError(f"{where}: task name {name!r} looks like an augmented name (<task>_t<k>_<colours>); "
+                           "rename it")
     return ARCTask(name, _pairs(task, "train", where), _pairs(task, "test", where))
 
 
 def load_tasks(path: str | os.PathLike) -> list[ARCTask]:
-    """Tasks of one source: a JSON file {task_id: task} (the packed form of /work/shared/data/arc)
+    """Tasks of one source: a JSON file {task_id: task} (the packed form the
+    default source directory holds)
     or a directory of one-task JSON files (the ARC-AGI repositories' layout, searched recursively).
     Task names are the last path component of the key (ConceptARC's 'Concept/Task' -> 'Task') or the
     file stem, as the reference names them."""

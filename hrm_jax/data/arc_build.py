@@ -22,7 +22,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -157,7 +157,7 @@ class _SplitArrays:
     filled: int = 0
 
     @classmethod
-    def allocate(cls, num_examples: int, grid_size: int) -> "_SplitArrays":
+    def allocate(cls, num_examples: int, grid_size: int) -> _SplitArrays:
         shape = (num_examples, grid_size * grid_size)
         return cls(np.empty(shape, np.uint8), np.empty(shape, np.uint8))
 
@@ -186,7 +186,8 @@ class _SplitArrays:
     def write(self, out_dir: str, split: str, num_identifiers: int, extra: dict) -> dict:
         index = lambda v: np.asarray(v, np.int32)  # noqa: E731
         puzzles, groups = len(self.puzzle_identifiers), len(self.group_indices) - 1
-        meta = PuzzleDatasetMetadata(seq_len=self.inputs.shape[1], vocab_size=VOCAB_SIZE, pad_id=PAD_ID, ignore_label_id=PAD_ID,
+        meta = PuzzleDatasetMetadata(seq_len=self.inputs.shape[1], vocab_size=VOCAB_SIZE, pad_id=PAD_ID,
+                                     ignore_label_id=PAD_ID,
                                      blank_identifier_id=0, num_puzzle_identifiers=num_identifiers,
                                      total_groups=groups, mean_puzzle_examples=self.filled / puzzles,
                                      sets=("all",), extra=extra)

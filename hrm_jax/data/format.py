@@ -40,7 +40,8 @@ import json
 import math
 import os
 import tokenize
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -128,7 +129,7 @@ class PuzzleDatasetMetadata:
         return out
 
     @classmethod
-    def from_json_dict(cls, data: Any, where: str = METADATA_FILE) -> "PuzzleDatasetMetadata":
+    def from_json_dict(cls, data: Any, where: str = METADATA_FILE) -> PuzzleDatasetMetadata:
         """Builds metadata from a parsed dataset.json; `where` (the file path) prefixes errors."""
         _check(isinstance(data, dict), where, f"must hold a JSON object, got {type(data).__name__}")
         fields = [f.name for f in dataclasses.fields(cls)]

@@ -21,7 +21,8 @@ of one pair of calls per group, so only the group order is bit-identical to the 
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 

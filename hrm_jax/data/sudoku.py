@@ -22,7 +22,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -258,7 +258,7 @@ class _Pool:
     registry: _ClassRegistry
 
 
-def _select(pool: _Pool, split: str, eligible: np.ndarray, quota: int | None, workers: int
+def select_puzzles(pool: _Pool, split: str, eligible: np.ndarray, quota: int | None, workers: int
             ) -> tuple[list[tuple[int, np.ndarray, int]], collections.Counter]:
     """Visit eligible pool puzzles in random order; keep those of a new equivalence class with
     exactly one solution until `quota` (None: all). Returns [(pool index, solution, rating)]
@@ -360,7 +360,7 @@ def _write_split(out_dir: str, split: str, picked: list[tuple[int, np.ndarray, i
                            "max": int(difficulty.max())}}
 
 
-def _make_pool(collections_: dict[str, Collection], rng: np.random.Generator) -> _Pool:
+def make_pool(collections_: dict[str, Collection], rng: np.random.Generator) -> _Pool:
     names = list(collections_)
     grids = np.concatenate([c.grids for c in collections_.values()])
     source = np.concatenate([np.full(len(c.grids), k, np.int8)
@@ -400,11 +400,11 @@ def build_sudoku_dataset(out_dir: str | os.PathLike, *, source_dir: str | os.Pat
         test_pool = list(test_pool) if test_pool is not None else default
     collections_ = load_collections(source, dict.fromkeys([*train_pool, *test_pool]))
     rng = np.random.default_rng(seed)
-    pool = _make_pool(collections_, rng)
+    pool = make_pool(collections_, rng)
     workers = workers or os.cpu_count() or 1
     in_pool = lambda names: np.isin(pool.source, [pool.names.index(n) for n in names])  # noqa: E731
-    train, train_skipped = _select(pool, "train", in_pool(train_pool), train_size, workers)
-    test, test_skipped = _select(pool, "test", in_pool(test_pool), test_size, workers)
+    train, train_skipped = select_puzzles(pool, "train", in_pool(train_pool), train_size, workers)
+    test, test_skipped = select_puzzles(pool, "test", in_pool(test_pool), test_size, workers)
     if not test:
         raise SudokuDataError("the test pool has no usable puzzle left after the training draw")
     extra = {"task": "sudoku", "encoding": "0 pad, 1 blank, 2..10 digits 1..9",

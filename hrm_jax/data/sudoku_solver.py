@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
@@ -240,8 +241,6 @@ def solve_many(grids: np.ndarray, workers: int = 1, chunk: int = 64
     grids = np.asarray(grids, dtype=np.int8).reshape(-1, 81)
     pieces = [grids[i:i + chunk] for i in range(0, len(grids), chunk)] or [grids]
     if workers > 1 and len(pieces) > 1:
-        from concurrent.futures import ProcessPoolExecutor  # only the parallel path needs it
-
         with ProcessPoolExecutor(max_workers=workers) as pool:
             parts = list(pool.map(_solve_chunk, pieces))
     else:
@@ -314,12 +313,12 @@ class SudokuTransform:
         return self.transpose.shape
 
     @classmethod
-    def identity(cls, shape: tuple[int, ...] = ()) -> "SudokuTransform":
+    def identity(cls, shape: tuple[int, ...] = ()) -> SudokuTransform:
         lines = np.broadcast_to(np.arange(9), shape + (9,))
         return cls(np.broadcast_to(np.arange(10), shape + (10,)), np.zeros(shape, bool), lines, lines)
 
     @classmethod
-    def random(cls, rng: np.random.Generator, shape: tuple[int, ...] = ()) -> "SudokuTransform":
+    def random(cls, rng: np.random.Generator, shape: tuple[int, ...] = ()) -> SudokuTransform:
         """Uniform over the group, as the reference draws it (each factor uniform)."""
         digits = rng.permuted(np.broadcast_to(np.arange(1, 10), shape + (9,)), axis=-1)
         digit_map = np.concatenate([np.zeros(shape + (1,), np.int64), digits], axis=-1)
@@ -332,7 +331,7 @@ class SudokuTransform:
         transpose = rng.random(shape) < 0.5
         return cls(digit_map, transpose, lines(), lines())
 
-    def __getitem__(self, index) -> "SudokuTransform":
+    def __getitem__(self, index) -> SudokuTransform:
         return SudokuTransform(self.digit_map[index], self.transpose[index], self.row_perm[index],
                                self.col_perm[index])
 
@@ -355,7 +354,7 @@ class SudokuTransform:
         digit_map = np.broadcast_to(self.digit_map, shape + (10,))
         return np.take_along_axis(digit_map, moved.astype(np.int64), axis=-1).astype(np.int8)
 
-    def inverse(self) -> "SudokuTransform":
+    def inverse(self) -> SudokuTransform:
         """The transform g^-1 with g^-1.apply(g.apply(x)) == x (derivation in the comment)."""
         # y[i,j] = d[x'[r_i, c_j]]. Untransposed: x[a,b] = d^-1[y[r^-1_a, c^-1_b]].
         # Transposed: x[a,b] = x'[b,a] = d^-1[y[r^-1_b, c^-1_a]] = d^-1[y.T[c^-1_a, r^-1_b]],
@@ -365,7 +364,7 @@ class SudokuTransform:
         return SudokuTransform(_invert_perm(self.digit_map), self.transpose,
                                np.where(t, cinv, rinv), np.where(t, rinv, cinv))
 
-    def equals(self, other: "SudokuTransform") -> bool:
+    def equals(self, other: SudokuTransform) -> bool:
         return all(np.array_equal(getattr(self, f.name), getattr(other, f.name))
                    for f in dataclasses.fields(self))
 

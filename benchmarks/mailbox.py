@@ -1,0 +1,400 @@
+"""The sage mailboxes against multiprocessing.Queue, an os.pipe and ZeroMQ ipc://, in one run.
+
+    python -m benchmarks.mailbox [--repeats 3] [--quick] [--out FILE.json]
+
+Records (64 B and 4 KB): throughput (records/s, the sender pushing as fast as the transport takes
+them, blocking when full: no transport here drops) and one-way latency p50/p99 of paced records
+(one in flight at a time, sent 0.5 ms after the receiver acknowledged the previous one, so it
+is idle and has to be woken), with the receiver's CPU use while
+it waits (100% = it spins a core). Tensors: one-way hand-off time until the receiver holds a
+readable numpy array (again one in flight), for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the
+zero-copy path (the producer wrote into the arena; the hand-off is publish + descriptor + open);
+sage-ftm-put starts from an existing array (one copy into the arena). Sender and receiver are two
+processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
+--repeats times in a fresh receiver process; the table shows medians over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+import os
+import pathlib
+import platform
+import statistics
+import struct
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from sage.ftm import TensorArena, TensorDescriptor
+from sage.mailbox import Mailbox, PushStatus
+
+try:  # optional baseline (the `bench` extra)
+    import zmq
+except ImportError:  # pragma: no cover - reported in the table instead
+    zmq = None
+
+CTX = multiprocessing.get_context("fork")
+STAMP = struct.Struct("<Q")
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+# ---- transports: setup in the parent, sender in the parent, receiver in the forked child ----
+class SageRing:
+    """batch > 1: push_many / pop_many of up to `batch` records per lock."""
+
+    def __init__(self, wait: str, batch: int = 1, checksum: bool = True):
+        self.wait, self.batch, self.checksum = wait, batch, checksum
+        self.name = f"sage-{wait}" + (f"-b{batch}" if batch > 1 else "") + ("" if checksum else "-nocrc")
+
+    def setup(self, size: int) -> None:
+        self.box_name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.box = Mailbox.create(self.box_name, record_size=size, capacity=1024, checksum=self.checksum)
+
+    def send_many(self, payloads: list[bytes]) -> None:
+        while payloads:
+            pushed = self.box.push_many(payloads)
+            payloads = payloads[pushed:]
+            if payloads:
+                time.sleep(20e-6)  # full: let the consumer run
+
+    def sender(self):
+        push = self.box.push
+
+        def send(payload: bytes) -> None:
+            if push(payload, timeout=math.inf) is not PushStatus.OK:
+                raise RuntimeError("push failed")
+        return send
+
+    def receiver(self):
+        box = Mailbox.attach(self.box_name, wait=self.wait)
+        if self.batch > 1:
+            return lambda: [r.payload for r in box.pop_many(self.batch, timeout=math.inf)]
+        return lambda: box.pop(timeout=math.inf).payload
+
+    def close(self) -> None:
+        self.box.unlink()
+        self.box.close()
+
+
+class MpQueue:
+    name = "mp.Queue"
+
+    def setup(self, size: int) -> None:
+        self.queue = CTX.Queue()
+
+    def sender(self):
+        return self.queue.put
+
+    def receiver(self):
+        return self.queue.get
+
+    def close(self) -> None:
+        self.queue.close()
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = os.read(fd, n - got)
+        if not chunk:
+            raise EOFError("pipe closed")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class Pipe:
+    name = "os.pipe"
+
+    def setup(self, size: int) -> None:
+        self.r, self.w = os.pipe()
+
+    def sender(self):
+        w = self.w
+
+        def send(payload) -> None:
+            view = memoryview(struct.pack("<I", len(payload)) + payload)
+            while view:
+                view = view[os.write(w, view):]
+        return send
+
+    def receiver(self):
+        r = self.r
+
+        def recv() -> bytes:
+            return _read_exactly(r, struct.unpack("<I", _read_exactly(r, 4))[0])
+        return recv
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
+
+
+class Zmq:
+    name = "zmq ipc://"
+
+    def setup(self, size: int) -> None:
+        self.address = f"ipc:///tmp/bench-zmq-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.context = None
+
+    def sender(self):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.PUSH)
+        self.socket.connect(self.address)
+        return self.socket.send
+
+    def receiver(self):
+        socket = zmq.Context().socket(zmq.PULL)
+        socket.bind(self.address)
+        return socket.recv
+
+    def close(self) -> None:
+        if self.context is not None:
+            self.socket.close(linger=0)
+            self.context.term()
+
+
+def record_transports() -> list:
+    transports = [SageRing("spin"), SageRing("adaptive"), SageRing("sleep"), SageRing("adaptive", batch=64),
+                  SageRing("adaptive", batch=64, checksum=False), MpQueue(), Pipe()]
+    return transports + ([Zmq()] if zmq is not None else [])
+
+
+# ---- one measured run ----
+def _expect(conn, process, seconds: float = 300):
+    """The receiver's next message; an error naming the receiver if it died or hung."""
+    if not conn.poll(seconds):
+        process.kill()
+        raise RuntimeError(f"benchmark receiver {process.pid} sent nothing in {seconds} s "
+                           f"(exit code {process.exitcode})")
+    return conn.recv()
+
+
+def _receive(transport, count: int, conn, ack: bool) -> None:
+    recv = transport.receiver()
+    conn.send("ready")
+    latencies = np.empty(count, dtype=np.int64)
+    cpu, wall = time.process_time(), time.monotonic()
+    i = 0
+    while i < count:
+        data = recv()
+        now = time.monotonic_ns()
+        for one in data if isinstance(data, list) else (data,):
+            latencies[i] = now - STAMP.unpack_from(one)[0]
+            i += 1
+        if ack:
+            conn.send_bytes(b"k")
+    end = time.monotonic_ns()
+    conn.send((latencies, end, (time.process_time() - cpu) / (time.monotonic() - wall)))
+
+
+def run_records(transport, size: int, count: int, pace_s: float) -> dict:
+    transport.setup(size)
+    parent, child = CTX.Pipe()
+    receiver = CTX.Process(target=_receive, args=(transport, count, child, bool(pace_s)), daemon=True)
+    receiver.start()
+    try:
+        _expect(parent, receiver)
+        send, filler = transport.sender(), bytes(size - STAMP.size)
+        batch = getattr(transport, "batch", 1) if not pace_s else 1
+        start = time.monotonic_ns()
+        for first in range(0, count, batch):
+            if batch > 1:
+                transport.send_many([STAMP.pack(time.monotonic_ns()) + filler
+                                     for _ in range(min(batch, count - first))])
+            else:
+                send(STAMP.pack(time.monotonic_ns()) + filler)
+            if pace_s:  # one record in flight: wait for the receiver, then let it go idle
+                parent.recv_bytes()
+                time.sleep(pace_s)
+        latencies, end, cpu = _expect(parent, receiver)
+        receiver.join(30)
+    finally:
+        transport.close()
+    warm = latencies[count // 10:]  # the first records include connection set-up
+    return {"records_per_s": count / ((end - start) / 1e9), "p50_us": float(np.percentile(warm, 50)) / 1e3,
+            "p99_us": float(np.percentile(warm, 99)) / 1e3, "receiver_cpu": cpu}
+
+
+# ---- tensor hand-off ----
+def _tensor_receiver(kind: str, names: tuple, count: int, conn, queue, pipe_r) -> None:
+    if kind.startswith("sage"):
+        box, arena = Mailbox.attach(names[0], wait="adaptive"), TensorArena.attach(names[1])
+    elif kind == "zmq ipc://":
+        socket = zmq.Context().socket(zmq.PULL)
+        socket.bind(names[2])
+    conn.send("ready")
+    latencies = np.empty(count, dtype=np.int64)
+    for i in range(count):
+        if kind.startswith("sage"):
+            record = box.pop(timeout=math.inf)
+            lease = arena.open(TensorDescriptor.unpack(record.payload[8:]))
+            array, stamp = lease.array, STAMP.unpack_from(record.payload)[0]
+        elif kind == "mp.Queue":
+            stamp, array = queue.get()
+        elif kind == "os.pipe":
+            stamp, n = struct.unpack("<QQ", _read_exactly(pipe_r, 16))
+            array = np.frombuffer(_read_exactly(pipe_r, n), dtype=np.float32)
+        else:
+            stamp_part, data = socket.recv_multipart(copy=False)
+            stamp, array = STAMP.unpack(stamp_part.bytes)[0], np.frombuffer(data.buffer, dtype=np.float32)
+        latencies[i] = time.monotonic_ns() - stamp
+        assert array[-1] == i  # the receiver can read the tensor
+        if kind.startswith("sage"):
+            lease.release()
+        conn.send_bytes(b"k")
+    conn.send(latencies)
+
+
+def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    names = (f"bt-{tag}", f"ba-{tag}", f"ipc:///tmp/bench-zmq-{tag}")
+    box = arena = queue = None
+    pipe_r = pipe_w = -1
+    if kind.startswith("sage"):
+        box = Mailbox.create(names[0], record_size=8 + 128, capacity=64)
+        arena = TensorArena.create(names[1], buffer_size=nbytes, buffers=4)
+    elif kind == "mp.Queue":
+        queue = CTX.Queue()
+    elif kind == "os.pipe":
+        pipe_r, pipe_w = os.pipe()
+    parent, child = CTX.Pipe()
+    receiver = CTX.Process(target=_tensor_receiver, args=(kind, names, count, child, queue, pipe_r), daemon=True)
+    receiver.start()
+    try:
+        _expect(parent, receiver)
+        _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, names[2], parent)
+        latencies = _expect(parent, receiver)
+        receiver.join(60)
+    finally:
+        for segment in (box, arena):
+            if segment is not None:
+                segment.unlink()
+                segment.close()
+        for fd in (pipe_r, pipe_w):
+            if fd >= 0:
+                os.close(fd)
+    warm = latencies[max(1, count // 10):]
+    return {"p50_us": float(np.percentile(warm, 50)) / 1e3, "p99_us": float(np.percentile(warm, 99)) / 1e3}
+
+
+def _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, address, acks) -> None:
+    source = np.zeros(nbytes // 4, dtype=np.float32)
+    if kind == "zmq ipc://":
+        context = zmq.Context()
+        socket = context.socket(zmq.PUSH)
+        socket.connect(address)
+    for i in range(count):
+        source[-1] = i
+        if kind == "sage-ftm":
+            out = arena.alloc(source.shape, np.float32, timeout=10)
+            out.array[-1] = i  # the producer made the tensor in place; the hand-off starts now
+            stamp = time.monotonic_ns()
+            box.push(STAMP.pack(stamp) + arena.publish(out).pack(), timeout=math.inf)
+        elif kind == "sage-ftm-put":
+            stamp = time.monotonic_ns()
+            box.push(STAMP.pack(stamp) + arena.put(source, timeout=10).pack(), timeout=math.inf)
+        elif kind == "mp.Queue":
+            queue.put((time.monotonic_ns(), source.copy()))  # put pickles later, in a feeder thread
+        elif kind == "os.pipe":
+            view = memoryview(struct.pack("<QQ", time.monotonic_ns(), nbytes) + source.tobytes())
+            while view:
+                view = view[os.write(pipe_w, view):]
+        else:
+            socket.send_multipart([STAMP.pack(time.monotonic_ns()), source])
+        acks.recv_bytes()  # one tensor in flight: hand-off time, not queueing
+        time.sleep(pace_s)
+    if kind == "zmq ipc://":
+        socket.close(linger=-1)
+        context.term()
+
+
+# ---- the run ----
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
+def machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpus": os.cpu_count(), "machine": platform.machine(), "cpu_model": _cpu_model(), "commit": _commit(),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "zmq": None if zmq is None else zmq.__version__, "loadavg_at_start": load}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
+    parser.add_argument("--quick", action="store_true", help="fewer records per run (a smoke test)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON file (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    scale = 0.1 if args.quick else 1.0
+    result = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "repeats": args.repeats, "records": [], "tensor_1mib": [], "tensor_sweep": []}
+    print(f"# {result['machine']}  repeats={args.repeats} (medians)")
+    print(f"{'transport':<24} {'size':>6} {'records/s':>11} {'p50 us':>8} {'p99 us':>8} {'rx cpu':>7}")
+    for size in (64, 4096):
+        for transport in record_transports():
+            throughput = median_of([run_records(transport, size, int(20000 * scale), 0)
+                                    for _ in range(args.repeats)])
+            latency = median_of([run_records(transport, size, int(2000 * scale), 5e-4)
+                                 for _ in range(args.repeats)])
+            row = {"transport": transport.name, "size": size, "records_per_s": throughput["records_per_s"],
+                   "p50_us": latency["p50_us"], "p99_us": latency["p99_us"], "receiver_cpu": latency["receiver_cpu"]}
+            result["records"].append(row)
+            print(f"{row['transport']:<24} {size:>6} {row['records_per_s']:>11.0f} {row['p50_us']:>8.1f} "
+                  f"{row['p99_us']:>8.1f} {row['receiver_cpu']:>6.0%}", flush=True)
+    kinds = ["sage-ftm", "sage-ftm-put", "mp.Queue", "os.pipe"] + (["zmq ipc://"] if zmq is not None else [])
+    print(f"\n{'1 MiB tensor':<14} {'p50 us':>8} {'p99 us':>8}")
+    for kind in kinds:
+        row = {"transport": kind, **median_of([run_tensor(kind, 1 << 20, int(300 * scale) or 10, 2e-3)
+                                               for _ in range(args.repeats)])}
+        result["tensor_1mib"].append(row)
+        print(f"{kind:<14} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f}", flush=True)
+    print(f"\n{'sweep p50 us':<14} " + " ".join(f"{s >> 10:>8}K" for s in SWEEP))
+    for kind in ("sage-ftm", "sage-ftm-put", "os.pipe"):
+        cells = []
+        for nbytes in SWEEP:
+            count = max(10, int((300 if nbytes <= 1 << 20 else 40) * scale))
+            row = {"transport": kind, "nbytes": nbytes, **median_of([run_tensor(kind, nbytes, count, 2e-3)
+                                                                     for _ in range(args.repeats)])}
+            result["tensor_sweep"].append(row)
+            cells.append(row["p50_us"])
+        print(f"{kind:<14} " + " ".join(f"{c:>9.1f}" for c in cells), flush=True)
+    out = args.out or RESULTS / f"mailbox-cpu{os.cpu_count()}-{datetime.date.today().isoformat()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+SWEEP = (4 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The binary layout of SAGE's shared segments, version 1: what a C, C++ or CUDA-host producer needs.
+
+All integers are little-endian and naturally aligned; every index and counter is an 8-byte aligned
+u64, written with one store. Times are CLOCK_MONOTONIC nanoseconds (system-wide on Linux, so every
+process on the machine shares the clock). CRC32 is zlib's (the IEEE polynomial, `crc32()` of zlib).
+
+PBM ring file `pbm-<name>` (in /dev/shm, else the temp directory)
+-----------------------------------------------------------------
+Header, 4096 bytes; the immutable part [0, 80) is covered by `header_crc`:
+
+    off  size  field
+      0     4  magic            b"PBM1"
+      4     4  version          u32 = 1
+      8     4  header_size      u32 = 4096 (slot 0 starts here)
+     12     4  slot_header      u32 = 56 (payload offset inside a slot)
+     16     8  record_size      u64, largest payload in bytes
+     24     8  stride           u64, bytes per slot = round_up(56 + record_size, 64)
+     32     8  capacity         u64, slots
+     40     8  creator_pid      u64
+     48     8  creator_start    u64, clock ticks since boot (/proc/<pid>/stat field 22)
+     56    16  boot_id          the creator's /proc/sys/kernel/random/boot_id as 16 raw bytes
+     72     4  flags            u32, bit 0 PAYLOAD_CRC: slot crc covers the payload too (else bytes [16, 56))
+     76     4  reserved         0
+     80     4  header_crc       u32, crc32 of bytes [0, 80)
+     84     4  state            u32: 1 live, 2 retired (recreated or unlinked: handles must re-attach)
+    128     8  write_index      u64, records ever published (= pushed)
+    136     8  read_index       u64, records ever taken off the ring (popped + expired + torn)
+    144     8  full             u64, pushes answered FULL
+    152     8  too_big          u64, pushes answered TOO_BIG
+    160     8  expired          u64, records dropped at pop because their deadline had passed
+    168     8  torn             u64, records dropped at pop because seq or crc did not match
+    176     8  next_producer    u64, producer ids handed out so far
+    184     8  wake_until_ns    u64, a consumer sleeps on the doorbell until at least this time
+
+Slot i (record position p lives in slot p % capacity) at header_size + i * stride:
+
+    off  size  field
+      0     8  seq              u64 = p + 1 once the record at position p is written (0: never)
+      8     4  crc              u32, crc32 of bytes [16, 56 + length) (PAYLOAD_CRC) or [16, 56) of this slot
+     12     4  length           u32, payload bytes
+     16     4  producer         u32, producer id (from next_producer)
+     20     4  pid              u32, producer process id
+     24     8  producer_seq     u64, 0, 1, 2, ... per producer id
+     32     8  pushed_ns        u64
+     40     8  deadline_ns      u64, 0 = no ttl
+     48     4  tag              u32
+     52     4  reserved         0
+     56     -  payload
+
+Protocol (memory ordering): every access to the indices, counters and slots happens under an
+exclusive `flock(fd, LOCK_EX)` on the ring file (the whole file, per open file description). The
+lock's acquire and release are full barriers, so no other ordering is needed, and the kernel drops
+the lock of a process that dies: a producer killed inside the critical section leaves write_index
+unchanged and its half-written slot is overwritten by the next producer. Indices and counters are
+written with single aligned 8-byte stores, so no reader ever sees half an index.
+
+A producer (p = write_index):
+  1. flock(LOCK_EX); if the state word is not 1, unlock and re-attach.
+  2. if p - read_index == capacity: full += 1, unlock, answer FULL.
+  3. write the slot's bytes [16, 56 + length): body fields, then the payload.
+  4. write crc (PAYLOAD_CRC: crc32 over [16, 56 + length); else over [16, 56)), length, seq = p + 1.
+  5. write_index = p + 1: the commit point. Read wake_until_ns. flock(LOCK_UN).
+  6. if wake_until_ns > now: write one byte to the doorbell FIFO `pbm-<name>.bell` (open it
+     O_RDWR | O_NONBLOCK; EAGAIN means it is already full of rings and can be ignored).
+A consumer (r = read_index):
+  1. flock(LOCK_EX); while r < write_index: read slot r % capacity; if seq != r + 1 or the crc does
+     not match, read_index = r + 1, torn += 1 and go on; if 0 < deadline_ns <= now, read_index =
+     r + 1, expired += 1 and go on; else copy the payload out, read_index = r + 1 (the commit
+     point) and deliver it. flock(LOCK_UN).
+  2. to sleep: under the lock, if the ring is still empty, wake_until_ns = max(wake_until_ns, the
+     time it will wake up by itself); unlock; poll/select the doorbell; read it empty; go to 1.
+A CUDA kernel cannot take flock: a host thread owns the producer side and copies from the device.
+The unlocked read of read_index and write_index that sage does before taking the lock is only a
+hint (an empty ring costs no syscall); the decision is always re-made under the lock.
+
+FTM arena file `ftm-<name>`
+---------------------------
+Header, 4096 bytes ([0, 80) covered by header_crc, as for PBM):
+
+    off  size  field
+      0     4  magic            b"FTM1"
+      4     4  version          u32 = 1
+      8     4  header_size      u32 = 4096 (the buffer table starts here)
+     12     4  entry_size       u32 = 256 (one table entry per buffer)
+     16     8  buffer_size      u64, bytes per buffer, a multiple of 4096
+     24     8  buffers          u64
+     32     8  data_offset      u64, page-aligned start of buffer 0 (buffer i at data_offset + i * buffer_size)
+     40    32  creator_pid, creator_start, boot_id as in PBM (40, 48, 56)
+     72     8  flags, reserved  0, 0
+     80     4  header_crc       u32, crc32 of bytes [0, 80)
+     84     4  state            1 live, 2 retired
+    128     8  allocs, published, opened, released, reclaimed, expired, exhausted (u64 each, 128..184)
+
+Table entry for buffer i at header_size + i * 256:
+
+    off  size  field
+      0     4  state            u32: 0 free, 1 writing, 2 published
+      4     4  pending          u32, opens still expected for the published descriptor
+      8     8  generation       u64, bumped at every alloc; a descriptor names one generation
+     16     8  writer_pid       u64 (writing: the owner; reclaimed when it dies)
+     24     8  writer_start     u64
+     32     8  handoff_deadline u64, ns: pending opens lapse after it (0 = never)
+     40    24  reserved
+     64   192  8 leases of 24 bytes: pid u64 (0 = empty), start u64, expiry_ns u64 (0 = until released)
+
+A buffer returns to free when it is published, has no pending opens and no lease. Leases whose
+owner is dead or whose expiry passed, writers that died and pending opens past the hand-off
+deadline are reclaimed under the arena lock (flock on the arena file) at every alloc.
+
+FTM descriptor, 128 bytes (what travels through a PBM ring):
+
+    off  size  field
+      0     4  magic            b"FTD1"
+      4     2  version          u16 = 1
+      6     1  dtype            u8: 1 float16, 2 float32, 3 bfloat16, 4 int32
+      7     1  ndim             u8, 0..4
+      8    32  arena            the arena name, ASCII, NUL-padded
+     40     8  offset           u64, byte offset of element 0 from the start of the arena file
+     48     8  nbytes           u64
+     56     4  buffer           u32, buffer index
+     60     4  tag              u32
+     64     8  generation       u64
+     72    16  shape            u32[4] (unused dims 0)
+     88    32  strides          i64[4], bytes
+    120     8  deadline_ns      u64, 0 = no ttl
+"""
+
+from __future__ import annotations
+
+import struct
+
+VERSION = 1
+HEADER_SIZE = 4096
+CACHE_LINE = 64
+PAGE = 4096
+
+STATE_LIVE = 1
+STATE_RETIRED = 2
+
+# ---- PBM ----
+PBM_MAGIC = b"PBM1"
+PBM_SLOT_HEADER = 56
+PBM_FIXED = struct.Struct("<4sIIIQQQQQ16sII")  # [0, 80): magic .. boot_id, flags, reserved
+PBM_HEADER_CRC = 80
+PBM_STATE = 84
+PBM_PAYLOAD_CRC = 1
+PBM_COUNTERS_OFFSET = 128
+PBM_COUNTERS = ("write_index", "read_index", "full", "too_big", "expired", "torn", "next_producer",
+                "wake_until_ns")
+PBM_WRITE, PBM_READ, PBM_FULL, PBM_TOO_BIG, PBM_EXPIRED, PBM_TORN, PBM_NEXT_PRODUCER, PBM_WAKE_UNTIL = range(8)
+SLOT_HEAD = struct.Struct("<QII")  # at slot offset 0: seq, crc, length
+SLOT_BODY = struct.Struct("<IIQQQII")  # at slot offset 16: producer .. reserved, 40 bytes
+SLOT_BODY_OFFSET = 16
+
+
+def pbm_stride(record_size: int) -> int:
+    return -(-(PBM_SLOT_HEADER + record_size) // CACHE_LINE) * CACHE_LINE
+
+
+# ---- FTM ----
+FTM_MAGIC = b"FTM1"
+FTM_FIXED = PBM_FIXED  # the same prefix shape
+FTM_HEADER_CRC = PBM_HEADER_CRC
+FTM_STATE = PBM_STATE
+FTM_COUNTERS_OFFSET = 128
+FTM_COUNTERS = ("allocs", "published", "opened", "released", "reclaimed", "expired", "exhausted")
+FTM_ENTRY_SIZE = 256
+FTM_LEASES = 8
+FTM_LEASE_OFFSET = 64
+# Entry viewed as 32 u64 words: word 0 packs state (low u32) and pending (high u32).
+ENTRY_STATE_PENDING, ENTRY_GENERATION, ENTRY_WRITER_PID, ENTRY_WRITER_START, ENTRY_HANDOFF_DEADLINE = range(5)
+BUF_FREE, BUF_WRITING, BUF_PUBLISHED = 0, 1, 2
+
+FTD_MAGIC = b"FTD1"
+DESCRIPTOR = struct.Struct("<4sHBB32sQQIIQ4I4qQ")

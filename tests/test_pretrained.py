@@ -1,0 +1,92 @@
+"""The shipped Sudoku model: it loads without torch, really solves held-out puzzles, and damaged files are
+refused with one clear error."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from hrm_jax import pretrained
+from hrm_jax.data.sudoku_solver import is_valid_solution
+from hrm_jax.evaluate import rollout
+
+# Held-out puzzles of each band the test solves (the first ones of the shipped sample file).
+PER_BAND = 8
+# The model card's exact accuracy on the full held-out sets, all 16 segments (hrm_jax/weights/sudoku/MODEL_CARD.md).
+CARD_RATE = {"news": 0.988, "17clue": 0.745}
+
+
+def read_sample(name: str = "sudoku") -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    bands: dict[str, list] = {}
+    for line in (pretrained.model_dir(name) / "heldout.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            band, puzzle, solution = line.split()
+            grid = np.array([0 if c == "." else int(c) for c in puzzle], np.int8)
+            bands.setdefault(band, []).append((grid, np.array([int(c) for c in solution], np.int8)))
+    return bands
+
+
+def binomial_floor(n: int, p: float, tail: float = 1e-4) -> int:
+    """The largest k with P(X < k) <= tail for X ~ Binomial(n, p): a count below it means the rate is off."""
+    cdf, k = 0.0, 0
+    while k <= n:
+        cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+        if cdf > tail:
+            return k
+        k += 1
+    return n
+
+
+def test_the_shipped_model_solves_held_out_puzzles():
+    params, config = pretrained.load_pretrained("sudoku")
+    sample = read_sample()
+    grids = [(band, g, s) for band in CARD_RATE for g, s in sample[band][:PER_BAND]]
+    inputs = np.stack([g for _, g, _ in grids]).astype(np.int32) + 1  # blank 1, digit d -> d + 1
+    batch = {"inputs": inputs, "labels": np.stack([s for _, _, s in grids]).astype(np.int32) + 1,
+             "puzzle_identifiers": np.zeros(len(grids), np.int32)}
+    out = jax.jit(rollout, static_argnames=("config", "loss_type"))(params, config.replace(forward_dtype="float32"),
+                                                                    batch)
+    answers = np.asarray(out["predictions"]) - 1
+    for band in CARD_RATE:
+        solved = sum(is_valid_solution(g, a.astype(np.int8)) and np.array_equal(a, s)
+                     for (b, g, s), a in zip(grids, answers) if b == band)
+        assert solved >= binomial_floor(PER_BAND, CARD_RATE[band]), (band, solved)
+
+
+def test_a_damaged_weights_file_is_refused_with_one_line(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained.model_dir("sudoku"), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(pretrained.PretrainedError, match="unreadable weights"):
+        pretrained.load_folder(folder)
+
+
+def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(pretrained.model_dir("sudoku"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+    with pytest.raises(pretrained.PretrainedError, match="does not match"):
+        pretrained.load_folder(folder)
+
+
+def test_unknown_model_names_list_what_is_shipped():
+    with pytest.raises(pretrained.PretrainedError, match="shipped: .*sudoku"):
+        pretrained.model_dir("chess")
+
+
+def test_save_and_load_round_trip(tmp_path):
+    params, config = pretrained.load_pretrained("sudoku")
+    pretrained.save_pretrained(tmp_path, params, config, dtype="float32")
+    again, config_again = pretrained.load_folder(tmp_path)
+    assert config_again == config
+    flat, flat_again = pretrained.flatten_params(params), pretrained.flatten_params(again)
+    assert flat.keys() == flat_again.keys()
+    for key in flat:
+        np.testing.assert_array_equal(flat[key], flat_again[key])

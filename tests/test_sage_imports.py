@@ -1,0 +1,15 @@
+"""sage's salience, store, memory, weights pointer and CLI dispatch import without JAX (an edge
+device may serve through another backend); only sage.sleep and sage.replay need it."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_numpy_only_modules_do_not_import_jax():
+    code = ("import sys, sage.salience, sage.experience, sage.fast_memory, sage.weights, sage.__main__; "
+            "print(sorted(m for m in ('jax', 'hrm_jax', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,348 @@
+"""PBM mailbox in one process: layout and version, every bad input, a hypothesis model of arbitrary
+push / pop / expiry interleavings against a deque, torn-slot detection, stale-segment recovery."""
+
+from __future__ import annotations
+
+import collections
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from sage import layout
+from sage.mailbox import (
+    Mailbox,
+    MailboxCorruptError,
+    MailboxExistsError,
+    MailboxNotFoundError,
+    MailboxRetiredError,
+    PushStatus,
+)
+from sage.shm import segment_path
+from tests.sage_helpers import remove_segments, rewrite_header, unique_name
+
+
+@pytest.fixture
+def name():
+    n = unique_name()
+    yield n
+    remove_segments(n)
+
+
+def test_layout_constants_are_version_1():
+    assert layout.VERSION == 1 and layout.PBM_MAGIC == b"PBM1" and layout.FTM_MAGIC == b"FTM1"
+    assert layout.PBM_FIXED.size == layout.PBM_HEADER_CRC == 80 and layout.PBM_STATE == 84
+    assert layout.SLOT_BODY_OFFSET + layout.SLOT_BODY.size == layout.PBM_SLOT_HEADER == 56
+    assert layout.DESCRIPTOR.size == 128 and layout.FTM_LEASE_OFFSET + 24 * layout.FTM_LEASES == layout.FTM_ENTRY_SIZE
+    assert [layout.pbm_stride(n) for n in (1, 8, 9, 64, 4096)] == [64, 64, 128, 128, 4160]
+
+
+def test_file_bytes_match_the_documented_offsets(name):
+    """Read a ring's file with struct alone, as a C program would, at the offsets of sage.layout."""
+    box = Mailbox.create(name, record_size=100, capacity=3)
+    box.push(b"abc", tag=9)
+    box.push(b"defg", tag=10)
+    box.pop()
+    raw = segment_path("pbm", name).read_bytes()
+    magic, version, header_size, slot_header, record_size, stride, capacity, pid = struct.unpack_from(
+        "<4sIIIQQQQ", raw, 0)
+    assert (magic, version, header_size, slot_header) == (b"PBM1", 1, 4096, 56)
+    assert (record_size, stride, capacity, pid) == (100, 192, 3, os.getpid())
+    assert struct.unpack_from("<II", raw, 72) == (1, 0)  # flags: PAYLOAD_CRC
+    assert struct.unpack_from("<I", raw, 80)[0] == zlib.crc32(raw[:80])
+    assert struct.unpack_from("<I", raw, 84)[0] == 1
+    assert struct.unpack_from("<8Q", raw, 128)[:2] == (2, 1)  # write_index, read_index
+    slot = 4096 + 1 * 192
+    seq, crc, length = struct.unpack_from("<QII", raw, slot)
+    producer, _pid, pseq, _pushed, deadline, tag, _ = struct.unpack_from("<IIQQQII", raw, slot + 16)
+    assert (seq, length, producer, pseq, deadline, tag) == (2, 4, 0, 1, 0, 10)
+    assert raw[slot + 56:slot + 60] == b"defg" and zlib.crc32(raw[slot + 16:slot + 60]) == crc
+    assert len(raw) == 4096 + 3 * 192
+    box.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"record_size": 0, "capacity": 4}, "record_size"),
+    ({"record_size": -3, "capacity": 4}, "record_size"),
+    ({"record_size": 1.5, "capacity": 4}, "record_size"),
+    ({"record_size": 64, "capacity": 0}, "capacity"),
+    ({"record_size": 64, "capacity": True}, "capacity"),
+    ({"record_size": 64 << 20, "capacity": 1000}, "needs"),
+    ({"record_size": 64, "capacity": 4, "wait": "busy"}, "wait"),
+    ({"record_size": 64, "capacity": 4, "stale": "keep"}, "stale"),
+])
+def test_bad_geometry_is_one_clear_error(name, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Mailbox.create(name, **kwargs)
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "../x", "-lead", "x" * 101, 7])
+def test_bad_names(bad):
+    with pytest.raises(ValueError, match="bad segment name"):
+        Mailbox.create(bad, record_size=8, capacity=2)
+
+
+def test_missing_mailbox(name):
+    with pytest.raises(MailboxNotFoundError, match="no mailbox named"):
+        Mailbox.attach(name)
+
+
+def test_bad_push_arguments_and_closed_handle(name):
+    box = Mailbox.create(name, record_size=8, capacity=2)
+    assert box.push(b"123456789") is PushStatus.TOO_BIG
+    for kwargs, match in [({"tag": -1}, "tag"), ({"tag": 2**32}, "tag"), ({"ttl": -1}, "ttl"),
+                          ({"ttl": float("nan")}, "ttl"), ({"ttl": "1"}, "ttl")]:
+        with pytest.raises(ValueError, match=match):
+            box.push(b"x", **kwargs)
+    assert box.stats().too_big == 1 and box.stats().pushed == 0
+    box.close()
+    box.close()
+    with pytest.raises(ValueError, match="closed"):
+        box.push(b"x")
+    with pytest.raises(ValueError, match="closed"):
+        box.pop()
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"magic": b"XXXX"}, "not a mailbox"),
+    ({"version": 2}, "layout version 2"),
+    ({"b": 64}, "geometry"),
+])
+def test_corrupted_header_is_refused(name, edit, match):
+    Mailbox.create(name, record_size=100, capacity=3).close()
+    rewrite_header(segment_path("pbm", name), **edit)
+    with pytest.raises(MailboxCorruptError, match=match):
+        Mailbox.attach(name)
+    if "magic" in edit or "version" in edit:  # the prefix itself is unreadable: create refuses too
+        with pytest.raises(MailboxCorruptError, match=match):
+            Mailbox.create(name, record_size=100, capacity=3)
+
+
+def test_scribbled_header_and_truncated_file(name):
+    Mailbox.create(name, record_size=100, capacity=3).close()
+    path = segment_path("pbm", name)
+    with open(path, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff")
+    with pytest.raises(MailboxCorruptError, match="checksum"):
+        Mailbox.attach(name)
+    os.truncate(path, 100)
+    with pytest.raises(MailboxCorruptError, match="shorter"):
+        Mailbox.attach(name)
+
+
+def test_torn_slot_is_counted_and_not_delivered(name):
+    box = Mailbox.create(name, record_size=32, capacity=4)
+    for payload in (b"first", b"second", b"third"):
+        box.push(payload)
+    with open(segment_path("pbm", name), "r+b") as f:  # flip a payload byte of the second slot
+        f.seek(4096 + 128 + 56)  # stride 128 for record_size 32
+        f.write(b"S")
+    assert [box.pop().payload, box.pop().payload, box.pop()] == [b"first", b"third", None]
+    stats = box.stats()
+    assert (stats.pushed, stats.popped, stats.torn, stats.depth) == (3, 2, 1, 0)
+    box.close()
+
+
+def test_without_payload_checksum_the_header_stays_covered(name):
+    box = Mailbox.create(name, record_size=32, capacity=4, checksum=False)
+    assert Mailbox.attach(name).checksum is False
+    box.push(b"payload")
+    box.push(b"second")
+    with open(segment_path("pbm", name), "r+b") as f:
+        f.seek(4096 + 56)  # a payload byte: not covered, delivered as written
+        f.write(b"P")
+        f.seek(4096 + 128 + 48)  # the second record's tag: covered
+        f.write(b"\x07")
+    assert box.pop().payload == b"Payload" and box.pop() is None and box.stats().torn == 1
+    box.close()
+
+
+def test_batches_keep_order_and_report_full(name):
+    box = Mailbox.create(name, record_size=8, capacity=3)
+    assert box.push_many([b"a", b"b", b"c", b"d"]) == 3 and box.stats().full == 1
+    assert [r.payload for r in box.pop_many(2)] == [b"a", b"b"]
+    assert [r.seq for r in box.pop_many(5)] == [2] and box.pop_many(5) == []
+    with pytest.raises(ValueError, match="max_records"):
+        box.pop_many(0)
+    box.close()
+
+
+def test_live_create_refused_and_unlink_retires_handles(name):
+    box = Mailbox.create(name, record_size=8, capacity=2)
+    other = Mailbox.attach(name)
+    with pytest.raises(MailboxExistsError, match="alive"):
+        Mailbox.create(name, record_size=8, capacity=2)
+    box.unlink()
+    with pytest.raises(MailboxRetiredError, match="attach again"):
+        other.push(b"x")
+    with pytest.raises(MailboxNotFoundError):
+        Mailbox.attach(name)
+    box.close()
+    other.close()
+
+
+def _leave_stale_ring(name: str, payloads: list[bytes]) -> None:
+    """A child process creates the ring, pushes, and exits without cleaning up (a crashed owner)."""
+    code = (f"from sage.mailbox import Mailbox\nb = Mailbox.create({name!r}, record_size=16, capacity=4)\n"
+            f"for p in {payloads!r}: b.push(p)\nimport os; os._exit(0)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_stale_ring_is_reset_at_create_and_old_handles_retire(name):
+    _leave_stale_ring(name, [b"old"])
+    reader = Mailbox.attach(name)  # attaching to a dead owner's ring still works ...
+    assert reader.stats().owner_alive is False and reader.stats().depth == 1
+    fresh = Mailbox.create(name, record_size=16, capacity=4)  # ... and a create resets it
+    assert fresh.stats().depth == 0 and fresh.stats().owner_alive
+    with pytest.raises(MailboxRetiredError):
+        reader.pop()
+    assert fresh.push(b"new") is PushStatus.OK
+    assert Mailbox.attach(name).pop().payload == b"new"
+    reader.close()
+    fresh.close()
+
+
+def test_stale_ring_adopted_keeps_records(name):
+    _leave_stale_ring(name, [b"a", b"b"])
+    box = Mailbox.create(name, record_size=16, capacity=4, stale="adopt")
+    assert box.stats().owner_alive and [box.pop().payload, box.pop().payload] == [b"a", b"b"]
+    with pytest.raises(MailboxExistsError):
+        Mailbox.create(name, record_size=16, capacity=4, stale="adopt")
+    box.close()
+
+
+@pytest.mark.parametrize("edit", [{"creator_start": 1}, {"boot_id": b"\x01" * 16}])
+def test_recycled_pid_or_other_boot_counts_as_stale(name, edit):
+    """Our own pid in the header with another start time (a recycled pid), or another boot id."""
+    Mailbox.create(name, record_size=16, capacity=4).close()
+    rewrite_header(segment_path("pbm", name), **edit)
+    box = Mailbox.create(name, record_size=16, capacity=4)
+    assert box.stats().owner_alive
+    box.close()
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 10**12
+
+    def __call__(self) -> int:
+        return self.now
+
+
+SECOND = 10**9
+
+
+class MailboxModel(RuleBasedStateMachine):
+    """Two producer handles and two consumer handles on one ring against a deque of what must be
+    there; ttl in whole fake-clock seconds so expiry is exact."""
+
+    @initialize(capacity=st.integers(1, 6))
+    def setup(self, capacity):
+        self.name = unique_name("hyp")
+        self.clock = FakeClock()
+        self.boxes = [Mailbox.create(self.name, record_size=16, capacity=capacity)]
+        self.boxes += [Mailbox.attach(self.name) for _ in range(3)]
+        for box in self.boxes:
+            box._clock = self.clock
+        self.capacity = capacity
+        self.model: collections.deque = collections.deque()
+        self.ids: dict[int, int] = {}
+        self.next_seq = [0, 0]
+        self.counts = collections.Counter()
+
+    @rule(producer=st.integers(0, 1), payload=st.binary(max_size=20), tag=st.integers(0, 2**32 - 1),
+          ttl=st.sampled_from([None, 0, 1, 2, 5]))
+    def push(self, producer, payload, tag, ttl):
+        status = self.boxes[producer].push(payload, tag=tag, ttl=ttl)
+        if len(payload) > 16:
+            expected = PushStatus.TOO_BIG
+        elif len(self.model) == self.capacity:
+            expected = PushStatus.FULL
+        else:
+            expected = PushStatus.OK
+            self.ids.setdefault(producer, len(self.ids))
+            deadline = None if ttl is None else self.clock.now + ttl * SECOND
+            self.model.append((payload, producer, self.next_seq[producer], tag, deadline))
+            self.next_seq[producer] += 1
+        assert status is expected
+        self.counts[expected] += 1
+
+    @rule(producer=st.integers(0, 1), payloads=st.lists(st.binary(max_size=18), max_size=4),
+          ttl=st.sampled_from([None, 1]))
+    def push_many(self, producer, payloads, ttl):
+        if any(len(p) > 16 for p in payloads):
+            with pytest.raises(ValueError, match="record_size"):
+                self.boxes[producer].push_many(payloads, ttl=ttl)
+            return
+        fits = min(len(payloads), self.capacity - len(self.model))
+        assert self.boxes[producer].push_many(payloads, tag=1, ttl=ttl) == fits
+        for payload in payloads[:fits]:
+            self.ids.setdefault(producer, len(self.ids))
+            deadline = None if ttl is None else self.clock.now + ttl * SECOND
+            self.model.append((payload, producer, self.next_seq[producer], 1, deadline))
+            self.next_seq[producer] += 1
+        self.counts[PushStatus.OK] += fits
+        self.counts[PushStatus.FULL] += fits < len(payloads)
+
+    def expected_pop(self):
+        while self.model and self.model[0][4] is not None and self.model[0][4] <= self.clock.now:
+            self.model.popleft()
+            self.counts["expired"] += 1
+        if not self.model:
+            return None
+        payload, producer, seq, tag, _ = self.model.popleft()
+        self.counts["popped"] += 1
+        return payload, self.ids[producer], seq, tag
+
+    @rule(consumer=st.integers(2, 3))
+    def pop(self, consumer):
+        record = self.boxes[consumer].pop()
+        expected = self.expected_pop()
+        assert (None if record is None else (record.payload, record.producer, record.seq, record.tag)) == expected
+
+    @rule(consumer=st.integers(2, 3), most=st.integers(1, 4))
+    def pop_many(self, consumer, most):
+        got = [(r.payload, r.producer, r.seq, r.tag) for r in self.boxes[consumer].pop_many(most)]
+        expected = []
+        while len(expected) < most and (one := self.expected_pop()) is not None:
+            expected.append(one)
+        assert got == expected
+
+    @rule(seconds=st.integers(1, 3))
+    def advance(self, seconds):
+        self.clock.now += seconds * SECOND
+
+    @precondition(lambda self: hasattr(self, "model"))
+    @invariant()
+    def counters_match(self):
+        stats = self.boxes[0].stats()
+        assert stats.depth == len(self.model)
+        assert stats.pushed == self.counts[PushStatus.OK] and stats.full == self.counts[PushStatus.FULL]
+        assert stats.too_big == self.counts[PushStatus.TOO_BIG]
+        assert (stats.popped, stats.expired, stats.torn) == (self.counts["popped"], self.counts["expired"], 0)
+
+    def teardown(self):
+        if hasattr(self, "boxes"):
+            for box in self.boxes:
+                box.close()
+            remove_segments(self.name)
+
+
+MailboxModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                          suppress_health_check=[HealthCheck.too_slow])
+test_mailbox_against_deque_model = MailboxModel.TestCase
+
+
+def test_sage_imports_without_jax_or_torch():
+    code = ("import sys; import sage.mailbox, sage.ftm, sage.schedule, sage.layout; "
+            "print(sorted(m for m in ('jax', 'torch', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.strip() == "[]"

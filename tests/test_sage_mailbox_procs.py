@@ -1,0 +1,209 @@
+"""PBM mailbox across processes: 4 producers x 2 consumers with one producer SIGKILLed while it holds
+the lock and one killed at a random point; a consumer killed inside pop; a sleeping consumer woken
+by the doorbell without spinning a core."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from sage import mailbox as mailbox_module
+from sage.mailbox import Mailbox, PushStatus
+from tests.sage_helpers import remove_segments, unique_name
+
+CTX = multiprocessing.get_context("fork")  # children attach by name, like unrelated processes
+STOP_TAG = 99
+PER_PRODUCER = 5000
+HOLD_AT = 300
+
+
+@pytest.fixture
+def name():
+    n = unique_name("mp")
+    yield n
+    remove_segments(n)
+
+
+def make_payload(index: int, i: int) -> bytes:
+    """8..59 bytes: producer index, record number, filler, then a CRC32 of everything before it."""
+    body = struct.pack("<II", index, i) + bytes((index * 31 + i + k) % 251 for k in range((i * 7) % 48))
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def check_payload(payload: bytes) -> tuple[int, int, bool]:
+    index, i = struct.unpack_from("<II", payload)
+    return index, i, zlib.crc32(payload[:-4]) == struct.unpack_from("<I", payload, len(payload) - 4)[0]
+
+
+def _produce(name: str, index: int, count: int, hold_at: int | None, signal_fd: int | None) -> None:
+    box = Mailbox.attach(name)
+    if hold_at is not None:
+        def hold_inside_lock(where: str) -> None:
+            if where == "push" and box._producer_seq == hold_at:
+                os.write(signal_fd, b"h")  # half the payload is written and the lock is held
+                time.sleep(3600)
+        box._test_hook = hold_inside_lock
+    for i in range(count):
+        if box.push(make_payload(index, i), timeout=60) is not PushStatus.OK:
+            os._exit(3)
+    box.close()
+
+
+def _consume(name: str, out_path: str) -> None:
+    box = Mailbox.attach(name)
+    rows = []
+    give_up = time.monotonic() + 120
+    while time.monotonic() < give_up:
+        record = box.pop(timeout=1.0)
+        if record is None:
+            continue
+        if record.tag == STOP_TAG:
+            break
+        index, i, ok = check_payload(record.payload)
+        rows.append((record.producer, record.seq, index, i, ok))
+    np.save(out_path, np.array(rows, dtype=np.int64).reshape(-1, 5))
+    box.close()
+
+
+def _start(target, *args) -> multiprocessing.Process:
+    process = CTX.Process(target=target, args=args, daemon=True)
+    process.start()
+    return process
+
+
+def test_four_producers_two_consumers_with_two_producers_killed(name, tmp_path):
+    box = Mailbox.create(name, record_size=64, capacity=64)
+    read_fd, write_fd = os.pipe()
+    outs = [str(tmp_path / f"consumer{c}.npy") for c in range(2)]
+    consumers = [_start(_consume, name, out) for out in outs]
+    producers = [_start(_produce, name, index, PER_PRODUCER, None, None) for index in range(4)]
+    holder = _start(_produce, name, 4, 10**9, HOLD_AT, write_fd)
+    runaway = _start(_produce, name, 5, 10**9, None, None)
+
+    assert os.read(read_fd, 1) == b"h"  # the holder is inside the critical section, half-way
+    time.sleep(0.3)  # everyone else piles up on the lock
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    time.sleep(0.2)
+    os.kill(runaway.pid, signal.SIGKILL)  # wherever it is: in the lock or not
+    runaway.join()
+    for process in producers:
+        process.join(90)
+        assert process.exitcode == 0
+    for _ in consumers:
+        assert box.push(b"", tag=STOP_TAG, timeout=30) is PushStatus.OK
+    for process in consumers:
+        process.join(60)
+        assert process.exitcode == 0
+    rows = [np.load(out) for out in outs]
+    everything = np.concatenate(rows)
+
+    assert everything[:, 4].all(), "a torn or corrupted payload was delivered"
+    assert (everything[:, 1] == everything[:, 3]).all(), "Record.seq differs from the producer's count"
+    ids = {index: set(everything[everything[:, 2] == index, 0].tolist()) for index in range(6)}
+    assert all(len(v) == 1 for v in ids.values()) and len(set.union(*ids.values())) == 6
+    for index in range(6):
+        got = np.sort(everything[everything[:, 2] == index, 3])
+        expected = {4: HOLD_AT}.get(index, PER_PRODUCER if index < 4 else len(got))
+        assert np.array_equal(got, np.arange(expected)), f"producer {index}: lost, duplicated or torn records"
+    for part in rows:  # FIFO per producer, as each consumer sees it
+        for index in range(6):
+            seqs = part[part[:, 2] == index, 1]
+            assert (np.diff(seqs) > 0).all(), f"producer {index}'s records reordered"
+    stats = box.stats()
+    total = len(everything) + len(consumers)
+    assert (stats.pushed, stats.popped, stats.depth, stats.torn, stats.expired) == (total, total, 0, 0, 0)
+    assert stats.producers == 6 + 1
+    box.close()
+
+
+def _consume_and_hold(name: str, signal_fd: int) -> None:
+    box = Mailbox.attach(name)
+
+    def hold_before_commit(where: str) -> None:
+        os.write(signal_fd, b"c")  # the record is read but read_index not yet advanced
+        time.sleep(3600)
+    box._test_hook = hold_before_commit
+    box.pop(timeout=10)
+
+
+def test_consumer_killed_inside_pop_loses_nothing_and_wedges_no_producer(name):
+    box = Mailbox.create(name, record_size=16, capacity=4)
+    for payload in (b"a", b"b", b"c"):
+        box.push(payload)
+    read_fd, write_fd = os.pipe()
+    consumer = _start(_consume_and_hold, name, write_fd)
+    assert os.read(read_fd, 1) == b"c"
+    os.kill(consumer.pid, signal.SIGKILL)
+    consumer.join()
+    assert box.push(b"d") is PushStatus.OK  # the dead consumer's lock is gone
+    start = time.monotonic()
+    assert box.push(b"e", timeout=0.2) is PushStatus.FULL  # nobody consumes: FULL after the timeout
+    assert 0.15 < time.monotonic() - start < 5
+    assert [box.pop().payload for _ in range(4)] == [b"a", b"b", b"c", b"d"]
+    stats = box.stats()
+    assert (stats.pushed, stats.popped, stats.full, stats.depth) == (4, 4, 1, 0)
+    box.close()
+
+
+def _sleep_then_report(name: str, conn) -> None:
+    mailbox_module._SLEEP_SLICE_NS = 60 * 10**9  # only the doorbell can wake it within the test
+    box = Mailbox.attach(name, wait="sleep")
+    conn.send("ready")
+    cpu, wall = time.process_time(), time.monotonic()
+    record = box.pop(timeout=30)
+    conn.send((record.payload, time.monotonic() - wall, time.process_time() - cpu))
+
+
+def test_sleeping_consumer_is_woken_by_the_doorbell_without_spinning(name):
+    box = Mailbox.create(name, record_size=16, capacity=4)
+    parent, child = CTX.Pipe()
+    consumer = _start(_sleep_then_report, name, child)
+    assert parent.recv() == "ready"
+    time.sleep(1.0)
+    box.push(b"wake")
+    payload, waited, cpu = parent.recv()
+    consumer.join(10)
+    assert payload == b"wake" and 0.8 < waited < 10
+    assert cpu < 0.3, f"the waiting consumer used {cpu:.2f} s of CPU in {waited:.2f} s: it spun"
+    box.close()
+
+
+def _push_with_inherited_handle(box: Mailbox, count: int) -> None:
+    for i in range(count):
+        if box.push(make_payload(1, i), timeout=60) is not PushStatus.OK:
+            os._exit(3)
+
+
+def test_a_forked_child_using_its_parents_handle_is_a_separate_producer(name):
+    """Without a description of its own, the child would share the parent's flock (no exclusion)
+    and its producer id (merged sequences)."""
+    box = Mailbox.create(name, record_size=64, capacity=4096)  # room for everything: no waiting on FULL
+    box.push(make_payload(0, 0))  # the parent takes producer id 0 before the fork
+    child = _start(_push_with_inherited_handle, box, 2000)
+    reader = Mailbox.attach(name)
+    got = {0: [], 1: []}
+    for i in range(1, 2000):
+        assert box.push(make_payload(0, i), timeout=60) is PushStatus.OK
+        while (record := reader.pop()) is not None:
+            index, number, ok = check_payload(record.payload)
+            assert ok
+            got[index].append((record.producer, record.seq, number))
+    child.join(60)
+    assert child.exitcode == 0
+    for record in iter(reader.pop, None):
+        index, number, _ = check_payload(record.payload)
+        got[index].append((record.producer, record.seq, number))
+    for index in (0, 1):
+        producers, seqs, numbers = zip(*got[index], strict=True)
+        assert len(set(producers)) == 1 and list(seqs) == list(numbers) == list(range(2000))
+    assert got[0][0][0] != got[1][0][0]
+    box.close()
+    reader.close()
