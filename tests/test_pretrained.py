@@ -21,16 +21,6 @@ PER_BAND = 8
 CARD_RATE = {"news": 0.988, "17clue": 0.745}
 
 
-def read_sample(name: str = "sudoku") -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    bands: dict[str, list] = {}
-    for line in (pretrained.model_dir(name) / "heldout.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            band, puzzle, solution = line.split()
-            grid = np.array([0 if c == "." else int(c) for c in puzzle], np.int8)
-            bands.setdefault(band, []).append((grid, np.array([int(c) for c in solution], np.int8)))
-    return bands
-
-
 def binomial_floor(n: int, p: float, tail: float = 1e-4) -> int:
     """The largest k with P(X < k) <= tail for X ~ Binomial(n, p): a count below it means the rate is off."""
     cdf, k = 0.0, 0
@@ -44,7 +34,7 @@ def binomial_floor(n: int, p: float, tail: float = 1e-4) -> int:
 
 def test_the_shipped_model_solves_held_out_puzzles():
     params, config = pretrained.load_pretrained("sudoku")
-    sample = read_sample()
+    sample = pretrained.heldout_sample()
     grids = [(band, g, s) for band in CARD_RATE for g, s in sample[band][:PER_BAND]]
     inputs = np.stack([g for _, g, _ in grids]).astype(np.int32) + 1  # blank 1, digit d -> d + 1
     batch = {"inputs": inputs, "labels": np.stack([s for _, _, s in grids]).astype(np.int32) + 1,
@@ -79,6 +69,16 @@ def test_a_config_that_does_not_match_the_weights_is_refused(tmp_path):
 def test_unknown_model_names_list_what_is_shipped():
     with pytest.raises(pretrained.PretrainedError, match="shipped: .*sudoku"):
         pretrained.model_dir("chess")
+
+
+def test_the_held_out_sample_has_its_bands_and_true_solutions():
+    sample = pretrained.heldout_sample()
+    assert {band: len(items) for band, items in sample.items()} == {"news": 100, "17clue": 100, "hardest": 50}
+    for band, items in sample.items():
+        for puzzle, solution in items:
+            assert is_valid_solution(puzzle, solution), band
+            clues = int((puzzle > 0).sum())
+            assert (22 <= clues <= 35) if band == "news" else (clues == 17 if band == "17clue" else clues >= 17)
 
 
 def test_save_and_load_round_trip(tmp_path):
