@@ -90,3 +90,39 @@ def test_save_and_load_round_trip(tmp_path):
     assert flat.keys() == flat_again.keys()
     for key in flat:
         np.testing.assert_array_equal(flat[key], flat_again[key])
+
+
+def test_solve_a_file_with_the_shipped_model_prints_json_and_skips_bad_lines(tmp_path, capsys):
+    from experiments import sudoku
+
+    sample = pretrained.heldout_sample()["news"][:2]
+    lines = ["# two held-out puzzles and a bad line", sample[0][0], "12345", sample[1][0]]
+    path = tmp_path / "puzzles.txt"
+    path.write_text("\n".join(line if isinstance(line, str) else "".join(map(str, line)) for line in lines) + "\n")
+    assert sudoku.main(["solve", "--model", "pretrained", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "puzzles.txt:3: skipped: a Sudoku has 81 cells, got 5 characters" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["line"] for r in rows] == [2, 4]
+    for row, (puzzle, solution) in zip(rows, sample):
+        assert row["valid"] and row["solution"] == "".join(map(str, solution)) and 1 <= row["steps"] <= 16
+        assert row["puzzle"] == "".join("." if v == 0 else str(v) for v in puzzle)
+
+
+def test_a_file_without_any_puzzle_is_one_line(tmp_path, capsys):
+    from experiments import sudoku
+
+    path = tmp_path / "empty.txt"
+    path.write_text("# nothing\nnot a puzzle\n")
+    assert sudoku.main(["solve", str(path)]) == 2
+    assert "no puzzle to solve (1 bad lines)" in capsys.readouterr().err
+
+
+def test_export_torch_writes_the_shipped_model_under_the_reference_names(tmp_path):
+    import export.__main__ as export_cli
+    from export.convert import load_state_dict
+
+    out = tmp_path / "sudoku.safetensors"
+    assert export_cli.main(["torch", "--model", "pretrained", "--out", str(out)]) == 0
+    state_dict = load_state_dict(out)
+    assert "H_init" in "".join(state_dict) and len(state_dict) == 22
