@@ -9,8 +9,9 @@ is idle and has to be woken), with the receiver's CPU use while
 it waits (100% = it spins a core). Tensors: one-way hand-off time until the receiver holds a
 readable numpy array (again one in flight), for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the
 zero-copy path (the producer wrote into the arena; the hand-off is publish + descriptor + open);
-sage-ftm-put starts from an existing array (one copy into the arena). Sender and receiver are two
-processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
+sage-ftm-put starts from an existing array (one copy into the arena). CPU cost: microseconds of
+CPU per record for a send and a receive made back to back in one process (no wake-up involved). Sender and
+receiver are two processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
 --repeats times in a fresh receiver process; the table shows medians over the repeats.
 """
 
@@ -160,6 +161,12 @@ class Zmq:
         if self.context is not None:
             self.socket.close(linger=0)
             self.context.term()
+        _remove_ipc_path(self.address)
+
+
+def _remove_ipc_path(address: str) -> None:
+    """The receiving side exits without closing its socket, so its ipc:// file stays behind."""
+    pathlib.Path(address.removeprefix("ipc://")).unlink(missing_ok=True)
 
 
 def record_transports() -> list:
@@ -282,6 +289,7 @@ def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
         for fd in (pipe_r, pipe_w):
             if fd >= 0:
                 os.close(fd)
+        _remove_ipc_path(names[2])
     warm = latencies[max(1, count // 10):]
     return {"p50_us": float(np.percentile(warm, 50)) / 1e3, "p99_us": float(np.percentile(warm, 99)) / 1e3}
 
@@ -315,6 +323,47 @@ def _send_tensors(kind, nbytes, count, pace_s, box, arena, queue, pipe_w, addres
     if kind == "zmq ipc://":
         socket.close(linger=-1)
         context.term()
+
+
+# ---- CPU cost per record, in one process (no wake-up, no scheduler) ----
+def cpu_cost_us(size: int, count: int) -> dict[str, float]:
+    """Microseconds of CPU per record for a send and a receive made back to back in one process."""
+    payload, costs = bytes(size), {}
+    name = f"bench-cost-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    for label, checksum in (("sage", True), ("sage-nocrc", False)):
+        box = Mailbox.create(name, record_size=size, capacity=1024, checksum=checksum)
+        costs[label] = _per_record(lambda b=box: (b.push(payload), b.pop()), count)
+        costs[label + "-b64"] = _per_record(lambda b=box: (b.push_many([payload] * 64), b.pop_many(64)),
+                                            max(1, count // 64)) / 64
+        box.unlink()
+        box.close()
+    queue = CTX.Queue()
+    costs["mp.Queue"] = _per_record(lambda: (queue.put(payload), queue.get()), count)
+    queue.close()
+    r, w = os.pipe()
+    costs["os.pipe"] = _per_record(lambda: (os.write(w, payload), _read_exactly(r, size)), count)
+    os.close(r)
+    os.close(w)
+    if zmq is not None:
+        context = zmq.Context()
+        pull, push = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+        address = f"ipc:///tmp/{name}"
+        pull.bind(address)
+        push.connect(address)
+        costs["zmq ipc://"] = _per_record(lambda: (push.send(payload), pull.recv()), count)
+        push.close(linger=0)
+        pull.close(linger=0)
+        context.term()
+        _remove_ipc_path(address)
+    return costs
+
+
+def _per_record(step, count: int) -> float:
+    step()
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    return (time.perf_counter() - start) / count * 1e6
 
 
 # ---- the run ----
@@ -355,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     scale = 0.1 if args.quick else 1.0
     result = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "repeats": args.repeats, "records": [], "tensor_1mib": [], "tensor_sweep": []}
+              "repeats": args.repeats, "records": [], "tensor_1mib": [], "tensor_sweep": [], "cpu_cost_us": {}}
     print(f"# {result['machine']}  repeats={args.repeats} (medians)")
     print(f"{'transport':<24} {'size':>6} {'records/s':>11} {'p50 us':>8} {'p99 us':>8} {'rx cpu':>7}")
     for size in (64, 4096):
@@ -369,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
             result["records"].append(row)
             print(f"{row['transport']:<24} {size:>6} {row['records_per_s']:>11.0f} {row['p50_us']:>8.1f} "
                   f"{row['p99_us']:>8.1f} {row['receiver_cpu']:>6.0%}", flush=True)
+    for size in (64, 4096):
+        costs = median_of([cpu_cost_us(size, int(5000 * scale) or 64) for _ in range(args.repeats)])
+        result["cpu_cost_us"][str(size)] = costs
+        if size == 64:
+            print(f"\n{'cpu us/record':<14} " + " ".join(f"{k:>14}" for k in costs))
+        print(f"{size:<14} " + " ".join(f"{v:>14.2f}" for v in costs.values()), flush=True)
     kinds = ["sage-ftm", "sage-ftm-put", "mp.Queue", "os.pipe"] + (["zmq ipc://"] if zmq is not None else [])
     print(f"\n{'1 MiB tensor':<14} {'p50 us':>8} {'p99 us':>8}")
     for kind in kinds:

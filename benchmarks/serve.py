@@ -41,7 +41,7 @@ def build_model(preset: str, backend: str, workdir: Path) -> Path:
 
     from export.onnx import export_onnx
     from export.torch_model import HRMTorch
-    from hrm_jax.config import MODEL_PRESETS, tiny
+    from hrm_jax.presets import MODEL_PRESETS, tiny
 
     config = tiny() if preset == "tiny" else MODEL_PRESETS[preset]()  # torch on CUDA runs its forward dtype
     weights, segment = workdir / f"{preset}.safetensors", workdir / f"{preset}.segment.onnx"

@@ -23,6 +23,7 @@ TASK = "arc"
 # The reference's output folders (dataset/build_arc_dataset.py).
 DEFAULT_DATA = {"arc1": pathlib.Path("data/arc-aug-1000"), "arc2": pathlib.Path("data/arc-2-aug-1000")}
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "arc-quickstart"
+SAMPLE_TASKS = 16  # per source in hrm_jax/data/samples/arc
 
 
 # Commands ---------------------------------------------------------------------------------------
@@ -76,14 +77,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Build a few small tasks, train the quick-start model on the CPU, score by voting."""
-    from hrm_jax.data.arc_build import arc1_sources, build_arc_dataset  # noqa: PLC0415
+    from hrm_jax.data.arc_build import arc1_sources, build_arc_dataset, sample_data_dir  # noqa: PLC0415
 
     data = args.data or QUICKSTART_DATA
+    if args.tasks > SAMPLE_TASKS:
+        raise cli.CLIError(f"--tasks {args.tasks}: the bundled sample holds {SAMPLE_TASKS} tasks per source; "
+                           "for more, build a dataset from the full collections (`build`) and train on it")
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         print(f"building a quick-start dataset ({args.tasks} smallest tasks per source, {args.num_aug} "
               f"augmentations each, {ARC_QUICKSTART_GRID}x{ARC_QUICKSTART_GRID} canvas) into {data} ...")
-        build_arc_dataset(data, arc1_sources(), num_aug=args.num_aug, seed=args.quickstart_seed, max_tasks=args.tasks,
-                          grid_size=ARC_QUICKSTART_GRID)
+        build_arc_dataset(data, arc1_sources(sample_data_dir()), num_aug=args.num_aug, seed=args.quickstart_seed,
+                          max_tasks=args.tasks, grid_size=ARC_QUICKSTART_GRID)
     start = time.perf_counter()
     summary = common.quickstart(args, TASK, data, evaluations=1)
     print(f"trained in {time.perf_counter() - start:.0f} s")

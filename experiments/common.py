@@ -11,6 +11,8 @@ import dataclasses
 import datetime
 import os
 import pathlib
+import shlex
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -101,7 +103,7 @@ def train_from_args(args: argparse.Namespace, task: str, data_dir: str | os.Path
     """The `train` command of every task CLI."""
     run = run_config_from_args(args, task, data_dir)
     print(f"run folder: {run.loop.out_dir}\nmodel: {format_config(run.model)}\ntrain: {format_config(run.optim)}")
-    return training.train(run, data_dir)
+    return train_or_exit(run, data_dir)
 
 
 def quickstart(args: argparse.Namespace, task: str, data_dir: str | os.PathLike, *, evaluations: int) -> dict:
@@ -114,7 +116,29 @@ def quickstart(args: argparse.Namespace, task: str, data_dir: str | os.PathLike,
         checkpoint_every=every, log_every=10, progress=not args.no_progress))
     print(f"training {format_config(run.model)}\n  for {args.steps} steps at batch "
           f"{run.optim.global_batch_size} -> {run.loop.out_dir}")
-    return training.train(run, data_dir)
+    return train_or_exit(run, data_dir)
+
+
+def train_or_exit(run: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
+    """hrm_jax.train.train; a run stopped by SIGTERM/SIGINT (its checkpoint saved) prints how to
+    resume it and exits 0, so schedulers see a clean stop."""
+    summary = training.train(run, data_dir)
+    if summary["stopped_by"] is not None:
+        print(f"stopped by {summary['stopped_by']} at step {summary['step']}, checkpoint saved; continue with: "
+              f"{resume_command(run.loop.out_dir)}")
+        sys.exit(0)
+    return summary
+
+
+def resume_command(out_dir: str | os.PathLike) -> str:
+    """This process's command line with --out pointing at out_dir and --resume (not --restart)."""
+    argv = [arg for arg in sys.argv[1:] if arg not in ("--resume", "--restart") and not arg.startswith("--out=")]
+    if "--out" in argv:
+        index = argv.index("--out")
+        del argv[index:index + 2]
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    module = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return shlex.join(["python", *module, *argv, "--out", os.fspath(out_dir), "--resume"])
 
 
 def new_run_dir(task: str, out: str | os.PathLike | None) -> pathlib.Path:

@@ -304,16 +304,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             loaded: Any = safetensors.torch.load_file(str(path))
         except Exception as err:  # safetensors raises SafetensorError (not exported) or OSError
             raise CheckpointFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
-                                        f"{err}") from err
+                                        f"{_one_line(err)}") from err
     else:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- the weights-only unpickler raises many types on junk
             raise CheckpointFormatError(
                 f"{path}: not a readable torch checkpoint (truncated, corrupt, or not written by torch.save; "
-                f"objects other than tensors are refused by weights_only=True): {err}") from err
+                f"objects other than tensors are refused by weights_only=True): {_one_line(err)}") from err
     _require_flat_tensor_dict(loaded, path)
     return dict(loaded)
+
+
+def _one_line(err: Exception) -> str:
+    """A loader's error as one line. torch's weights-only unpickler puts the cause after a paragraph
+    of advice ("WeightsUnpickler error: <cause>"); other messages keep their first line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    marker = [i for i, line in enumerate(lines) if line.endswith("WeightsUnpickler error:")]
+    cause = lines[marker[0] + 1] if marker and marker[0] + 1 < len(lines) else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {cause[:200]}"
 
 
 def _require_flat_tensor_dict(loaded: Any, path: Path) -> None:

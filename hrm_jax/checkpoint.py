@@ -6,6 +6,7 @@ Layout of a run directory (`out_dir`)::
     checkpoints/<step>/train_state/  {"step", "opt_state", "carry", "rng", "dense"?} (StandardSave)
     checkpoints/<step>/meta/         JSON: the run configuration, total_steps, sampler state, metrics
     best/<step>/...                  the same, for the best eval exact accuracy (one kept)
+    checkpoints/<step>/hrm_manifest.json   size and SHA-256 of every file (hrm_jax.manifest)
 
 Params are an item of their own so that `load_params_for_eval` restores them without building an
 optimizer. With an EMA (OptimConfig.ema) that item holds the evaluation parameters (the averaged
@@ -19,6 +20,17 @@ Metadata format 2 stores the whole RunConfig tree as `run_config` and the model 
 format 1 (written before the run configuration was one tree) stored `model_config` and
 `train_config` side by side. Format 1 is read by converting it on the fly (`_upgrade`): its two
 configs are format 2's `model` and `optim`, its family is HRM, and it had no loop settings.
+
+Atomicity: orbax writes a step under a temporary name and renames it when every item is committed,
+so a save killed mid-write is never listed; the manifest, written after that, catches a finished
+step damaged later or one killed between the rename and the manifest. Readers that pick the latest
+step skip damaged ones (logged with the reason); the trainer moves them aside to
+`<step>.damaged-<time>` (orbax ignores such names, nothing is deleted) and resumes from the
+previous good one.
+
+Fault injection for tests: HRM_FAULT_KILL=<phase>@<step> makes the process SIGKILL itself while
+saving that step, phase `write` (orbax's asynchronous write has begun, nothing is committed) or
+`manifest` (orbax committed the step, the manifest is not written yet).
 """
 
 from __future__ import annotations
@@ -26,11 +38,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from hrm_jax import manifest
 from hrm_jax.config import IMPLEMENTATION_FIELDS, OptimConfig, RunConfig
 from hrm_jax.family import Family, family_named, family_of
 from hrm_jax.layers import runnable_here
@@ -42,6 +57,7 @@ _READABLE_FORMATS = (1, 2)
 PERIODIC_DIR = "checkpoints"
 BEST_DIR = "best"
 _ITEMS = ("params", "train_state", "meta")
+FAULT_ENV = "HRM_FAULT_KILL"
 
 
 class CheckpointError(ValueError):
@@ -69,25 +85,88 @@ class RunCheckpoints:
         self.best = _manager(os.path.join(self.out_dir, BEST_DIR), max_to_keep=1)
 
     def save(self, state: Any, meta: dict[str, Any], *, best: bool = False) -> str:
-        """Writes `state` (a train.TrainState) and `meta` (see `make_meta`); returns the step dir."""
+        """Writes `state` (a train.TrainState) and `meta` (see `make_meta`), waits until orbax has
+        committed it, then writes its manifest; returns the step dir. A step already saved is kept
+        if it is intact and rewritten (the damaged copy moved aside) if not."""
         manager = self.best if best else self.periodic
         step = int(jax.device_get(state.step))
+        path = os.path.join(os.fspath(manager.directory), str(step))
+        if step in manager.all_steps() and step_problem(path) is not None:
+            move_aside(manager, step, step_problem(path))
         if step not in manager.all_steps():
             manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.eval_params()),
                 train_state=ocp.args.StandardSave(_train_items(state)),
-                meta=ocp.args.JsonSave(meta)))
+                meta=ocp.args.JsonSave({**meta, manifest.MANIFEST_KEY: True})))
+            _fault_point("write", step)
             manager.wait_until_finished()
-        path = os.path.join(os.fspath(manager.directory), str(step))
+            _fault_point("manifest", step)
+            manifest.write(path)
         logger.info("saved %s checkpoint %s", "best" if best else "periodic", path)
         return path
 
     def latest_step(self) -> int | None:
-        return self.periodic.latest_step()
+        """The newest intact periodic step; damaged or unfinished newer ones are moved aside."""
+        for step in sorted(self.periodic.all_steps(), reverse=True):
+            problem = step_problem(os.path.join(os.fspath(self.periodic.directory), str(step)))
+            if problem is None:
+                return step
+            move_aside(self.periodic, step, problem)
+        return None
 
     def close(self) -> None:
         self.periodic.close()
         self.best.close()
+
+
+def _reason(err: Exception) -> str:
+    """An exception as one short line: orbax/TensorStore messages span dozens of lines of spec."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first[:200]}"
+
+
+def _fault_point(phase: str, step: int) -> None:
+    """SIGKILLs this process when HRM_FAULT_KILL names this phase and step (fault-injection tests)."""
+    if os.environ.get(FAULT_ENV) == f"{phase}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def step_problem(step_dir: str) -> str | None:
+    """None for an intact step dir, else what is wrong. Steps saved before manifests existed (their
+    metadata lacks MANIFEST_KEY) are accepted unverified."""
+    if os.path.exists(os.path.join(step_dir, manifest.MANIFEST_FILE)):
+        return manifest.problem(step_dir)
+    try:
+        meta = _read_json_item(step_dir)
+    except CheckpointError as err:
+        return str(err)
+    return manifest.problem(step_dir) if meta.get(manifest.MANIFEST_KEY) else None
+
+
+def _read_json_item(step_dir: str) -> dict[str, Any]:
+    manager = _manager(os.path.dirname(step_dir), read_only=True)
+    try:
+        meta = manager.restore(int(os.path.basename(step_dir)),
+                               args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as err:  # orbax raises several types for missing/corrupt files
+        raise CheckpointError(f"{step_dir}: unreadable checkpoint metadata ({_reason(err)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{step_dir}: checkpoint metadata is not a JSON object")
+    return meta
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int, problem: str) -> str:
+    """Renames a damaged step dir to `<step>.damaged-<time>` (kept for inspection, ignored by orbax)."""
+    root = os.fspath(manager.directory)
+    target = base = os.path.join(root, f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    copies = 1
+    while os.path.exists(target):  # the same step damaged twice within a second
+        target, copies = f"{base}-{copies}", copies + 1
+    os.rename(os.path.join(root, str(step)), target)
+    manager.reload()
+    logger.warning("checkpoint %s is damaged (%s): moved aside to %s; using the previous one",
+                   os.path.join(root, str(step)), problem, target)
+    return target
 
 
 def _train_items(state: Any) -> dict[str, Any]:
@@ -143,12 +222,28 @@ def _resolve(path: str | os.PathLike, step: int | None) -> tuple[ocp.CheckpointM
         root = path
     manager = _manager(root, read_only=True)
     steps = manager.all_steps()
+    explicit = step is not None
     if step is None:
-        step = max(steps) if steps else None
+        step = _latest_intact(root, steps)
     if step is None or step not in steps:
-        raise CheckpointError(f"{root}: no checkpoint{'' if step is None else f' for step {step}'} "
-                              f"(steps found: {sorted(steps)}); train first or pass the right path")
-    return manager, step, os.path.join(root, str(step))
+        raise CheckpointError(f"{root}: no {'intact ' if steps else ''}checkpoint"
+                              f"{f' for step {step}' if explicit else ''} (steps found: {sorted(steps)}); "
+                              "train first or pass the right path")
+    where = os.path.join(root, str(step))
+    problem = step_problem(where)
+    if problem is not None:
+        raise CheckpointError(f"{where}: damaged checkpoint ({problem}); use another step or run")
+    return manager, step, where
+
+
+def _latest_intact(root: str, steps) -> int | None:
+    """The newest step whose files match its manifest; damaged newer ones are logged and skipped."""
+    for step in sorted(steps, reverse=True):
+        problem = step_problem(os.path.join(root, str(step)))
+        if problem is None:
+            return step
+        logger.warning("skipping damaged checkpoint %s (%s)", os.path.join(root, str(step)), problem)
+    return None
 
 
 def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
@@ -157,7 +252,7 @@ def read_meta(path: str | os.PathLike, step: int | None = None) -> dict[str, Any
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as err:  # orbax raises several types for missing/corrupt files
-        raise CheckpointError(f"{where}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{where}: unreadable checkpoint metadata ({_reason(err)})") from None
     if not isinstance(meta, dict) or meta.get("format_version") not in _READABLE_FORMATS:
         raise CheckpointError(f"{where}: not a hrm_jax checkpoint of format {' or '.join(map(str, _READABLE_FORMATS))}")
     return _upgrade(meta)
@@ -226,7 +321,7 @@ def restore(path: str | os.PathLike, abstract_state: Any, *, run_config: RunConf
             params=ocp.args.StandardRestore(abstract_state.params),
             train_state=ocp.args.StandardRestore(abstract_items)))
     except Exception as err:
-        raise CheckpointError(f"{where}: could not restore the state ({type(err).__name__}: {err}); the "
+        raise CheckpointError(f"{where}: could not restore the state ({_reason(err)}); the "
                               "checkpoint is incomplete or corrupt: delete it to fall back to an older one") from None
     train_items, params, ema = items["train_state"], items["params"], None
     if abstract_state.ema is not None:
@@ -250,7 +345,7 @@ def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tu
         params = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract)))["params"]
     except Exception as err:
-        raise CheckpointError(f"{where}: could not restore the params ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{where}: could not restore the params ({_reason(err)})") from None
     return params, config
 
 
@@ -263,8 +358,10 @@ def save_params(directory: str | os.PathLike, params: dict[str, Any], model_conf
         raise CheckpointError(f"{directory}: already holds a checkpoint for step {step}; choose another --out")
     meta = {"format_version": FORMAT_VERSION, "step": int(step), "model_family": family_of(model_config).name,
             "run_config": {"model": model_config.to_dict(), "optim": None, "loop": None}, "params_only": True,
-            **extra}
+            manifest.MANIFEST_KEY: True, **extra}
     manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
     manager.wait_until_finished()
     manager.close()
-    return os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+    path = os.path.join(os.path.abspath(os.fspath(directory)), str(step))
+    manifest.write(path)
+    return path

@@ -212,9 +212,14 @@ class LoopConfig:
     eval_split: str | None = _field("test", "split of the data folder to evaluate on (missing: no evaluation)")
     eval_batch_size: int | None = _field(None, "evaluation batch size (default: the global batch size)")
     eval_max_batches: int | None = _field(None, "evaluate only this many batches (a quick look at a large set)")
-    checkpoint_every: int | None = _field(None, "steps between periodic checkpoints (the last step is always saved)")
+    checkpoint_every: int | None = _field(None, "steps between periodic checkpoints (besides one at every evaluation, "
+                                                "the last step and a SIGTERM/SIGINT stop)")
+    checkpoint_minutes: float | None = _field(10.0, "save a checkpoint at least this often, in minutes of wall time "
+                                                    "(0 or None: off)")
     keep_checkpoints: int = _field(3, "periodic checkpoints kept (the best one is kept apart in out_dir/best)")
-    resume: bool = _field(False, "continue from out_dir's latest checkpoint (a new run if there is none)")
+    resume: bool = _field(False, "continue from out_dir's latest intact checkpoint (refused if out_dir holds a run "
+                                 "without one; an empty out_dir starts a new run)")
+    restart: bool = _field(False, "move a previous run in out_dir aside to <out_dir>.old-<time> and start anew")
     early_stop_exact: float | None = _field(None, "stop once a log window's training exact accuracy reaches this "
                                                   "(the reference README warns of late instability)")
     log_every: int = _field(10, "steps per metrics.jsonl train record (the mean over the window)")
@@ -232,6 +237,10 @@ class LoopConfig:
             _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
         _require(self.early_stop_exact is None or 0.0 <= self.early_stop_exact <= 1.0, "early_stop_exact",
                  f"must be None or in [0, 1], got {self.early_stop_exact!r}")
+        _require(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes",
+                 f"must be None or >= 0, got {self.checkpoint_minutes!r}")
+        _require(not (self.resume and self.restart), "restart",
+                 "excludes resume: resume continues the run in out_dir, restart moves it aside")
 
     def replace(self, **changes: Any) -> LoopConfig:
         return dataclasses.replace(self, **changes)

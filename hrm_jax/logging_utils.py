@@ -52,14 +52,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def truncate_metrics(path: str | os.PathLike, after_step: int) -> int:
     """Drops records with step > after_step (a resumed run rewrites what the crashed run logged past
-    its last checkpoint). Returns the number of records dropped."""
-    records = read_metrics(path)
+    its last checkpoint) and a last line cut short by a kill mid-write. The file is replaced
+    atomically. Returns the number of records dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    torn = 0
+    if lines and not lines[-1].endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            logger.warning("%s: dropping a last line cut short (the process was killed while writing it)", path)
+            lines, torn = lines[:-1], 1
+    records = [json.loads(line) for line in lines if line.strip()]
     kept = [r for r in records if int(r["step"]) <= after_step]
-    if len(kept) != len(records):
-        with open(path, "w", encoding="utf-8") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-    return len(records) - len(kept)
+    if len(kept) != len(records) or torn:
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(record) + "\n" for record in kept)
+        os.replace(tmp, path)
+    return len(records) - len(kept) + torn
 
 
 class MetricsLogger:
@@ -156,5 +169,8 @@ def plot_curves(records: list[Mapping[str, Any]], path: str | os.PathLike) -> No
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.savefig(os.fspath(path), dpi=100)
+    # Drawn to a temporary name and renamed: a kill mid-draw never leaves a half-written PNG.
+    tmp = f"{os.fspath(path)}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, path)
     logger.debug("wrote %s", path)

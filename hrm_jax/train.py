@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from hrm_jax import checkpoint as ckpt
-from hrm_jax import parallel
+from hrm_jax import parallel, run_dir
 from hrm_jax.config import HRMConfig, LoopConfig, OptimConfig, RunConfig
 from hrm_jax.data.format import PuzzleSplit, load_split
 from hrm_jax.data.sampler import TrainSampler
@@ -36,6 +36,7 @@ from hrm_jax.logging_utils import MetricsLogger, truncate_metrics
 from hrm_jax.losses import act_loss, reduce_metrics
 from hrm_jax.model import ACTCarry
 from hrm_jax.optim import lr_schedule, make_dense_optimizer, make_puzzle_emb_schedule, sparse_signsgd_update
+from hrm_jax.preemption import StopSignals
 from hrm_jax.types import Batch, Metrics, Params
 
 logger = logging.getLogger(__name__)
@@ -241,7 +242,7 @@ class _Run:
         self.model_config, self.train_config = config.model, config.optim
         self.mesh = mesh  # None: one device
         self.out_dir = config.loop.out_dir
-        self.checkpoints = ckpt.RunCheckpoints(self.out_dir, max_to_keep=config.loop.keep_checkpoints)
+        self.checkpoints: ckpt.RunCheckpoints | None = None  # opened by `start`, after a restart moved the old run
         self.metrics_path = os.path.join(self.out_dir, "metrics.jsonl")
         self.eval_data = eval_data
         self.eval_batch_size = config.loop.eval_batch_size or config.optim.global_batch_size
@@ -250,36 +251,65 @@ class _Run:
         self.best_exact = -math.inf
         self.last_eval: dict[str, float] | None = None
         self.log: MetricsLogger | None = None
+        self.restored_window: list[dict[str, float]] = []  # a log window the checkpoint was taken inside
+        self.last_save = time.monotonic()
 
     def start(self, sampler: TrainSampler) -> TrainState:
-        """Fresh state, or the latest checkpoint's state (sampler and metrics.jsonl rewound to it)."""
+        """Fresh state, or the latest intact checkpoint's state (sampler, log window and metrics.jsonl
+        rewound to it). Refuses to start over a previous run's files unless loop.restart moves them aside."""
+        loop = self.config.loop
+        previous = run_dir.describe(self.out_dir)
+        if loop.restart and previous:
+            run_dir.move_aside(self.out_dir)
+            previous = []
+        self.checkpoints = ckpt.RunCheckpoints(self.out_dir, max_to_keep=loop.keep_checkpoints)
         latest = self.checkpoints.latest_step()
-        resume = self.config.loop.resume
-        if latest is not None and not resume:
+        if latest is None and previous:
+            holds = ", ".join(run_dir.describe(self.out_dir))
+            raise TrainingError(
+                f"{self.out_dir}: {'no resumable checkpoint' if loop.resume else 'holds a previous run'} ({holds}); "
+                f"train into a new out_dir (--out), or pass restart=True (--restart) to move this one aside to "
+                f"{self.out_dir.rstrip(os.sep)}.old-<time>")
+        if latest is not None and not loop.resume:
             raise TrainingError(f"{self.out_dir} already holds checkpoints (latest step {latest}); pass "
-                                "resume=True (--resume) to continue that run or choose a new out_dir")
+                                "resume=True (--resume) to continue that run, restart=True (--restart) to move it "
+                                "aside, or choose a new out_dir")
         if latest is None:
-            truncate_metrics(self.metrics_path, -1)
-            self.log = MetricsLogger(self.out_dir, tensorboard=self.config.loop.tensorboard)
-            if resume:
-                logger.info("resume: no checkpoint in %s, starting a new run", self.out_dir)
+            self.log = MetricsLogger(self.out_dir, tensorboard=loop.tensorboard)
+            if loop.resume:
+                logger.info("resume: %s is empty, starting a new run", self.out_dir)
             return init_train_state(self.model_config, self.train_config, self.total_steps)
         state, meta = ckpt.restore(
             os.path.join(self.out_dir, ckpt.PERIODIC_DIR),
             abstract_train_state(self.model_config, self.train_config, self.total_steps),
-            run_config=self.config, total_steps=self.total_steps)
+            run_config=self.config, total_steps=self.total_steps, step=latest)
         sampler.restore(meta["sampler"])
         best = meta.get("best_exact_accuracy")
         self.best_exact = -math.inf if best is None else float(best)
+        self.restored_window = list(meta.get("log_window") or [])
         dropped = truncate_metrics(self.metrics_path, int(meta["step"]))
         logger.info("resumed at step %d (%d later log records dropped)", meta["step"], dropped)
-        self.log = MetricsLogger(self.out_dir, tensorboard=self.config.loop.tensorboard)
+        self.log = MetricsLogger(self.out_dir, tensorboard=loop.tensorboard)
         return state
 
-    def meta(self, step: int, sampler: TrainSampler) -> dict[str, Any]:
+    def meta(self, step: int, sampler: TrainSampler, window: list | None = None) -> dict[str, Any]:
+        """Checkpoint metadata; `window`: the per-step metrics of the log window not yet written, so
+        that a run resumed inside a window logs the same means as one never stopped."""
         best = None if self.best_exact == -math.inf else self.best_exact
+        log_window = [{k: float(v) for k, v in record.items()} for record in jax.device_get(window or [])]
         return ckpt.make_meta(self.config, self.total_steps, step, sampler.state(),
-                              best_exact_accuracy=best, eval_metrics=self.last_eval)
+                              best_exact_accuracy=best, eval_metrics=self.last_eval, log_window=log_window)
+
+    def save(self, state: TrainState, step: int, sampler: TrainSampler, window: list) -> None:
+        self.checkpoints.save(state, self.meta(step, sampler, window))
+        self.last_save = time.monotonic()
+
+    def save_due(self, step: int, evaluated: bool) -> bool:
+        """A periodic checkpoint: at every evaluation, every checkpoint_every steps, or checkpoint_minutes
+        after the last one."""
+        loop = self.config.loop
+        timed = bool(loop.checkpoint_minutes) and time.monotonic() - self.last_save >= 60 * loop.checkpoint_minutes
+        return evaluated or timed or (loop.checkpoint_every is not None and step % loop.checkpoint_every == 0)
 
     def evaluate(self, state: TrainState, step: int, sampler: TrainSampler) -> dict[str, float] | None:
         """Evaluates, logs every group of results, redraws the plot, saves the best checkpoint."""
@@ -300,7 +330,8 @@ class _Run:
     def close(self) -> None:
         if self.log is not None:
             self.log.close()
-        self.checkpoints.close()
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
 
 def train(config: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
@@ -309,8 +340,11 @@ def train(config: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
     metrics, plots and checkpoints into `loop.out_dir`.
 
     The data folder is an argument, not a setting, because a run may resume from the same data at
-    another path. Returns {"step", "total_steps", "stopped_early", "train" (last logged train
-    metrics), "eval" (last eval metrics of the whole split), "best_exact_accuracy", "state" (the
+    another path. Periodic checkpoints are written at every evaluation, every loop.checkpoint_every
+    steps, at least every loop.checkpoint_minutes, at the last step, and when SIGTERM or SIGINT
+    stops the run (the step in flight completes and is saved; "stopped_by" names the signal).
+    Returns {"step", "total_steps", "stopped_early", "stopped_by" (None, "SIGTERM" or "SIGINT"), "train"
+    (last logged train metrics), "eval" (last eval metrics of the whole split), "best_exact_accuracy", "state" (the
     final TrainState), "config" (the RunConfig as run, out_dir a string), "paths"}.
     """
     loop = config.loop
@@ -363,38 +397,42 @@ def _loop(run: _Run, sampler: TrainSampler, eval_every: int | None) -> dict[str,
     step = int(jax.device_get(state.step))
     step_fn = step_function(run.model_config, run.train_config, run.total_steps, run.mesh)
     bar = tqdm(total=run.total_steps, initial=step, unit="step", disable=not loop.progress, dynamic_ncols=True)
-    window, train_metrics, eval_metrics, stopped_early = [], None, None, False
+    window, train_metrics, eval_metrics, stopped_early = run.restored_window, None, None, False
     start = tick = time.perf_counter()
-    while step < stop_at and not stopped_early:
-        state, metrics = step_fn(state, sampler.next_batch())
-        step += 1
-        window.append(metrics)
-        last = step == stop_at
-        if step % loop.log_every == 0 or last:
-            train_metrics = _window_mean(jax.device_get(window))
-            now = time.perf_counter()
-            # Training throughput of the window (evaluation and checkpoint time excluded: `tick` restarts
-            # after them; the first window includes compilation), and wall time since the loop began.
-            train_metrics["steps_per_s"] = len(window) / (now - tick)
-            train_metrics["elapsed_s"] = now - start
-            run.log.log(step, "train", train_metrics)
-            bar.set_postfix(loss=f"{train_metrics['lm_loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}",
-                            exact=f"{train_metrics['exact_accuracy']:.3f}",
-                            steps_s=f"{train_metrics['steps_per_s']:.2f}")
-            bar.update(len(window))
-            window = []
-            stopped_early = _reached(loop.early_stop_exact, train_metrics, step)
-        final = last or stopped_early
-        if final or (eval_every is not None and step % eval_every == 0):
-            eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
-        if final or (loop.checkpoint_every is not None and step % loop.checkpoint_every == 0):
-            run.checkpoints.save(state, run.meta(step, sampler))
-        if not window:  # a window just closed: time the next one from after any evaluation/checkpoint
-            tick = time.perf_counter()
+    run.last_save = time.monotonic()
+    with StopSignals() as signals:
+        while step < stop_at and not stopped_early and signals.requested is None:
+            state, metrics = step_fn(state, sampler.next_batch())
+            step += 1
+            window.append(metrics)
+            last = step == stop_at
+            if step % loop.log_every == 0 or last:
+                train_metrics = _window_mean(jax.device_get(window))
+                now = time.perf_counter()
+                # Training throughput of the window (evaluation and checkpoint time excluded: `tick` restarts
+                # after them; the first window includes compilation), and wall time since the loop began.
+                train_metrics["steps_per_s"] = len(window) / (now - tick)
+                train_metrics["elapsed_s"] = now - start
+                run.log.log(step, "train", train_metrics)
+                bar.set_postfix(loss=f"{train_metrics['lm_loss']:.4f}", acc=f"{train_metrics['accuracy']:.3f}",
+                                exact=f"{train_metrics['exact_accuracy']:.3f}",
+                                steps_s=f"{train_metrics['steps_per_s']:.2f}")
+                bar.update(len(window))
+                window = []
+                stopped_early = _reached(loop.early_stop_exact, train_metrics, step)
+            evaluated = last or stopped_early or (eval_every is not None and step % eval_every == 0)
+            if evaluated:
+                eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
+            if evaluated or signals.requested is not None or run.save_due(step, evaluated):
+                run.save(state, step, sampler, window)
+            if not window:  # a window just closed: time the next one from after any evaluation/checkpoint
+                tick = time.perf_counter()
     bar.close()
+    if signals.requested is not None:
+        logger.warning("stopped by %s at step %d; continue with resume=True (--resume)", signals.requested, step)
     if run.log is not None and os.path.exists(run.metrics_path):
         run.log.plot()
-    return _summary(run, state, step, stopped_early, train_metrics, eval_metrics)
+    return {**_summary(run, state, step, stopped_early, train_metrics, eval_metrics), "stopped_by": signals.requested}
 
 
 def _reached(early_stop_exact: float | None, train_metrics: dict[str, float], step: int) -> bool:

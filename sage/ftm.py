@@ -22,6 +22,8 @@ Guarantees (tests/test_sage_ftm.py):
 - Readers get views of a read-only mapping: writing through them raises. A view must not be used
   after its lease is released (the bytes may belong to the next tensor by then).
 - An exhausted arena answers ArenaExhaustedError after `timeout`, never a silent overwrite.
+- Give hand-offs a ttl: a descriptor lost in transit (its consumer died after popping it, before
+  opening it) holds its buffer until that ttl passes; without one, until the arena is recreated.
 The layout of the arena file and of the descriptor is in sage.layout.
 """
 
@@ -187,7 +189,8 @@ class TensorArena:
         for field, value, top in (("buffer_size", buffer_size, 1 << 32), ("buffers", buffers, MAX_BUFFERS)):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
                 raise ValueError(f"{field} must be an int in [1, {top}], got {value!r}")
-        if len(name.encode("ascii", "replace")) > 32:
+        path = segment_path("ftm", name)  # validates the name
+        if len(name) > 32:
             raise ValueError(f"arena name {name!r} is longer than the descriptor's 32 bytes; use a shorter name")
         buffer_size = -(-buffer_size // layout.PAGE) * layout.PAGE
         data_offset = -(-(layout.HEADER_SIZE + buffers * FTM_ENTRY_SIZE) // layout.PAGE) * layout.PAGE
@@ -197,7 +200,7 @@ class TensorArena:
                                                     FTM_ENTRY_SIZE, buffer_size, buffers, data_offset,
                                                     ProcessId.current()))
 
-        opened = segment.create_new(segment_path("ftm", name), data_offset + buffers * buffer_size, init, "arena",
+        opened = segment.create_new(path, data_offset + buffers * buffer_size, init, "arena",
                                     name, stale=stale, compatible=lambda h: (h.a, h.b) == (buffer_size, buffers),
                                     magic=layout.FTM_MAGIC)
         return cls(name, opened)

@@ -31,6 +31,8 @@ Header, 4096 bytes; the immutable part [0, 80) is covered by `header_crc`:
     168     8  torn             u64, records dropped at pop because seq or crc did not match
     176     8  next_producer    u64, producer ids handed out so far
     184     8  wake_until_ns    u64, a consumer sleeps on the doorbell until at least this time
+    192     8  sleepers         u64, consumers sleeping on the doorbell now (a dead one stays counted,
+                                but only rings while wake_until_ns is in the future count)
 
 Slot i (record position p lives in slot p % capacity) at header_size + i * stride:
 
@@ -59,16 +61,17 @@ A producer (p = write_index):
   2. if p - read_index == capacity: full += 1, unlock, answer FULL.
   3. write the slot's bytes [16, 56 + length): body fields, then the payload.
   4. write crc (PAYLOAD_CRC: crc32 over [16, 56 + length); else over [16, 56)), length, seq = p + 1.
-  5. write_index = p + 1: the commit point. Read wake_until_ns. flock(LOCK_UN).
-  6. if wake_until_ns > now: write one byte to the doorbell FIFO `pbm-<name>.bell` (open it
+  5. write_index = p + 1: the commit point. Read sleepers and wake_until_ns. flock(LOCK_UN).
+  6. if sleepers > 0 and wake_until_ns > now: write one byte to the doorbell FIFO `pbm-<name>.bell` (open it
      O_RDWR | O_NONBLOCK; EAGAIN means it is already full of rings and can be ignored).
 A consumer (r = read_index):
   1. flock(LOCK_EX); while r < write_index: read slot r % capacity; if seq != r + 1 or the crc does
      not match, read_index = r + 1, torn += 1 and go on; if 0 < deadline_ns <= now, read_index =
      r + 1, expired += 1 and go on; else copy the payload out, read_index = r + 1 (the commit
      point) and deliver it. flock(LOCK_UN).
-  2. to sleep: under the lock, if the ring is still empty, wake_until_ns = max(wake_until_ns, the
-     time it will wake up by itself); unlock; poll/select the doorbell; read it empty; go to 1.
+  2. to sleep: under the lock, if the ring is still empty, sleepers += 1 and wake_until_ns =
+     max(wake_until_ns, the time it will wake up by itself); unlock; poll/select the doorbell;
+     read it empty; then, under the lock again, sleepers -= 1 (if > 0) and go on with 1.
 A CUDA kernel cannot take flock: a host thread owns the producer side and copies from the device.
 The unlocked read of read_index and write_index that sage does before taking the lock is only a
 hint (an empty ring costs no syscall); the decision is always re-made under the lock.
@@ -146,8 +149,9 @@ PBM_STATE = 84
 PBM_PAYLOAD_CRC = 1
 PBM_COUNTERS_OFFSET = 128
 PBM_COUNTERS = ("write_index", "read_index", "full", "too_big", "expired", "torn", "next_producer",
-                "wake_until_ns")
-PBM_WRITE, PBM_READ, PBM_FULL, PBM_TOO_BIG, PBM_EXPIRED, PBM_TORN, PBM_NEXT_PRODUCER, PBM_WAKE_UNTIL = range(8)
+                "wake_until_ns", "sleepers")
+(PBM_WRITE, PBM_READ, PBM_FULL, PBM_TOO_BIG, PBM_EXPIRED, PBM_TORN, PBM_NEXT_PRODUCER, PBM_WAKE_UNTIL,
+ PBM_SLEEPERS) = range(9)
 SLOT_HEAD = struct.Struct("<QII")  # at slot offset 0: seq, crc, length
 SLOT_BODY = struct.Struct("<IIQQQII")  # at slot offset 16: producer .. reserved, 40 bytes
 SLOT_BODY_OFFSET = 16

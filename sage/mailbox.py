@@ -67,6 +67,7 @@ from sage.layout import (
     PBM_FULL,
     PBM_NEXT_PRODUCER,
     PBM_READ,
+    PBM_SLEEPERS,
     PBM_SLOT_HEADER,
     PBM_TOO_BIG,
     PBM_TORN,
@@ -335,7 +336,7 @@ class Mailbox:
                 if count_full:
                     self._ctr[PBM_FULL] += 1
                 return PushStatus.FULL
-            wake_until = self._ctr[PBM_WAKE_UNTIL]
+            wake_until = self._ctr[PBM_WAKE_UNTIL] if self._ctr[PBM_SLEEPERS] else 0
         self._ring_if_asked(wake_until)
         return PushStatus.OK
 
@@ -358,7 +359,7 @@ class Mailbox:
                     self._ctr[PBM_FULL] += 1
                     break
                 pushed += 1
-            wake_until = self._ctr[PBM_WAKE_UNTIL]
+            wake_until = self._ctr[PBM_WAKE_UNTIL] if self._ctr[PBM_SLEEPERS] else 0
         if pushed:
             self._ring_if_asked(wake_until)
         return pushed
@@ -486,28 +487,46 @@ class Mailbox:
             if self.arm_doorbell(wake_at):
                 continue
             self.sleep_on_doorbell((wake_at - now) / 1e9)
+            with self._lock:  # stop asking for rings and look, in one critical section
+                self._disarm_locked()
+                self._check_live()
+                record = self._take_locked()
+            if record is not None:
+                return record
 
     def arm_doorbell(self, until_ns: int) -> bool:
         """Ask producers to ring the doorbell until `until_ns`; True if a record is already there
-        (then do not sleep). Taken under the lock, so no push between this and the sleep is missed."""
+        (then do not sleep). Taken under the lock, so no push between this and the sleep is missed.
+        After a False, sleep, then call disarm_doorbell() (producers ring while anyone is armed)."""
         with self._lock:
             self._check_live()
             ctr = self._ctr
             if ctr[PBM_READ] < ctr[PBM_WRITE]:
                 return True
+            ctr[PBM_SLEEPERS] += 1
             ctr[PBM_WAKE_UNTIL] = max(ctr[PBM_WAKE_UNTIL], until_ns)
             return False
+
+    def disarm_doorbell(self) -> None:
+        with self._lock:
+            self._disarm_locked()
+
+    def _disarm_locked(self) -> None:
+        if self._ctr[PBM_SLEEPERS]:
+            self._ctr[PBM_SLEEPERS] -= 1
 
     def doorbell_fd(self) -> int:
         """The doorbell's file descriptor, readable after a push: for select() over several rings."""
         return self._bell
 
     def sleep_on_doorbell(self, seconds: float) -> None:
+        """Wait up to `seconds` for a ring, then empty the doorbell."""
         select.select([self._bell], [], [], max(0.0, seconds))
         try:
-            os.read(self._bell, 4096)
+            while len(os.read(self._bell, 65536)) == 65536:
+                pass
         except BlockingIOError:
-            pass  # another consumer drained it first
+            pass  # empty, or another consumer drained it first
 
     # ---- telemetry ----
     def stats(self) -> MailboxStats:

@@ -40,11 +40,15 @@ class FocusScheduler:
             if now >= give_up:
                 return None
             wake_at = min(give_up, now + _SLICE_NS)
-            if self.focus.arm_doorbell(wake_at) or self.peripheral.arm_doorbell(wake_at):
+            if self.focus.arm_doorbell(wake_at):
+                continue
+            if self.peripheral.arm_doorbell(wake_at):
+                self.focus.disarm_doorbell()
                 continue
             ready, _, _ = select.select([self.focus.doorbell_fd(), self.peripheral.doorbell_fd()], [], [],
                                         (wake_at - now) / 1e9)
             for box in (self.focus, self.peripheral):
+                box.disarm_doorbell()
                 if box.doorbell_fd() in ready:
                     box.sleep_on_doorbell(0)  # drain its rings
 

@@ -1,5 +1,6 @@
 """Checkpoints: a bit-exact round trip of the whole train state, params for evaluation, refusal of a
-checkpoint written with another configuration, clear errors for missing or corrupt directories."""
+checkpoint written with another configuration, clear errors for missing or corrupt directories,
+damaged checkpoints detected by their manifest and skipped for the previous good one."""
 
 import os
 import pathlib
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from hrm_jax import checkpoint as ckpt
+from hrm_jax import manifest
 from hrm_jax.config import RunConfig, TrainConfig
 from hrm_jax.optim import AdamATan2State
 from hrm_jax.presets import tiny
@@ -121,9 +123,12 @@ def test_missing_empty_and_corrupt_checkpoints_name_the_path(tmp_path):
 
     step_dir = save(tmp_path / "run", random_state())
     shutil.rmtree(os.path.join(step_dir, "params"))
-    with pytest.raises(ckpt.CheckpointError, match=f"{step_dir}: could not restore"):
+    with pytest.raises(ckpt.CheckpointError, match=r"no intact checkpoint \(steps found: \[\d+\]\)"):
         ckpt.restore(tmp_path / "run", abstract, **kwargs)
-    with pytest.raises(ckpt.CheckpointError, match=f"{step_dir}: could not restore the params"):
+    with pytest.raises(ckpt.CheckpointError, match=f"{step_dir}: damaged checkpoint \\(params/.* is missing\\)"):
+        ckpt.load_params_for_eval(step_dir)
+    os.remove(os.path.join(step_dir, manifest.MANIFEST_FILE))  # as if the save had been killed before it
+    with pytest.raises(ckpt.CheckpointError, match="no hrm_manifest.json: the save did not finish"):
         ckpt.load_params_for_eval(step_dir)
     shutil.rmtree(os.path.join(step_dir, "meta"))
     with pytest.raises(ckpt.CheckpointError, match=str(tmp_path / "run")):
@@ -173,3 +178,53 @@ def test_checkpoint_of_format_1_still_loads_and_resumes(tmp_path):
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"optim\.lr: saved 0\.001, now 0\.002"):
         ckpt.restore(run_dir, abstract, run_config=FORMAT1_RUN.replace(optim=FORMAT1_RUN.optim.replace(lr=2e-3)),
                      total_steps=4)
+
+
+def _largest_file(step_dir):
+    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names
+             if name != manifest.MANIFEST_FILE]
+    return max(files, key=os.path.getsize)
+
+
+def _flip_byte(step_dir):
+    path = _largest_file(step_dir)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def _truncate(step_dir):
+    path = _largest_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _drop_item(step_dir):
+    shutil.rmtree(os.path.join(step_dir, "train_state"))
+
+
+@pytest.mark.parametrize("damage", [_flip_byte, _truncate, _drop_item])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    runs = ckpt.RunCheckpoints(tmp_path, max_to_keep=3)
+    states = {step: random_state(step).replace(step=jnp.asarray(step, jnp.int32)) for step in (2, 4)}
+    paths = {step: runs.save(state, ckpt.make_meta(RUN, TOTAL, step, SAMPLER_STATE))
+             for step, state in states.items()}
+    assert all(manifest.problem(path) is None for path in paths.values())
+    damage(paths[4])
+    assert ckpt.step_problem(paths[4]) is not None
+
+    # Readers skip it (nothing moved); the trainer's latest_step moves it aside and falls back.
+    params, _ = ckpt.load_params_for_eval(tmp_path)
+    assert_same_tree(params, jax.device_get(states[2].params))
+    with pytest.raises(ckpt.CheckpointError, match=f"{paths[4]}: damaged checkpoint"):
+        ckpt.load_params_for_eval(paths[4])
+    assert runs.latest_step() == 2
+    aside = [name for name in os.listdir(tmp_path / "checkpoints") if name.startswith("4.damaged-")]
+    assert len(aside) == 1 and not os.path.exists(paths[4])
+    restored, meta = ckpt.restore(tmp_path, abstract_train_state(CFG, TC, TOTAL), run_config=RUN,
+                                  total_steps=TOTAL)
+    assert meta["step"] == 2
+    assert_same_tree(restored, jax.device_get(states[2]))
+    # Step 4 can be saved again (the damaged copy no longer counts as saved).
+    runs.save(states[4], ckpt.make_meta(RUN, TOTAL, 4, SAMPLER_STATE))
+    assert runs.latest_step() == 4 and manifest.problem(paths[4]) is None
+    runs.close()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hrm_jax.config import tiny
+from hrm_jax.presets import tiny
 from sage.backends import SegmentOutput, carry_shape
 from sage.carry import CarryStore
 from sage.engine import Engine

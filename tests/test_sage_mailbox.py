@@ -8,6 +8,8 @@ import os
 import struct
 import subprocess
 import sys
+import threading
+import time
 import zlib
 
 import pytest
@@ -172,6 +174,41 @@ def test_batches_keep_order_and_report_full(name):
     with pytest.raises(ValueError, match="max_records"):
         box.pop_many(0)
     box.close()
+
+
+def _doorbell_bytes(box: Mailbox) -> int:
+    try:
+        return len(os.read(box.doorbell_fd(), 65536))
+    except BlockingIOError:
+        return 0
+
+
+def test_producers_ring_only_while_a_consumer_sleeps(name):
+    box = Mailbox.create(name, record_size=8, capacity=8)
+    consumer = Mailbox.attach(name, wait="sleep")
+    box.push(b"a")
+    assert _doorbell_bytes(box) == 0  # nobody asleep: no syscall spent on the doorbell
+    assert consumer.pop() is not None
+    woken = []
+    sleeper = threading.Thread(target=lambda: woken.append(consumer.pop(timeout=30)))
+    sleeper.start()
+    time.sleep(0.2)  # asleep on the doorbell by now
+    box.push(b"b")  # rings and wakes it, long before its timeout
+    sleeper.join(10)
+    assert [r.payload for r in woken] == [b"b"]
+    _doorbell_bytes(box)
+    box.push(b"c")
+    assert _doorbell_bytes(box) == 0  # its wake window is still open, but nobody sleeps
+    assert consumer.arm_doorbell(time.monotonic_ns() + 10**9)  # records there: do not sleep
+    consumer.pop_many(8)
+    assert not consumer.arm_doorbell(time.monotonic_ns() + 10**9)
+    box.push(b"d")
+    assert _doorbell_bytes(box) == 1
+    consumer.disarm_doorbell()
+    box.push(b"e")
+    assert _doorbell_bytes(box) == 0
+    box.close()
+    consumer.close()
 
 
 def test_live_create_refused_and_unlink_retires_handles(name):

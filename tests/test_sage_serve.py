@@ -26,7 +26,7 @@ import torch
 
 from export.onnx import export_onnx
 from export.torch_model import HRMTorch
-from hrm_jax.config import tiny
+from hrm_jax.presets import tiny
 from sage.__main__ import main as sage_main
 from sage.backends import ModelError, OnnxBackend, TorchBackend, load_backend
 from sage.carry import CarryStore

@@ -2,14 +2,14 @@
 clear one-line errors for bad input."""
 
 import json
-import pathlib
 
 import jax
 import pytest
 
 from experiments import sudoku
+from hrm_jax.data.sudoku import SAMPLE_PATH
 
-SOURCE = pathlib.Path(sudoku.__file__).parent / "data" / "sudoku_sample.txt"
+SOURCE = SAMPLE_PATH
 
 
 def test_help_lists_commands(capsys):

@@ -40,6 +40,7 @@ from hrm_jax.data.arc import (
     random_augmentation,
 )
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
+from hrm_jax.data.samples import sample_path
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,21 @@ class Source:
             raise ARCDataError(f"source {self.path}: role must be one of {ROLES}, got {self.role!r}")
 
 
+# The full collections beside a checkout (the repository cloned next to a `shared/` folder), looked
+# up from the working directory; HRM_ARC_DATA points anywhere else.
+SHARED_DIR = pathlib.Path("..") / "shared" / "data" / "arc"
+
+
 def default_data_dir() -> pathlib.Path:
-    """$HRM_ARC_DATA, else ../shared/data/arc next to the repository."""
+    """The full ARC collections: $HRM_ARC_DATA, else ../shared/data/arc relative to the working
+    directory (the quick start reads the bundled sample instead: `sample_data_dir`)."""
     env = os.environ.get("HRM_ARC_DATA")
-    if env:
-        return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "arc"
+    return pathlib.Path(env) if env else SHARED_DIR.resolve()
+
+
+def sample_data_dir() -> pathlib.Path:
+    """The bundled sample: the 16 smallest tasks of ARC-AGI-1 training/evaluation and ConceptARC."""
+    return sample_path("arc")
 
 
 def arc1_sources(data_dir: str | os.PathLike | None = None) -> list[Source]:

@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import tokenize
 from collections.abc import Mapping
 from typing import Any
 
@@ -280,7 +281,7 @@ def load_metadata(root: str | os.PathLike, split: str) -> PuzzleDatasetMetadata:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetFormatError(f"{path}: malformed JSON ({err}); rebuild the dataset") from None
     return PuzzleDatasetMetadata.from_json_dict(data, where=path)
 
@@ -289,8 +290,10 @@ def _load_array(path: str, mmap_mode: str | None) -> np.ndarray:
     _check(os.path.isfile(path), path, f"array file not found; {_BUILD_HINT}")
     try:
         return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise DatasetFormatError(f"{path}: not a readable .npy array ({err}); rebuild the dataset") from None
+    # A damaged header fails numpy's literal_eval with SyntaxError or tokenize.TokenError.
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as err:
+        reason = " ".join(str(err).split())
+        raise DatasetFormatError(f"{path}: not a readable .npy array ({reason}); rebuild the dataset") from None
 
 
 def load_split(root: str | os.PathLike, split: str, *, check_values: bool = True) -> PuzzleSplit:

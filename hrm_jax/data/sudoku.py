@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from hrm_jax.data.format import PuzzleDatasetMetadata, write_split
+from hrm_jax.data.samples import sample_path
 from hrm_jax.data.sudoku_solver import LINE_PERMS, Collection, SudokuTransform, read_collection, solve_many
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,10 @@ VOCAB_SIZE = 11  # 0 pad, 1 blank, 2..10 digits 1..9 (reference: digits + 1, pad
 # tests on held-out hard puzzles); 17_clue is mostly easy and serg_benchmark has no unique
 # solutions, so both stay out unless asked for (see the README of the shared data).
 DEFAULT_POOL = ("forum_hardest_1905_11plus", "magictour_top1465")
-SAMPLE_PATH = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "data" / "sudoku_sample.txt"
+SAMPLE_PATH = sample_path("sudoku_sample.txt")
+# The full collections beside a checkout (the repository cloned next to a `shared/` folder), looked
+# up from the working directory; HRM_SUDOKU_DATA points anywhere else.
+SHARED_DIR = pathlib.Path("..") / "shared" / "data" / "sudoku"
 
 
 class SudokuDataError(ValueError):
@@ -173,17 +177,16 @@ class SudokuDataError(ValueError):
 
 
 def default_source_dir() -> pathlib.Path:
-    """Where the puzzle collections are: $HRM_SUDOKU_DATA, else ../shared/data/sudoku next to
-    the repository, else the bundled sample file experiments/data/sudoku_sample.txt."""
+    """Where the puzzle collections are: $HRM_SUDOKU_DATA, else ../shared/data/sudoku relative to
+    the working directory, else the bundled sample (hrm_jax/data/samples/sudoku_sample.txt)."""
     env = os.environ.get("HRM_SUDOKU_DATA")
     if env:
         if not os.path.exists(env):
             raise SudokuDataError(f"HRM_SUDOKU_DATA={env!r} does not exist; point it at a "
                                   "directory of puzzle .txt files or at one such file")
         return pathlib.Path(env)
-    shared = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "sudoku"
-    if shared.is_dir():
-        return shared
+    if SHARED_DIR.is_dir():
+        return SHARED_DIR.resolve()
     if SAMPLE_PATH.is_file():
         return SAMPLE_PATH
     raise SudokuDataError("no Sudoku puzzles found: set HRM_SUDOKU_DATA to a directory of "

@@ -400,18 +400,23 @@ def read_collection(path: str, name: str | None = None) -> Collection:
     blanks). Malformed lines are counted by reason in `Collection.rejected`, not raised."""
     rejected = {"wrong_length": 0, "bad_character": 0, "contradictory_givens": 0}
     texts, numbers = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            if len(line) != 81:
-                rejected["wrong_length"] += 1
-            elif not set(line) <= _ALLOWED:
-                rejected["bad_character"] += 1
-            else:
-                texts.append(line)
-                numbers.append(number)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as err:
+        raise SudokuFormatError(f"{path}: not a text file of puzzles ({err.reason} at byte {err.start}); "
+                                "pass a UTF-8 file with one 81-character puzzle per line") from None
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(line) != 81:
+            rejected["wrong_length"] += 1
+        elif not set(line) <= _ALLOWED:
+            rejected["bad_character"] += 1
+        else:
+            texts.append(line)
+            numbers.append(number)
     raw_bytes = "".join(texts).replace(".", "0").encode("ascii")
     grids = (np.frombuffer(raw_bytes, dtype=np.uint8).reshape(-1, 81) - ord("0")).astype(np.int8)
     numbers_arr = np.array(numbers, dtype=np.int32)
