@@ -236,11 +236,11 @@ def _compute_dtype(spec: ModelSpec, config: HRMConfig) -> str:
 
 def _torch_from_checkpoint(spec: ModelSpec):
     from export.convert import to_torch_state_dict  # orbax checkpoints need jax
-    from export.torch_model import HRMTorch
+    from export.trm_torch_model import torch_module  # HRMTorch or TRMTorch, by the checkpoint's family
     from hrm_jax.checkpoint import load_params_for_eval
 
     params, config = load_params_for_eval(spec.path)
-    model = HRMTorch(config, _compute_dtype(spec, config))
+    model = torch_module(config, _compute_dtype(spec, config))
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     return model
 

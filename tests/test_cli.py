@@ -23,8 +23,9 @@ def test_flags_override_only_what_is_given(tmp_path):
 
 def test_quickstart_alias_and_task_presets():
     names = presets.presets_for("sudoku")
-    assert names == ["sudoku_extreme", "sudoku_extreme_1gpu", "sudoku_quickstart"]
-    assert presets.presets_for("maze") == ["maze_hard", "maze_quickstart"]
+    assert names == ["sudoku_extreme", "sudoku_extreme_1gpu", "sudoku_edge", "sudoku_quickstart", "trm_sudoku_mlp",
+                     "trm_sudoku_att"]
+    assert presets.presets_for("maze") == ["maze_hard", "maze_quickstart", "trm_maze"]
     for name, entry in presets.PRESETS.items():
         run = presets.preset(name)
         assert isinstance(run, RunConfig) and entry.task in name.replace("arc1", "arc").replace("arc2", "arc")
