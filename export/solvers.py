@@ -140,7 +140,7 @@ def load_solver(backend: str, checkpoint: str | os.PathLike | None = None, *,
 
 def _onnx_solver(path: str | os.PathLike, early_halt: bool) -> Solver:
     _require("onnxruntime", "pip install 'hrm-jax[export]'")
-    from export.onnx import OnnxSolver  # noqa: PLC0415
+    from export.onnx_runtime import OnnxSolver  # noqa: PLC0415
 
     return OnnxSolver(path, early_halt=early_halt)
 

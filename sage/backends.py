@@ -73,7 +73,7 @@ class OnnxBackend:
 
     def __init__(self, path: str | os.PathLike, *, name: str = "onnx", providers: list[str] | None = None,
                  threads: int | None = None) -> None:
-        from export.onnx import OnnxSegment  # onnxruntime: only this backend needs it
+        from export.onnx_runtime import OnnxSegment  # onnxruntime: only this backend needs it
 
         self.name = name
         self.runner = OnnxSegment(path, providers=providers, threads=threads)
@@ -194,7 +194,7 @@ def _onnx_backend(spec: ModelSpec, path: Path) -> SegmentBackend:
 
 def segment_graph_for(path: Path) -> Path:
     """The segment graph of an export: the file itself, or `X.segment.onnx` beside a solve graph `X.onnx`."""
-    from export.onnx import read_metadata  # needs the onnx package
+    from export.onnx_runtime import read_metadata  # needs the onnx package
 
     _, graph, _ = read_metadata(path)
     if graph == "segment":

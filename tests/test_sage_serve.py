@@ -344,3 +344,22 @@ def test_jax_and_torch_backends_from_one_orbax_checkpoint_agree(tmp_path):
     np.testing.assert_allclose(a.z_H, b.z_H, atol=1e-4)
     np.testing.assert_allclose(a.q_halt, b.q_halt, atol=1e-4)
     np.testing.assert_array_equal(a.predictions, b.predictions)
+
+
+def test_the_onnx_backend_runs_without_jax_or_torch(model, tmp_path):
+    """An edge device with numpy and onnxruntime only: jax and torch are made unimportable in a fresh process."""
+    torch_model, path = model
+    script = (
+        "import sys; sys.modules['jax'] = None; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from sage.backends import load_backend\n"
+        f"backend = load_backend({str(path)!r}, 'onnx', cache_dir={str(tmp_path)!r}, threads=1)\n"
+        "from sage.backends import carry_shape\n"
+        "config = backend.config\n"
+        "z = np.zeros((2, *carry_shape(config)), backend.carry_dtype)\n"
+        "out = backend.step(z, z, np.ones(2, bool), np.ones((2, config.seq_len), np.int32), np.zeros(2, np.int32))\n"
+        "assert out.predictions.shape == (2, config.seq_len), out.predictions.shape\n"
+        "assert 'jax' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
