@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import pathlib
 import sys
 import time
@@ -18,7 +20,8 @@ import time
 import numpy as np
 
 from experiments import common
-from hrm_jax import cli
+from hrm_jax import cli, pretrained
+from hrm_jax.data.sudoku_solver import SudokuFormatError, format_puzzle, is_valid_solution, parse_puzzle
 
 TASK = "sudoku"
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
@@ -63,11 +66,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
     from hrm_jax.data.format import load_split  # noqa: PLC0415
     from hrm_jax.evaluate import difficulty_bands, evaluate  # noqa: PLC0415
+    from hrm_jax.pretrained import load_model  # noqa: PLC0415
 
-    params, config = load_params_for_eval(args.checkpoint)
+    params, config = load_model(args.checkpoint)
     split = load_split(args.data, args.split)
     results = evaluate(params, config, split, args.batch_size, group_by=difficulty_bands(split))
     common.print_eval_table(results, f"{args.checkpoint} on {args.data}/{args.split}")
@@ -77,32 +80,82 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_solve(args: argparse.Namespace) -> int:
-    from hrm_jax.data.sudoku_solver import is_valid_solution, parse_puzzle  # noqa: PLC0415
-
-    puzzle = parse_puzzle(args.puzzle)  # SudokuFormatError names what is wrong
-    needs_checkpoint = args.backend in ("jax", "torch") or (args.backend == "onnx" and args.onnx is None)
-    checkpoint = args.checkpoint or (_latest_quickstart_checkpoint() if needs_checkpoint else None)
-    solver = _load_solver(args.backend, checkpoint, args.onnx, args.engine, args.early_halt)
+    """Solve one puzzle given on the command line, or every puzzle of a file (one per line)."""
+    puzzles, bad = _read_puzzles(args.puzzle)
+    for line, error in bad:
+        print(f"{args.puzzle}:{line}: skipped: {error}", file=sys.stderr)
+    if not puzzles:
+        raise cli.CLIError(f"{args.puzzle}: no puzzle to solve ({len(bad)} bad lines); write one puzzle of 81 "
+                           "characters per line, '1'-'9' for givens and '.' or '0' for blanks")
+    model = args.model or args.checkpoint or pretrained.PRETRAINED
+    solver = _load_solver(args.backend, None if args.backend == "onnx" and args.onnx else model, args.onnx,
+                          args.engine, args.early_halt)
     if (solver.config.seq_len, solver.config.vocab_size) != (81, 11):
         raise cli.CLIError(f"the model has seq_len {solver.config.seq_len} and vocab {solver.config.vocab_size}; "
-                              "a Sudoku model has 81 and 11: pass a checkpoint or export of a Sudoku run")
-    inputs = (puzzle.astype(np.int32) + 1)[None]  # the reference's encoding: blank 1, digit d -> d + 1
-    ids = np.zeros((1,), np.int32)
-    result = solver.solve(inputs, ids)
-    solution = np.asarray(result.predictions[0]) - 1
-    valid = bool(np.all((solution >= 1) & (solution <= 9))) and is_valid_solution(puzzle, solution.astype(np.int8))
-    print(_grid(solution))
-    print(f"backend {solver.name}, ACT steps {int(result.steps[0])}, "
-          f"{'a valid solution' if valid else 'NOT a valid solution'} of the given puzzle")
+                           "a Sudoku model has 81 and 11: pass a checkpoint or export of a Sudoku run")
+    invalid = 0
+    for start in range(0, len(puzzles), SOLVE_BATCH):
+        chunk = puzzles[start:start + SOLVE_BATCH]
+        grids = np.stack([grid for _, grid in chunk])
+        inputs = grids.astype(np.int32) + 1  # the reference's encoding: blank 1, digit d -> d + 1
+        result = solver.solve(inputs, np.zeros(len(chunk), np.int32))
+        for (line, grid), prediction, steps, q_halt in zip(chunk, result.predictions, result.steps, result.q_halt):
+            solution = np.clip(np.asarray(prediction) - 1, 0, 9).astype(np.int8)  # pad/blank tokens -> 0
+            valid = bool(np.all(solution >= 1)) and is_valid_solution(grid, solution)
+            invalid += not valid
+            _report(args, line, grid, solution, int(steps), float(q_halt), valid, solver.name)
+    if len(puzzles) > 1 and not args.json:
+        print(f"{len(puzzles) - invalid} of {len(puzzles)} puzzles solved with a valid grid"
+              f"{f'; {len(bad)} bad lines skipped' if bad else ''}")
     if args.bench:
-        _bench(solver, inputs, ids, args.bench)
-    return 0 if valid else 1
+        _bench(solver, puzzles[0][1].astype(np.int32)[None] + 1, np.zeros(1, np.int32), args.bench)
+    return 0 if invalid == 0 else 1
+
+
+SOLVE_BATCH = 64
+
+
+def _read_puzzles(text: str) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, str]]]:
+    """([(line number, grid)], [(line number, what is wrong)]) of a puzzle file, or of one puzzle (line 1) when
+    `text` is not a file. Blank lines and lines starting with '#' are skipped silently."""
+    if not os.path.isfile(text):
+        return [(1, parse_puzzle(text))], []  # one puzzle: a bad one is an error (SudokuFormatError)
+    try:
+        lines = pathlib.Path(text).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise cli.CLIError(f"{text}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+    puzzles, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            puzzles.append((number, parse_puzzle(line)))
+        except SudokuFormatError as error:
+            bad.append((number, str(error)))
+    return puzzles, bad
+
+
+def _report(args, line: int, grid: np.ndarray, solution: np.ndarray, steps: int, q_halt: float, valid: bool,
+            backend: str) -> None:
+    if args.json:
+        print(json.dumps({"line": line, "puzzle": format_puzzle(grid), "solution": "".join(map(str, solution)),
+                          "steps": steps, "valid": valid, "q_halt": round(q_halt, 4), "backend": backend}))
+        return
+    if os.path.isfile(args.puzzle):
+        print(f"\nline {line}:")
+    print(_grid(solution))
+    print(f"backend {backend}, ACT steps {steps}, "
+          f"{'a valid solution' if valid else 'NOT a valid solution'} of the given puzzle")
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Build a small set, train the quickstart model for a few minutes on the CPU, evaluate."""
+    """Show the shipped model on held-out puzzles, then build a small set, train the quickstart model for a few
+    minutes on the CPU and evaluate it."""
     from hrm_jax.data.sudoku import build_quickstart_dataset, default_source_dir  # noqa: PLC0415
 
+    if not args.skip_shipped:
+        show_shipped_model(args.shipped_puzzles)
+        print("\nNow training a small model from scratch on the CPU (the shipped one took 14 minutes on a GPU):")
     data = args.data or QUICKSTART_DATA
     if not (pathlib.Path(data) / "train" / "dataset.json").exists():
         source = default_source_dir()
@@ -115,15 +168,42 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_shipped_model(per_band: int) -> None:
+    """The shipped model on held-out puzzles: three solved on screen, then exact accuracy per band."""
+    backend = "torch" if importlib.util.find_spec("torch") else "jax"  # torch's eager loop stops at the halt
+    solver = _load_solver(backend, pretrained.PRETRAINED, None, None, early_halt=True)
+    sample = pretrained.heldout_sample()
+    print(f"The shipped Sudoku model ({pretrained.model_dir()}/MODEL_CARD.md) on held-out puzzles it never saw, "
+          f"backend {backend}, halting when its Q head says so:")
+    for band, index in (("news", 0), ("news", 1), ("17clue", 0)):
+        puzzle, _ = sample[band][index]
+        answer, steps, valid, seconds = _solve_one(solver, puzzle)
+        print(f"\n{band} puzzle ({int((puzzle > 0).sum())} clues)   ->   answer: {steps} ACT steps, "
+              f"{'valid' if valid else 'NOT valid'}, {1e3 * seconds:.0f} ms")
+        print("\n".join(f"{a}      {b}" for a, b in zip(_grid(puzzle).splitlines(), _grid(answer).splitlines())))
+    print(f"\nexact accuracy on the first {per_band} held-out puzzles of two bands, solved as one batch each "
+          "(the model card has 1,000 per band, and the hardest band, which it does not solve):")
+    print(f"{'band':<10} {'puzzles':>7} {'exact':>7} {'valid':>7} {'mean steps':>11} {'seconds':>8}")
+    for band in ("news", "17clue"):
+        puzzles, solutions = (np.stack(grids) for grids in zip(*sample[band][:per_band]))
+        start = time.perf_counter()
+        result = solver.solve(puzzles.astype(np.int32) + 1, np.zeros(len(puzzles), np.int32))
+        seconds = time.perf_counter() - start
+        answers = np.clip(np.asarray(result.predictions) - 1, 0, 9).astype(np.int8)
+        valid = [bool(np.all(a >= 1)) and is_valid_solution(p, a) for p, a in zip(puzzles, answers)]
+        print(f"{band:<10} {len(puzzles):>7} {np.mean(np.all(answers == solutions, axis=1)):>7.0%} "
+              f"{np.mean(valid):>7.0%} {np.mean(result.steps):>11.1f} {seconds:>8.1f}")
+
+
+def _solve_one(solver, puzzle: np.ndarray) -> tuple[np.ndarray, int, bool, float]:
+    start = time.perf_counter()
+    result = solver.solve(puzzle.astype(np.int32)[None] + 1, np.zeros(1, np.int32))
+    seconds = time.perf_counter() - start
+    answer = np.clip(np.asarray(result.predictions[0]) - 1, 0, 9).astype(np.int8)
+    return answer, int(result.steps[0]), bool(np.all(answer >= 1)) and is_valid_solution(puzzle, answer), seconds
+
+
 # Helpers ---------------------------------------------------------------------------------------
-
-
-def _latest_quickstart_checkpoint() -> pathlib.Path:
-    runs = sorted(common.RUNS_DIR.glob(f"{TASK}*/best"))
-    if not runs:
-        raise cli.CLIError("no checkpoint given and no run found under runs/: pass --checkpoint DIR "
-                              "or train one first with `python -m experiments.sudoku`")
-    return runs[-1]
 
 
 def _load_solver(backend: str, checkpoint, onnx_path, engine_path, early_halt: bool):
@@ -168,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser, sub = common.task_parser(TASK, __doc__)
     parser.add_argument("--max-blanks", type=int, default=None,
                         help="quick start: reveal solution cells until at most this many blanks remain")
+    parser.add_argument("--shipped-puzzles", type=cli.positive_int, default=8,
+                        help="quick start: held-out puzzles per band the shipped model solves first (default 8)")
+    parser.add_argument("--skip-shipped", action="store_true", help="quick start: skip the shipped model's demo")
 
     build = sub.add_parser("build", help="build a dataset from the puzzle collections")
     build.add_argument("--out", type=pathlib.Path, required=True)
@@ -196,9 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_train_command(sub, TASK, default_preset="sudoku_extreme")
     common.add_eval_command(sub, "evaluate a checkpoint on a split (with per-difficulty results)")
 
-    solve = sub.add_parser("solve", help="solve one puzzle (81 chars, '.' or '0' for blanks)")
-    solve.add_argument("puzzle")
-    solve.add_argument("--checkpoint", type=pathlib.Path, default=None, help="default: the newest runs/sudoku*/best")
+    solve = sub.add_parser("solve", help="solve a puzzle (81 chars, '.' or '0' for blanks) or a file of them")
+    solve.add_argument("puzzle", metavar="PUZZLE_OR_FILE",
+                       help="81 characters row by row, or a file with one puzzle per line (# comments allowed)")
+    solve.add_argument("--model", default=None,
+                       help="'pretrained' (the shipped model, the default), 'pretrained:NAME', or a checkpoint dir")
+    solve.add_argument("--checkpoint", type=pathlib.Path, default=None, help="a run's checkpoint (same as --model)")
+    solve.add_argument("--json", action="store_true",
+                       help="one JSON object per puzzle per line: line, puzzle, solution, steps, valid, q_halt")
     solve.add_argument("--backend", choices=("jax", "torch", "onnx", "tensorrt"), default="jax")
     solve.add_argument("--onnx", type=pathlib.Path, default=None,
                        help="ONNX file (backend onnx; exported on the fly if omitted)")

@@ -3,6 +3,7 @@
   python -m export torch --checkpoint runs/sudoku-.../best --out model.safetensors
   python -m export from-torch step_26040 --preset sudoku_extreme --out converted/
   python -m export onnx --checkpoint runs/sudoku-.../best --out model.onnx
+  python -m export onnx --model pretrained --out sudoku.onnx        # the shipped Sudoku model
   python -m export tensorrt --onnx model.onnx --out model.engine --fp16
 
 `torch` writes a state dict with the reference's key names (sapientinc/HRM), which its
@@ -32,13 +33,27 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def cmd_torch(args: argparse.Namespace) -> int:
     from export.convert import save_state_dict, to_torch_state_dict  # noqa: PLC0415
-    from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
 
-    params, config = load_params_for_eval(args.checkpoint)
+    params, config = _load_model(args)
     state_dict = to_torch_state_dict(params, config)
     path = save_state_dict(state_dict, args.out)
     print(f"wrote {path} ({len(state_dict)} tensors with the reference's key names)")
     return 0
+
+
+def _load_model(args: argparse.Namespace):
+    """(params, config) of --model (a shipped model or any checkpoint) or --checkpoint."""
+    from hrm_jax.pretrained import load_model  # noqa: PLC0415  (jax only for the commands that read weights)
+
+    if (args.model is None) == (args.checkpoint is None):
+        raise cli.CLIError("give one of --checkpoint DIR or --model pretrained|DIR")
+    return load_model(args.model if args.model is not None else args.checkpoint)
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=pathlib.Path, default=None, help="a run dir, its best/ or a step dir")
+    parser.add_argument("--model", default=None,
+                        help="'pretrained' (the shipped Sudoku model), 'pretrained:NAME', or a checkpoint/model dir")
 
 
 def _config_for(args: argparse.Namespace) -> HRMConfig:
@@ -99,11 +114,10 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     from export.convert import to_torch_state_dict  # noqa: PLC0415
     from export.onnx import export_onnx  # noqa: PLC0415
     from export.trm_torch_model import torch_module  # noqa: PLC0415
-    from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
 
     if args.out.suffix != ".onnx":
         raise cli.CLIError(f"--out {args.out}: give a file name ending in .onnx")
-    params, config = load_params_for_eval(args.checkpoint)
+    params, config = _load_model(args)
     model = torch_module(config, args.dtype)
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     graphs = {"solve": args.out, "segment": args.out.with_suffix(".segment.onnx")}
@@ -151,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="{torch,from-torch,onnx,tensorrt}")
 
     to_torch = sub.add_parser("torch", help="orbax checkpoint -> torch state dict (.pt or .safetensors)")
-    to_torch.add_argument("--checkpoint", type=pathlib.Path, required=True, help="a run dir, its best/ or a step dir")
+    _add_model_flags(to_torch)
     to_torch.add_argument("--out", type=pathlib.Path, required=True, help="FILE.pt or FILE.safetensors")
 
     from_torch = sub.add_parser("from-torch", help="torch state dict (ours or the reference's) -> orbax checkpoint")
@@ -167,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help="override a config field, e.g. --set num_puzzle_identifiers=1")
     from_torch.add_argument("--out", type=pathlib.Path, required=True, help="new checkpoint directory")
 
-    onnx = sub.add_parser("onnx", help="orbax checkpoint -> ONNX (solve and segment graphs)")
-    onnx.add_argument("--checkpoint", type=pathlib.Path, required=True)
+    onnx = sub.add_parser("onnx", help="orbax checkpoint or shipped model -> ONNX (solve and segment graphs)")
+    _add_model_flags(onnx)
     onnx.add_argument("--out", type=pathlib.Path, required=True,
                       help="FILE.onnx (the segment graph goes to FILE.segment.onnx)")
     onnx.add_argument("--graph", choices=("both", "solve", "segment"), default="both")

@@ -42,10 +42,15 @@ class JaxSolver:
 
     def __init__(self, checkpoint: str | os.PathLike, *, early_halt: bool = False) -> None:
         # jax is imported only when this backend is chosen: the other backends run without it.
-        from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
-        from hrm_jax.evaluate import rollout_jit  # noqa: PLC0415
+        import jax  # noqa: PLC0415
 
-        self.params, self.config = load_params_for_eval(checkpoint)
+        from hrm_jax.evaluate import rollout_jit  # noqa: PLC0415
+        from hrm_jax.pretrained import load_model  # noqa: PLC0415
+
+        self.params, self.config = load_model(checkpoint)
+        if jax.devices()[0].platform == "cpu" and self.config.forward_dtype != "float32":
+            # As the torch backend: XLA:CPU emulates bf16/fp16 matmuls slowly; float32 is also closer to exact.
+            self.config = self.config.replace(forward_dtype="float32")
         self.early_halt = early_halt
         self._rollout = rollout_jit
 
@@ -69,9 +74,9 @@ class TorchSolver:
 
         from export.convert import to_torch_state_dict  # noqa: PLC0415
         from export.trm_torch_model import torch_module  # noqa: PLC0415
-        from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
+        from hrm_jax.pretrained import load_model  # noqa: PLC0415
 
-        params, self.config = load_params_for_eval(checkpoint)
+        params, self.config = load_model(checkpoint)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # bf16 matmuls are emulated and slow on most CPUs: float32 there unless asked otherwise.
         dtype = dtype or (self.config.forward_dtype if self.device.type == "cuda" else "float32")
@@ -92,13 +97,14 @@ class TorchSolver:
 
 def export_checkpoint_to_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, *, graph: str = "solve",
                               dtype: str = "float32") -> Path:
-    """Orbax checkpoint -> ONNX file of `graph` in `dtype` (see export/onnx.py)."""
+    """A checkpoint or shipped model (hrm_jax.pretrained.load_model) -> ONNX file of `graph` in `dtype`
+    (see export/onnx.py)."""
     from export.convert import to_torch_state_dict  # noqa: PLC0415
     from export.onnx import export_onnx  # noqa: PLC0415
     from export.trm_torch_model import torch_module  # noqa: PLC0415
-    from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415
+    from hrm_jax.pretrained import load_model  # noqa: PLC0415
 
-    params, config = load_params_for_eval(checkpoint)
+    params, config = load_model(checkpoint)
     model = torch_module(config, dtype)
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     return export_onnx(model, out, graph)

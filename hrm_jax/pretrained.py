@@ -26,10 +26,12 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from hrm_jax.checkpoint import load_params_for_eval
 from hrm_jax.config import HRMConfig
 from hrm_jax.model import init_params
 
 WEIGHTS_PACKAGE = "hrm_jax.weights"
+PRETRAINED = "pretrained"  # the model spec naming the shipped default ("pretrained:NAME" names another)
 DEFAULT_MODEL = "sudoku"
 SEPARATOR = "/"
 STORAGE_DTYPES = ("float16", "float32")
@@ -128,3 +130,32 @@ def load_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], HRMConfig]:
 def load_pretrained(name: str = DEFAULT_MODEL) -> tuple[dict[str, Any], HRMConfig]:
     """(params, config) of a shipped model, e.g. `load_pretrained("sudoku")`."""
     return load_folder(model_dir(name))
+
+
+def heldout_sample(name: str = DEFAULT_MODEL) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """The held-out puzzles shipped beside a model (heldout.txt): {band: [(puzzle int8[81], solution int8[81])]},
+    0 for blanks, bands in file order."""
+    path = model_dir(name) / "heldout.txt"
+    bands: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            band, puzzle, solution = line.split()
+            grids = [np.array([0 if c == "." else int(c) for c in text], np.int8) for text in (puzzle, solution)]
+        except ValueError:
+            raise PretrainedError(f"{path}:{number}: expected 'band puzzle solution'; reinstall the package") from None
+        bands.setdefault(band, []).append((grids[0], grids[1]))
+    return bands
+
+
+def load_model(spec: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """(params, model config) of whatever a user names as the model: "pretrained" (or "pretrained:NAME") for a
+    shipped model, a folder written by save_pretrained, or an hrm_jax checkpoint (a run folder, its best/,
+    a step dir: `hrm_jax.checkpoint.load_params_for_eval`)."""
+    text = os.fspath(spec)
+    if text == PRETRAINED or text.startswith(PRETRAINED + ":"):
+        return load_pretrained(text.partition(":")[2] or DEFAULT_MODEL)
+    if (pathlib.Path(text) / "config.json").is_file() and (pathlib.Path(text) / "model.safetensors").is_file():
+        return load_folder(text)
+    return load_params_for_eval(text)

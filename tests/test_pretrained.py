@@ -21,16 +21,6 @@ PER_BAND = 8
 CARD_RATE = {"news": 0.988, "17clue": 0.745}
 
 
-def read_sample(name: str = "sudoku") -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
-    bands: dict[str, list] = {}
-    for line in (pretrained.model_dir(name) / "heldout.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            band, puzzle, solution = line.split()
-            grid = np.array([0 if c == "." else int(c) for c in puzzle], np.int8)
-            bands.setdefault(band, []).append((grid, np.array([int(c) for c in solution], np.int8)))
-    return bands
-
-
 def binomial_floor(n: int, p: float, tail: float = 1e-4) -> int:
     """The largest k with P(X < k) <= tail for X ~ Binomial(n, p): a count below it means the rate is off."""
     cdf, k = 0.0, 0
@@ -44,7 +34,7 @@ def binomial_floor(n: int, p: float, tail: float = 1e-4) -> int:
 
 def test_the_shipped_model_solves_held_out_puzzles():
     params, config = pretrained.load_pretrained("sudoku")
-    sample = read_sample()
+    sample = pretrained.heldout_sample()
     grids = [(band, g, s) for band in CARD_RATE for g, s in sample[band][:PER_BAND]]
     inputs = np.stack([g for _, g, _ in grids]).astype(np.int32) + 1  # blank 1, digit d -> d + 1
     batch = {"inputs": inputs, "labels": np.stack([s for _, _, s in grids]).astype(np.int32) + 1,
@@ -81,6 +71,16 @@ def test_unknown_model_names_list_what_is_shipped():
         pretrained.model_dir("chess")
 
 
+def test_the_held_out_sample_has_its_bands_and_true_solutions():
+    sample = pretrained.heldout_sample()
+    assert {band: len(items) for band, items in sample.items()} == {"news": 100, "17clue": 100, "hardest": 50}
+    for band, items in sample.items():
+        for puzzle, solution in items:
+            assert is_valid_solution(puzzle, solution), band
+            clues = int((puzzle > 0).sum())
+            assert (22 <= clues <= 35) if band == "news" else (clues == 17 if band == "17clue" else clues >= 17)
+
+
 def test_save_and_load_round_trip(tmp_path):
     params, config = pretrained.load_pretrained("sudoku")
     pretrained.save_pretrained(tmp_path, params, config, dtype="float32")
@@ -90,3 +90,39 @@ def test_save_and_load_round_trip(tmp_path):
     assert flat.keys() == flat_again.keys()
     for key in flat:
         np.testing.assert_array_equal(flat[key], flat_again[key])
+
+
+def test_solve_a_file_with_the_shipped_model_prints_json_and_skips_bad_lines(tmp_path, capsys):
+    from experiments import sudoku
+
+    sample = pretrained.heldout_sample()["news"][:2]
+    lines = ["# two held-out puzzles and a bad line", sample[0][0], "12345", sample[1][0]]
+    path = tmp_path / "puzzles.txt"
+    path.write_text("\n".join(line if isinstance(line, str) else "".join(map(str, line)) for line in lines) + "\n")
+    assert sudoku.main(["solve", "--model", "pretrained", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "puzzles.txt:3: skipped: a Sudoku has 81 cells, got 5 characters" in err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["line"] for r in rows] == [2, 4]
+    for row, (puzzle, solution) in zip(rows, sample):
+        assert row["valid"] and row["solution"] == "".join(map(str, solution)) and 1 <= row["steps"] <= 16
+        assert row["puzzle"] == "".join("." if v == 0 else str(v) for v in puzzle)
+
+
+def test_a_file_without_any_puzzle_is_one_line(tmp_path, capsys):
+    from experiments import sudoku
+
+    path = tmp_path / "empty.txt"
+    path.write_text("# nothing\nnot a puzzle\n")
+    assert sudoku.main(["solve", str(path)]) == 2
+    assert "no puzzle to solve (1 bad lines)" in capsys.readouterr().err
+
+
+def test_export_torch_writes_the_shipped_model_under_the_reference_names(tmp_path):
+    import export.__main__ as export_cli
+    from export.convert import load_state_dict
+
+    out = tmp_path / "sudoku.safetensors"
+    assert export_cli.main(["torch", "--model", "pretrained", "--out", str(out)]) == 0
+    state_dict = load_state_dict(out)
+    assert "H_init" in "".join(state_dict) and len(state_dict) == 22
