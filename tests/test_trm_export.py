@@ -106,8 +106,8 @@ def test_torch_module_matches_jax_every_segment_from_the_same_carry(index):
     model = loaded(cfg, params)
     carry = trm.initial_carry(cfg, batch)
     for segment in range(SEGMENTS + 1):  # the last one restarts every row (all halted at the limit)
-        start = [torch.from_numpy(np.asarray(getattr(carry, n))) for n in ("z_H", "z_L", "steps", "halted")]
-        data = [torch.from_numpy(np.asarray(carry.current_data[k])) for k in ("inputs", "puzzle_identifiers")]
+        start = [torch.from_numpy(np.array(getattr(carry, n))) for n in ("z_H", "z_L", "steps", "halted")]
+        data = [torch.from_numpy(np.array(carry.current_data[k])) for k in ("inputs", "puzzle_identifiers")]
         with torch.no_grad():
             z_H, z_L, steps, halted, *_, logits, q_halt, q_cont = model(
                 *start, *data, torch.from_numpy(batch["inputs"]), torch.from_numpy(batch["puzzle_identifiers"]))
