@@ -56,8 +56,14 @@ def _session(path: str | os.PathLike, providers: list[str] | None, threads: int 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(os.fspath(path), sess_options=options,
-                                providers=providers or ["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(os.fspath(path), sess_options=options,
+                                    providers=providers or ["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own types (InvalidArgument, Fail, ...) for a bad graph
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise OnnxExportError(f"{path}: ONNX Runtime cannot load this graph ({type(err).__name__}: {first[:300]}); "
+                              "the file is damaged or was not written by `python -m export onnx`: export it "
+                              "again") from None
 
 
 class OnnxSolver:
