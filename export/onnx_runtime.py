@@ -80,13 +80,14 @@ class OnnxSolver:
         if self.dtype == "bfloat16" and not providers:
             raise OnnxExportError(f"{path}: a bfloat16 graph, which onnxruntime's CPU provider cannot run (no "
                                   "bf16 kernels); export --dtype float32 or float16 for CPUs, keep bf16 for GPUs")
-        self.early_halt = np.asarray([bool(early_halt)])
+        self.early_halt = bool(early_halt)
         self.session = _session(path, providers, threads)
 
     def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult:
         inputs, ids = check_solver_inputs(self.config, inputs, puzzle_identifiers)
         predictions, steps, q_halt, _ = self.session.run(
-            None, {"inputs": inputs, "puzzle_identifiers": ids, "early_halt": self.early_halt})
+            None, {"inputs": inputs, "puzzle_identifiers": ids,
+                                            "early_halt": np.asarray([self.early_halt])})
         return SolveResult(predictions, steps, q_halt)
 
 
