@@ -7,9 +7,10 @@ Each (backend, early halting) pair runs in a child process of its own, so its pe
 (ru_maxrss) is its own. Batch 1: the latency of each puzzle solved alone (p50/p95 over --puzzles
 puzzles, after one warm-up solve). Larger batches: the time of each batch divided by its size.
 "all 16" runs every ACT segment (the paper's evaluation); "early halt" stops a row at the first
-segment whose q_halt > q_continue. The torch and ONNX backends stop computing once every row of the
-batch has stopped; the JAX rollout always computes every segment and picks the early answer, so its
-time does not fall with early halting (reported as measured). Validity is checked against the
+segment whose q_halt > q_continue. torch stops computing once every row of the batch has stopped and
+onnx-loop (the segment graph driven from the host, export/onnx_runtime.py OnnxLoopSolver) drops each
+row as it halts; the JAX rollout and the ONNX solve graph compute every segment and pick the early
+answer, so their time does not fall with early halting (reported as measured). Validity is checked against the
 Sudoku rules and the given clues, not against the label.
 """
 
@@ -27,14 +28,18 @@ import time
 
 import numpy as np
 
+from export.onnx_runtime import OnnxLoopSolver
 from export.solvers import TorchSolver, export_checkpoint_to_onnx, load_solver
 from hrm_jax.data.format import load_split
 from hrm_jax.data.sudoku_solver import is_valid_solution
 
-BACKENDS = ("onnx", "torch", "jax")
+BACKENDS = ("onnx", "onnx-loop", "torch", "jax")
 
 
-def _solver(backend: str, checkpoint: str, onnx_path: str | None, early_halt: bool, device: str | None):
+def _solver(backend: str, checkpoint: str, onnx_path: str | None, early_halt: bool, device: str | None,
+            segment_path: str | None = None, threads: int | None = None):
+    if backend == "onnx-loop":
+        return OnnxLoopSolver(segment_path, early_halt=early_halt, threads=threads)
     if backend == "torch" and device:
         return TorchSolver(checkpoint, early_halt=early_halt, device=device)
     return load_solver(backend, checkpoint, onnx_path=onnx_path, early_halt=early_halt)
@@ -50,7 +55,7 @@ def child(args: argparse.Namespace, backend: str, batches: list[int]) -> list[di
     """Every (batch, early halting) row of one backend, loaded once."""
     if args.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    solver = _solver(backend, args.checkpoint, args.onnx, False, args.device)
+    solver = _solver(backend, args.checkpoint, args.onnx, False, args.device, args.onnx_segment, args.threads)
     rows = []
     for batch in batches:
         for early in (False, True):
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (OMP_NUM_THREADS) for the children")
     parser.add_argument("--device", default=None, help="torch device (default: cuda where present)")
     parser.add_argument("--onnx", default=None, help="an exported solve graph (default: exported once into a temp dir)")
+    parser.add_argument("--onnx-segment", default=None,
+                        help="an exported segment graph for onnx-loop (default: exported once into a temp dir)")
     parser.add_argument("--out", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -103,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     backends, batches = args.backend or list(BACKENDS), args.batch or [1]
     if "onnx" in backends and args.onnx is None:
         args.onnx = str(export_checkpoint_to_onnx(args.checkpoint, os.path.join(tempfile.mkdtemp(), "model.onnx")))
+    if "onnx-loop" in backends and args.onnx_segment is None:
+        segment = os.path.join(tempfile.mkdtemp(), "model.segment.onnx")
+        args.onnx_segment = str(export_checkpoint_to_onnx(args.checkpoint, segment, graph="segment"))
     rows = []
     for backend in backends:
         command = [sys.executable, "-m", "benchmarks.edge_latency", *_forward(args), "--child",
@@ -126,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _forward(args: argparse.Namespace) -> list[str]:
     out = ["--checkpoint", args.checkpoint, "--data", args.data, "--split", args.split, "--puzzles", str(args.puzzles)]
-    for flag in ("threads", "device", "onnx"):
+    for flag in ("threads", "device", "onnx", "onnx_segment"):
         if getattr(args, flag):
-            out += [f"--{flag}", str(getattr(args, flag))]
+            out += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     return out
 
 

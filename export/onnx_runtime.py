@@ -114,3 +114,41 @@ class OnnxSegment:
             None, {**carry, "inputs": inputs, "puzzle_identifiers": ids})
         return ({"z_H": z_H, "z_L": z_L, "steps": steps, "halted": halted},
                 {"logits": logits, "q_halt": q_halt, "q_continue": q_continue})
+
+
+class OnnxLoopSolver:
+    """The `segment` graph driven by a host loop: `.solve(inputs, ids)` like OnnxSolver, but with early_halt
+    a row leaves the batch at the first segment whose Q head says halt, so each puzzle costs only its own
+    segments (the `solve` graph computes every segment and selects). Same answers and steps as the solve graph.
+    """
+
+    name = "onnx-loop"
+
+    def __init__(self, path: str | os.PathLike, *, early_halt: bool = False, providers: list[str] | None = None,
+                 threads: int | None = None) -> None:
+        self.segment = OnnxSegment(path, providers=providers, threads=threads)
+        self.config = self.segment.config
+        self.early_halt = bool(early_halt)
+
+    def _halts(self, q_halt: np.ndarray, q_continue: np.ndarray) -> np.ndarray:
+        # Each family's evaluation-time rule: HRM halts when Q prefers halting, TRM when q_halt > 0.
+        return q_halt > 0 if isinstance(self.config, TRMConfig) else q_halt > q_continue
+
+    def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult:
+        inputs, ids = check_solver_inputs(self.config, inputs, puzzle_identifiers)
+        n, last = len(inputs), self.config.halt_max_steps
+        predictions, steps = np.zeros(inputs.shape, np.int32), np.zeros(n, np.int32)
+        q_halt = np.zeros(n, np.float32)
+        active, carry = np.arange(n), self.segment.initial_carry(n)
+        for step in range(1, last + 1):
+            carry, out = self.segment.step(carry, inputs[active], ids[active])
+            done = np.full(len(active), step == last)
+            if self.early_halt:
+                done |= self._halts(out["q_halt"], out["q_continue"])
+            rows = active[done]
+            predictions[rows] = out["logits"][done].argmax(-1)
+            steps[rows], q_halt[rows] = step, out["q_halt"][done]
+            active, carry = active[~done], {k: v[~done] for k, v in carry.items()}
+            if not len(active):
+                break
+        return SolveResult(predictions, steps, q_halt)

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 from export.onnx import OnnxExportError, OnnxSegment, OnnxSolver, export_onnx, read_metadata
+from export.onnx_runtime import OnnxLoopSolver
 from hrm_jax.evaluate import rollout
 from tests.test_export_torch import jax_rollout, random_batch, random_params, rel_err, small_config, solve, torch_model
 
@@ -130,6 +131,21 @@ def test_early_halting_actually_stops_some_rows_early(tmp_dir):
     steps = OnnxSolver(exported("rope_puzzle_emb", "solve", "float32", tmp_dir), early_halt=True).solve(
         batch["inputs"], batch["puzzle_identifiers"]).steps
     assert steps.min() < SEGMENTS, steps
+
+
+@pytest.mark.parametrize("early_halt", [False, True])
+def test_the_host_loop_over_the_segment_graph_gives_the_solve_graphs_answers(tmp_dir, early_halt):
+    """OnnxLoopSolver drops halted rows from the batch; tokens and steps must equal the one-graph solve (on a draw
+    where some rows halt early: test above), q_halt within one segment's rounding."""
+    cfg, _ = case("rope_puzzle_emb")
+    batch = random_batch(cfg, 7, seed=27)
+    want = OnnxSolver(exported("rope_puzzle_emb", "solve", "float32", tmp_dir), early_halt=early_halt).solve(
+        batch["inputs"], batch["puzzle_identifiers"])
+    got = OnnxLoopSolver(exported("rope_puzzle_emb", "segment", "float32", tmp_dir), early_halt=early_halt).solve(
+        batch["inputs"], batch["puzzle_identifiers"])
+    np.testing.assert_array_equal(got.steps, want.steps)
+    np.testing.assert_array_equal(got.predictions, want.predictions)
+    assert q_err(got.q_halt, want.q_halt) <= RTOL_F32
 
 
 def test_float16_graph_is_close_to_jax_float32(tmp_dir):
