@@ -25,6 +25,7 @@ from hrm_jax.data.sudoku_solver import SudokuFormatError, format_puzzle, is_vali
 
 TASK = "sudoku"
 QUICKSTART_DATA = common.RUNS_DIR / "data" / "sudoku-quickstart"
+SOLVE_BATCH = 64  # puzzles of a file solved per call
 
 
 # Commands ---------------------------------------------------------------------------------------
@@ -110,9 +111,6 @@ def cmd_solve(args: argparse.Namespace) -> int:
     if args.bench:
         _bench(solver, puzzles[0][1].astype(np.int32)[None] + 1, np.zeros(1, np.int32), args.bench)
     return 0 if invalid == 0 else 1
-
-
-SOLVE_BATCH = 64
 
 
 def _read_puzzles(text: str) -> tuple[list[tuple[int, np.ndarray]], list[tuple[int, str]]]:

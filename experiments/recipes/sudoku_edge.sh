@@ -9,7 +9,7 @@
 # are saved to $OUT/bases.npz (pass BASES=that file to rebuild the same set without solving again).
 #
 # The learning rate is constant after warm-up (lr_min_ratio 1.0, as the paper's runs), so stopping on time
-# (SIGINT after MINUTES; the newest periodic checkpoint is kept) changes nothing but the number of steps.
+# (SIGINT after MINUTES: the trainer finishes the step and saves it) changes nothing but the number of steps.
 set -euo pipefail
 BASES=${BASES:-}
 SOURCE=${SOURCE:-../shared/data/sudoku}
