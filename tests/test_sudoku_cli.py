@@ -100,8 +100,12 @@ def test_build_train_eval_resume(built, tmp_path, capsys):
 
 
 def test_quickstart_runs_end_to_end(built, tmp_path, capsys):
-    assert sudoku.main(["--data", str(built), "--out", str(tmp_path / "qs"), "--steps", "4", "--no-progress"]) == 0
+    assert sudoku.main(["--data", str(built), "--out", str(tmp_path / "qs"), "--steps", "4", "--no-progress",
+                        "--shipped-puzzles", "2"]) == 0
     out = capsys.readouterr().out
+    # First the shipped model on held-out puzzles (the three shown are ones it solves), then the CPU demo.
+    assert out.index("The shipped Sudoku model") < out.index("Now training a small model")
+    assert out.count("ACT steps, valid") == 3 and "NOT valid" not in out.split("exact accuracy on the first")[0]
     assert "best checkpoint:" in out and "plot:" in out
     assert (tmp_path / "qs" / "best").is_dir()
 
