@@ -46,6 +46,8 @@ NEWS_CLUES = (22, 35)  # inclusive range of the newspaper-style held-out set
 TRAIN_MAX_CLUES = 36  # training variants reveal up to this many clues
 BASE_SHARE = 0.25  # share of training variants that keep the base puzzle's own clues
 HELD_OUT = ("test_17", "test_news", "test_hard")
+SOURCES = (SEVENTEEN, HARDEST, MAGICTOUR)  # index of `source` in a bases file
+PARTS = (*HELD_OUT, "train_17", "train_hard", "train_magictour")  # index of `part`; held-out parts first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +93,6 @@ def select_bases(source_dir: str | os.PathLike, sizes: BaseSizes = BaseSizes(), 
         "source": np.array([SOURCES.index(pool.names[s]) for s in pool.source[index]], np.int8),
         "part": np.concatenate([np.full(len(parts[p]), PARTS.index(p), np.int8) for p, _ in plan]),
     }
-
-
-SOURCES = (SEVENTEEN, HARDEST, MAGICTOUR)
-PARTS = ("test_17", "test_news", "test_hard", "train_17", "train_hard", "train_magictour")
 
 
 def save_bases(path: str | os.PathLike, bases: dict[str, np.ndarray]) -> None:
