@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -25,9 +27,11 @@ import torch
 
 from hrm_jax.model import init_params
 from sage import weights
+from sage.__main__ import main as sage_main
 from sage.backends import load_backend
 from sage.client import Client
 from sage.hot_swap import IdleSleeper, WeightsReloader
+from sage.mailbox import Mailbox, MailboxNotFoundError
 from sage.protocol import Status
 from sage.serve import Server, open_or_create
 from sage.sleep import publish
@@ -160,6 +164,7 @@ def test_a_version_of_another_model_is_refused_and_the_old_one_kept(params, tmp_
 IDLE_PUBLISHER = textwrap.dedent("""
     import shutil, sys, time
     from sage import weights
+from sage.__main__ import main as sage_main
     weights_dir, source = sys.argv[1:]
     current = weights.read_current(weights_dir)
     path = weights.version_dir(weights_dir, current["version"] + 1)
@@ -194,3 +199,53 @@ def test_idle_server_starts_one_sleep_cycle_and_swaps_to_what_it_publishes(param
         want = model.solve(torch.from_numpy(row[None]), torch.zeros(1, dtype=torch.int32), early_halt=True)
         np.testing.assert_array_equal(answer.prediction, want.logits.argmax(-1).numpy()[0])
     assert not np.array_equal(first.prediction, second.prediction)
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--sleep-when-idle", "5"], "needs --weights-dir"),
+    (["--weights-dir", "W", "--experiences", "E", "--sleep-when-idle", "5"], "--heldout"),
+    (["--weights-dir", "W", "--reload-interval", "0"], "--reload-interval must be > 0"),
+])
+def test_bad_weights_flags_get_one_line(flags, problem, tmp_path, capsys):
+    argv = ["serve", "--model", "m.onnx", "--inbox", name("in"), "--outbox", name("out"),
+            "--state-dir", str(tmp_path), *flags]
+    assert sage_main(argv) == 2
+    err = capsys.readouterr().err
+    assert problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_serve_jax_backend_swaps_to_a_new_version(params, tmp_path):
+    """`python -m sage serve --backend jax --weights-dir`: serves the published version (not --model),
+    swaps to the next one; answers equal the torch solver of each version."""
+    weights_dir, state = tmp_path / "served", tmp_path / "state"
+    publish(str(weights_dir), params[0], CONFIG, {"source": "test"}, version=0)
+    inbox, outbox = name("in"), name("out")
+    server = subprocess.Popen([sys.executable, "-m", "sage", "serve", "--model", str(ROOT), "--backend", "jax",
+                               "--weights-dir", str(weights_dir), "--reload-interval", "0.1", "--inbox", inbox,
+                               "--outbox", outbox, "--state-dir", str(state)], cwd=ROOT)
+    row = puzzles(1, seed=11)[0]
+    try:
+        deadline = time.monotonic() + 120
+        while not (state / "stats.json").exists():  # written once the server serves
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        with Client(inbox) as client:
+            first = client.solve(row, wait=120)
+            publish(str(weights_dir), params[1], CONFIG, {"source": "test"})
+            while time.monotonic() < deadline:
+                if json.loads((state / "stats.json").read_text()).get("weights_version") == 1:
+                    break
+                time.sleep(0.2)
+            second = client.solve(row, wait=120)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0
+        for box in (inbox, outbox):
+            with contextlib.suppress(MailboxNotFoundError):
+                Mailbox.attach(box).unlink()
+    stats = json.loads((state / "stats.json").read_text())
+    assert stats["weights_version"] == 1 and stats["counts"]["weight_swaps"] == 1 and stats["backend"] == "jax"
+    for version, answer in ((0, first), (1, second)):
+        want = solver(weights.version_dir(weights_dir, version), tmp_path / "m").solve(
+            torch.from_numpy(row[None]), torch.zeros(1, dtype=torch.int32), early_halt=True)
+        np.testing.assert_array_equal(answer.prediction, want.logits.argmax(-1).numpy()[0])
