@@ -162,9 +162,8 @@ def test_a_version_of_another_model_is_refused_and_the_old_one_kept(params, tmp_
 
 
 IDLE_PUBLISHER = textwrap.dedent("""
-    import shutil, sys, time
+    import shutil, sys
     from sage import weights
-from sage.__main__ import main as sage_main
     weights_dir, source = sys.argv[1:]
     current = weights.read_current(weights_dir)
     path = weights.version_dir(weights_dir, current["version"] + 1)
