@@ -153,6 +153,15 @@ class Engine:
         self._order = itertools.count()
         self._zero = np.zeros(carry_shape(self.config), backend.carry_dtype)
 
+    def swap_backend(self, backend: SegmentBackend) -> None:
+        """Serve `backend` from the next segment on. Called between two steps: rows in flight keep
+        their carry and run their remaining segments on the new backend, which must therefore take
+        the same carries (same model config and carry dtype)."""
+        if backend.config != self.config or np.dtype(backend.carry_dtype) != np.dtype(self.backend.carry_dtype):
+            raise ValueError(f"its model config or carry dtype ({backend.carry_dtype}) differs from the served "
+                             "one's; restart the server to serve a different model")
+        self.backend = backend
+
     @property
     def idle(self) -> bool:
         return not self.active and not len(self.queue)

@@ -22,6 +22,11 @@ Guarantees (the test of each is named in BUILD_NOTES.md, "Serving"):
 - SIGTERM (or SIGINT): the server stops taking requests from the inbox (the rest stay there for the
   next server), finishes every request it had taken (within --drain-timeout; past it they are
   answered SHUTDOWN), snapshots every carry, writes its stats and exits 0.
+- --weights-dir DIR: the server serves the version DIR publishes (sage/weights.py; --model only
+  while nothing is published) and swaps to each newer one between two segment steps without
+  dropping a request; rows in flight finish on the new weights (sage/hot_swap.py). With
+  --sleep-when-idle S and --experiences STORE, S seconds without a request start one sleep cycle
+  (`python -m sage sleep`) in a child process while the server keeps serving.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ import collections
 import fcntl
 import logging
 import os
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -40,12 +47,14 @@ import numpy as np
 from sage.backends import BACKENDS, SegmentBackend, carry_shape, load_backend
 from sage.carry import CarryStore
 from sage.engine import Engine, Job
+from sage.hot_swap import IdleSleeper, WeightsReloader
 from sage.journal import Journal
 from sage.mailbox import Mailbox, MailboxNotFoundError, PushStatus
 from sage.protocol import ProtocolError, Request, Response, Status, decode_request, encode_response, peek_request_id
 from sage.schedule import FocusScheduler, Lane
 from sage.segment import SegmentError
 from sage.telemetry import Telemetry
+from sage.weights import read_current
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +125,8 @@ class Server:
                  focus: Mailbox | None = None, max_batch: int = 32, max_wait: float = 0.002,
                  max_live_streams: int = 1024,
                  max_pending: int = 4096, snapshot_interval: float = 5.0, stats_interval: float = 0.5,
-                 drain_timeout: float = 30.0, reply_timeout: float = 0.1) -> None:
+                 drain_timeout: float = 30.0, reply_timeout: float = 0.1,
+                 reloader: WeightsReloader | None = None, sleeper: IdleSleeper | None = None) -> None:
         self.backend, self.inbox, self.focus, self.state_dir = backend, inbox, focus, state_dir
         self.lanes = FocusScheduler(focus, inbox) if focus is not None else None
         self.replies = ReplyBoxes(outbox)
@@ -128,6 +138,10 @@ class Server:
         self.journal = Journal(state_dir / "journal.log")
         self.engine = Engine(backend, self.carries, self.telemetry, self._send, max_batch=max_batch,
                              max_wait=max_wait)
+        self.reloader, self.sleeper = reloader, sleeper
+        if reloader is not None and reloader.version is not None:
+            self.telemetry.weights_version.set(reloader.version)
+        self.last_request = time.monotonic()
         self.stopping = False
 
     # ---- answers ----
@@ -152,6 +166,9 @@ class Server:
     # ---- requests ----
     def _take(self, payload: bytes, journal_id: int, focus: bool) -> None:
         self.telemetry.on_received()
+        self.last_request = time.monotonic()
+        if self.sleeper is not None:
+            self.sleeper.on_request()
         try:
             request = decode_request(payload)
         except ProtocolError as err:
@@ -215,6 +232,7 @@ class Server:
                 self._receive()
             self.engine.step()
             now = time.monotonic()
+            self._between_steps(now)
             if now >= next_stats:
                 self.write_stats()
                 next_stats = now + self.stats_interval
@@ -232,7 +250,32 @@ class Server:
         self.shutdown()
         return 0
 
+    def _between_steps(self, now: float) -> None:
+        """A newer published version replaces the backend here, between two segment steps."""
+        if self.sleeper is not None and not self.stopping:
+            event = self.sleeper.poll(now, self.last_request)
+            if event is not None:
+                self.telemetry.on_sleep_cycle(event)
+        if self.reloader is None:
+            return
+        built = self.reloader.poll(now)
+        if built is None:
+            return
+        version, backend = built
+        try:
+            self.engine.swap_backend(backend)
+        except ValueError as err:
+            self.reloader.refuse(version, str(err))
+            return
+        logger.info("now serving weights version %d (was %s)", version, self.reloader.version)
+        self.backend, self.reloader.version = backend, version
+        self.telemetry.on_weight_swap(version)
+
     def shutdown(self) -> None:
+        if self.sleeper is not None:
+            self.sleeper.close()
+        if self.reloader is not None:
+            self.reloader.close()
         written = self.carries.flush()
         self.write_stats(final=True)
         self.journal.close()
@@ -247,7 +290,8 @@ class Server:
         self.telemetry.write(self.state_dir, inbox=self.inbox.name, outbox=self.replies.default.name,
                              backend=self.backend.name, stopped=final, carries_on_disk=self.carries.on_disk(),
                              carry_evictions=self.carries.evictions, inbox_full=inbox.full,
-                             inbox_expired=inbox.expired, inbox_too_big=inbox.too_big)
+                             inbox_expired=inbox.expired, inbox_too_big=inbox.too_big,
+                             weights_version=None if self.reloader is None else self.reloader.version)
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -290,12 +334,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="records per mailbox it creates")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--metrics-port", type=int, default=None, help="also serve Prometheus metrics over HTTP")
+    parser.add_argument("--weights-dir", default=None, help="published-weights directory (python -m sage sleep): "
+                        "serve its current version and hot-swap to each newer one")
+    parser.add_argument("--reload-interval", type=float, default=2.0,
+                        help="seconds between polls of --weights-dir (default 2)")
+    parser.add_argument("--sleep-when-idle", type=float, default=None, metavar="SECONDS",
+                        help="after this long without a request, run one sleep cycle in a child process "
+                        "(needs --weights-dir, --experiences and --sleep-args)")
+    parser.add_argument("--experiences", default=None, help="experience store the sleep cycle draws from")
+    parser.add_argument("--sleep-args", default="", help="further `python -m sage sleep` flags, one string, "
+                        "e.g. \"--heldout data/sudoku --task sudoku\"")
 
 
 def main(args: argparse.Namespace) -> int:
     for flag in ("max_batch", "max_streams", "record_size", "capacity"):
         if getattr(args, flag) < 1:
             raise ServerError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_weights_flags(args)
     state_dir = args.state_dir or default_state_dir(args.inbox)
     lock = lock_state_dir(state_dir)
     try:
@@ -304,16 +359,49 @@ def main(args: argparse.Namespace) -> int:
         os.close(lock)
 
 
+def check_weights_flags(args: argparse.Namespace) -> None:
+    if args.reload_interval <= 0:
+        raise ServerError(f"--reload-interval must be > 0 seconds, got {args.reload_interval}")
+    if args.sleep_when_idle is None:
+        return
+    if args.sleep_when_idle <= 0:
+        raise ServerError(f"--sleep-when-idle must be > 0 seconds, got {args.sleep_when_idle}")
+    if not args.weights_dir or not args.experiences:
+        raise ServerError("--sleep-when-idle needs --weights-dir (where the cycle publishes) and --experiences "
+                          "(the store it draws from)")
+    if "--heldout" not in shlex.split(args.sleep_args):
+        raise ServerError("--sleep-when-idle needs the sleep cycle's held-out split: pass --sleep-args "
+                          "\"--heldout DATASET_DIR ...\" (see python -m sage sleep --help)")
+
+
+def sleep_command(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "sage", "sleep", "--weights", args.weights_dir, "--store", args.experiences,
+            *shlex.split(args.sleep_args)]
+
+
 def _serve(args: argparse.Namespace, state_dir: Path) -> int:
-    backend = load_backend(args.model, args.backend, device=args.device, config_path=args.config,
-                           cache_dir=state_dir / "models", threads=args.threads)
+    def load(model: str) -> SegmentBackend:
+        return load_backend(model, args.backend, device=args.device, config_path=args.config,
+                            cache_dir=state_dir / "models", threads=args.threads)
+
+    reloader = sleeper = None
+    if args.weights_dir:
+        current = read_current(args.weights_dir)
+        backend = load(current["path"] if current else args.model)
+        reloader = WeightsReloader(args.weights_dir, load, current["version"] if current else None,
+                                   args.reload_interval)
+        if args.sleep_when_idle is not None:
+            sleeper = IdleSleeper(sleep_command(args), args.sleep_when_idle)
+    else:
+        backend = load(args.model)
     inbox = open_or_create(args.inbox, args.record_size, args.capacity)
     outbox = open_or_create(args.outbox, args.record_size, args.capacity)
     focus = open_or_create(args.focus_inbox, args.record_size, args.capacity) if args.focus_inbox else None
     try:
         server = Server(backend, inbox, outbox, state_dir, focus=focus, max_batch=args.max_batch,
                         max_wait=args.max_wait_ms / 1e3, max_live_streams=args.max_streams,
-                        snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout)
+                        snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout,
+                        reloader=reloader, sleeper=sleeper)
         if args.metrics_port:
             from prometheus_client import start_http_server  # an HTTP thread only when asked
 

@@ -56,6 +56,10 @@ class Telemetry:
         self.batch_size = Histogram("sage_batch_size", "Rows per backend call", buckets=BATCH_BUCKETS, registry=r)
         self.steps = Histogram("sage_act_steps", "ACT segments per answered request", buckets=STEP_BUCKETS,
                                registry=r)
+        self.swaps = Counter("sage_weight_swaps", "Published weight versions swapped in", registry=r)
+        self.weights_version = Gauge("sage_weights_version", "Published weights version served", registry=r)
+        self.sleep_cycles = Counter("sage_sleep_cycles", "Idle-triggered sleep cycles, by event", ["event"],
+                                    registry=r)
         self.gauges = {name: Gauge(f"sage_{name}", name.replace("_", " "), registry=r) for name in GAUGES}
         # Plain copies for stats.json (prometheus-client exposes no public getter for a value).
         self.counts: collections.Counter[str] = collections.Counter()
@@ -91,6 +95,15 @@ class Telemetry:
     def on_drop(self, reason: str) -> None:
         self.drops.labels(reason).inc()
         self.count(f"undelivered_{reason}")
+
+    def on_weight_swap(self, version: int) -> None:
+        self.swaps.inc()
+        self.weights_version.set(version)
+        self.count("weight_swaps")
+
+    def on_sleep_cycle(self, event: str) -> None:
+        self.sleep_cycles.labels(event).inc()
+        self.count(f"sleep_cycles_{event}")
 
     def set_gauges(self, **values: float) -> None:
         for name, value in values.items():
