@@ -14,7 +14,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SAMPLES = ("hrm_jax/data/samples/sudoku_sample.txt", "hrm_jax/data/samples/arc/README.md",
            "hrm_jax/data/samples/arc/LICENSE-ARC-AGI.txt", "hrm_jax/data/samples/arc/LICENSE-ConceptARC.txt",
            "hrm_jax/data/samples/arc/arc-agi-1_training.json", "hrm_jax/data/samples/arc/arc-agi-1_evaluation.json",
-           "hrm_jax/data/samples/arc/conceptarc.json")
+           "hrm_jax/data/samples/arc/conceptarc.json",
+           # the shipped model, its card and its held-out puzzles (hrm_jax.pretrained)
+           "hrm_jax/weights/sudoku/model.safetensors", "hrm_jax/weights/sudoku/config.json",
+           "hrm_jax/weights/sudoku/MODEL_CARD.md", "hrm_jax/weights/sudoku/heldout.txt")
 
 
 @pytest.fixture(scope="module")
@@ -70,5 +73,7 @@ def test_installed_wheel_runs_the_quick_starts_and_a_solve_elsewhere(wheel, tmp_
     solved = run(["experiments.sudoku", "solve", "--checkpoint", str(elsewhere / "sudoku" / "best"), puzzle],
                  elsewhere, site, codes=(0, 1))
     assert "backend jax, ACT steps" in solved, solved
+    shipped = run(["experiments.sudoku", "solve", "--model", "pretrained", puzzle], elsewhere, site, codes=(0, 1))
+    assert "backend jax, ACT steps" in shipped, shipped
     out = run(["experiments.maze", "--steps", "4", "--no-progress", "--size", "9", "--min-path", "4"], elsewhere, site)
     assert "trained and evaluated" in out, out
