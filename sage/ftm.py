@@ -89,15 +89,15 @@ def to_dtype(dtype) -> DType:
 
 
 class StaleDescriptorError(segment.SegmentError):
-    pass
+    """A descriptor names a buffer that has been reused since (its generation is older)."""
 
 
 class TensorExpiredError(segment.SegmentError):
-    pass
+    """A descriptor's ttl has passed: the tensor was not delivered."""
 
 
 class ArenaExhaustedError(segment.SegmentError):
-    pass
+    """Every buffer of the arena is leased: wait, release one, or make the arena larger."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,19 +33,19 @@ class SegmentError(Exception):
 
 
 class SegmentExistsError(SegmentError, FileExistsError):
-    pass
+    """A live segment of that name exists (its creator is running): pick another name."""
 
 
 class SegmentNotFoundError(SegmentError, FileNotFoundError):
-    pass
+    """No segment of that name: create it first or check the name."""
 
 
 class SegmentCorruptError(SegmentError, ValueError):
-    pass
+    """The segment's header is not a valid one of this layout (magic, version or checksum)."""
 
 
 class SegmentRetiredError(SegmentError):
-    pass
+    """The segment was replaced by a newer one of the same name: attach again."""
 
 
 @dataclasses.dataclass(frozen=True)
