@@ -21,6 +21,7 @@ accept a new kind of model (a named pretrained release, a new file format), add 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -125,10 +126,12 @@ class JaxBackend:
     def __init__(self, checkpoint: str | os.PathLike) -> None:
         import jax  # JAX is an optional backend of sage
 
-        from hrm_jax.checkpoint import load_params_for_eval
         from hrm_jax.model import ACTCarry, act_step
+        from hrm_jax.pretrained import load_model
 
-        self.params, self.config = load_params_for_eval(checkpoint)
+        self.params, self.config = load_model(checkpoint)
+        if jax.devices()[0].platform == "cpu" and self.config.forward_dtype != "float32":
+            self.config = self.config.replace(forward_dtype="float32")  # XLA:CPU emulates bf16 matmuls slowly
         self.carry_dtype = np.dtype(np.float16 if self.config.forward_dtype == "float16" else np.float32)
 
         def step(params, z_H, z_L, fresh, inputs, ids):
@@ -237,9 +240,9 @@ def _compute_dtype(spec: ModelSpec, config: HRMConfig) -> str:
 def _torch_from_checkpoint(spec: ModelSpec):
     from export.convert import to_torch_state_dict  # orbax checkpoints need jax
     from export.trm_torch_model import torch_module  # HRMTorch or TRMTorch, by the checkpoint's family
-    from hrm_jax.checkpoint import load_params_for_eval
+    from hrm_jax.pretrained import load_model  # an orbax checkpoint or a shipped model's folder
 
-    params, config = load_params_for_eval(spec.path)
+    params, config = load_model(spec.path)
     model = torch_module(config, _compute_dtype(spec, config))
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     return model
@@ -310,14 +313,27 @@ _RESOLVERS: list[tuple[Callable[[ModelSpec], bool], Callable[[ModelSpec], Segmen
 ]
 
 
+def _shipped_model_dir(model: str) -> Path | None:
+    """The folder of a model shipped with hrm_jax for "pretrained" or "pretrained:NAME", else None (found
+    through importlib.resources, which needs no jax)."""
+    if model != "pretrained" and not model.startswith("pretrained:"):
+        return None
+    name = model.partition(":")[2] or "sudoku"
+    folder = Path(os.fspath(importlib.resources.files("hrm_jax.weights") / name))
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"--model {model}: no shipped model named {name!r}")
+    return folder
+
+
 def load_backend(model: str | os.PathLike, backend: str, *, device: str = "cpu",
                  config_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  threads: int | None = None) -> SegmentBackend:
-    """The segment backend for `model` (an exported ONNX file, an orbax checkpoint directory, or a
-    torch state dict .safetensors/.pt with its HRMConfig JSON) on `backend` and `device`."""
+    """The segment backend for `model` (an exported ONNX file, an orbax checkpoint directory, a torch state
+    dict .safetensors/.pt with its HRMConfig JSON, or "pretrained" for the shipped Sudoku model) on
+    `backend` and `device`."""
     if backend not in BACKENDS:
         raise ModelError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    path = Path(model)
+    path = _shipped_model_dir(str(model)) or Path(model)
     if not path.exists():
         raise ModelError(f"--model {path}: no such file or directory; pass an exported .onnx file "
                          "(python -m export onnx), an orbax checkpoint directory or a .safetensors state dict")

@@ -363,3 +363,20 @@ def test_the_onnx_backend_runs_without_jax_or_torch(model, tmp_path):
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_shipped_model_is_a_model_the_server_reads(tmp_path):
+    from hrm_jax.pretrained import heldout_sample, load_pretrained
+    from sage.backends import carry_shape, load_backend
+
+    backend = load_backend("pretrained", "torch", cache_dir=tmp_path, threads=1)
+    assert backend.config == load_pretrained()[1]
+    puzzle, solution = heldout_sample()["news"][0]
+    z_H = z_L = np.zeros((1, *carry_shape(backend.config)), backend.carry_dtype)
+    fresh = np.ones(1, bool)
+    for _ in range(backend.config.halt_max_steps):  # the ACT loop the engine runs, for one row
+        out = backend.step(z_H, z_L, fresh, puzzle.astype(np.int32)[None] + 1, np.zeros(1, np.int32))
+        z_H, z_L, fresh = out.z_H, out.z_L, np.zeros(1, bool)
+        if out.q_halt[0] > out.q_continue[0]:
+            break
+    np.testing.assert_array_equal(out.predictions[0] - 1, solution)
