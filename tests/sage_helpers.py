@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 import uuid
 import zlib
 
@@ -32,3 +34,20 @@ def rewrite_header(path, **fields) -> None:
         fixed = layout.PBM_FIXED.pack(*(values[n] for n in names))
         f.seek(0)
         f.write(fixed + struct.pack("<I", zlib.crc32(fixed)))
+
+
+@contextlib.contextmanager
+def running(server, boxes, join_timeout: float = 60):
+    """Runs `server` (sage.serve.Server) in a thread for the block; then stops it, checks that it stopped and
+    removes its mailboxes."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.request_stop()
+        thread.join(join_timeout)
+        assert not thread.is_alive()
+        for box in boxes:
+            box.unlink()
+            box.close()

@@ -35,6 +35,7 @@ from sage.mailbox import Mailbox, MailboxNotFoundError
 from sage.protocol import Status
 from sage.serve import Server, open_or_create
 from sage.sleep import publish
+from tests.sage_helpers import running
 from tests.test_sage_serve import CONFIG, name, puzzles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,17 +65,8 @@ def weights_server(weights_dir, state_dir, sleeper=None, **kwargs):
     load = lambda path: load_backend(path, "torch", cache_dir=Path(state_dir) / "models")  # noqa: E731
     reloader = WeightsReloader(weights_dir, load, current["version"], interval=0.05)
     server = Server(load(current["path"]), *boxes, Path(state_dir), reloader=reloader, sleeper=sleeper, **kwargs)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with running(server, boxes, join_timeout=60):
         yield server, inbox
-    finally:
-        server.request_stop()
-        thread.join(60)
-        assert not thread.is_alive()
-        for box in boxes:
-            box.unlink()
-            box.close()
 
 
 def test_swap_mid_stream_drops_nothing_and_serves_the_new_weights(params, tmp_path):

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from sage.journal import Journal
 from sage.mailbox import Mailbox, MailboxNotFoundError
 from sage.protocol import Request, Status, decode_response, encode_request
 from sage.serve import Server, journal_entry, open_or_create
+from tests.sage_helpers import running
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tiny(halt_max_steps=4, H_cycles=2, L_cycles=1, H_layers=1, L_layers=1, hidden_size=32, num_heads=2)
@@ -75,17 +75,8 @@ def thread_server(model_path, state_dir, capacity=256, focus=False, **kwargs):
         boxes.append(open_or_create(inbox + "-focus", 4096, capacity))
     server = Server(OnnxBackend(model_path, threads=1), *boxes[:2], Path(state_dir),
                     focus=boxes[2] if focus else None, **kwargs)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with running(server, boxes, join_timeout=30):
         yield server, inbox
-    finally:
-        server.request_stop()
-        thread.join(30)
-        assert not thread.is_alive()
-        for box in boxes:
-            box.unlink()
-            box.close()
 
 
 def test_answers_equal_the_in_process_solver(model, tmp_path, capsys):
