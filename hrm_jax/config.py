@@ -35,6 +35,19 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
+def check_implementation_fields(config: Any) -> None:
+    """The kernel choices (IMPLEMENTATION_FIELDS) of a model config, whatever its family: known values, and the
+    low-precision dtypes that cudnn attention and the pallas SwiGLU kernel need."""
+    _require(config.attention_impl in ATTENTION_IMPLS, "attention_impl",
+             f"must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
+    _require(config.attention_impl != "cudnn" or config.forward_dtype in ("bfloat16", "float16"),
+             "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
+    _require(config.norm_impl in NORM_IMPLS, "norm_impl", f"must be one of {NORM_IMPLS}, got {config.norm_impl!r}")
+    _require(config.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {config.mlp_impl!r}")
+    _require(config.mlp_impl != "pallas" or config.forward_dtype in ("bfloat16", "float16"),
+             "mlp_impl", "the pallas SwiGLU kernel needs forward_dtype bfloat16 or float16")
+
+
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"{field}: {message}")
@@ -96,15 +109,7 @@ class HRMConfig:
                  f"must be in [0, 1], got {self.halt_exploration_prob!r}")
         _require(self.forward_dtype in FORWARD_DTYPES, "forward_dtype",
                  f"must be one of {FORWARD_DTYPES}, got {self.forward_dtype!r}")
-        _require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-                 f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        _require(self.attention_impl != "cudnn" or self.forward_dtype in ("bfloat16", "float16"),
-                 "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
-        _require(self.norm_impl in NORM_IMPLS, "norm_impl",
-                 f"must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
-        _require(self.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
-        _require(self.mlp_impl != "pallas" or self.forward_dtype in ("bfloat16", "float16"),
-                 "mlp_impl", "the pallas SwiGLU kernel needs forward_dtype bfloat16 or float16")
+        check_implementation_fields(self)
 
     # Derived sizes -------------------------------------------------------------------------
     @property

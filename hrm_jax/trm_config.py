@@ -12,11 +12,9 @@ import dataclasses
 from typing import Any, Literal
 
 from hrm_jax.config import (
-    ATTENTION_IMPLS,
     FORWARD_DTYPES,
-    MLP_IMPLS,
-    NORM_IMPLS,
     ConfigError,
+    check_implementation_fields,
 )
 
 TRM_POS_ENCODINGS = ("rope", "learned", "none")
@@ -101,14 +99,7 @@ class TRMConfig:
                  f"must be in [0, 1], got {self.halt_exploration_prob!r}")
         _require(self.forward_dtype in FORWARD_DTYPES, "forward_dtype",
                  f"must be one of {FORWARD_DTYPES}, got {self.forward_dtype!r}")
-        _require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-                 f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
-        _require(self.attention_impl != "cudnn" or self.forward_dtype in ("bfloat16", "float16"),
-                 "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
-        _require(self.norm_impl in NORM_IMPLS, "norm_impl", f"must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
-        _require(self.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
-        _require(self.mlp_impl != "pallas" or self.forward_dtype in ("bfloat16", "float16"),
-                 "mlp_impl", "the pallas SwiGLU kernel needs forward_dtype bfloat16 or float16")
+        check_implementation_fields(self)
 
     # Derived sizes -------------------------------------------------------------------------
     @property
