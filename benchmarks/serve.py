@@ -2,15 +2,17 @@
 
     python -m benchmarks.serve [--preset tiny] [--clients 1 8 64] [--seconds 10] [--out FILE.json]
     python -m benchmarks.serve --backend torch --device cuda --preset sudoku_extreme   # on a GPU machine
+    python -m benchmarks.serve --backend torch --device cuda --preset pretrained       # the shipped model
 
 The model is the preset (float32 on CPU) with random weights; random inputs halt after 1 to
-halt_max_steps segments (the mean is reported). The server runs as a child process
-(`python -m sage serve`, max batch --max-batch, max wait --max-wait-ms); N closed-loop clients are
-threads of this process, each with its own `sage.client.Client` (submit, wait, repeat) for --seconds.
-Latency is the client's submit-to-answer time. "direct" is the same segment backend driven by a
-plain in-process ACT loop with the same early-halting rule, no mailbox, protocol, queue or journal:
-at batch 1 (the floor of one client's latency) and at batch --max-batch (the floor of throughput).
-The runtime's overhead is the served p50 at one client minus the direct p50 at batch 1.
+halt_max_steps segments (the mean is reported). `--preset pretrained` serves the shipped Sudoku model
+instead, on the held-out puzzles shipped beside it (every band), so halting is the trained Q head's. The
+server runs as a child process (`python -m sage serve`, max batch --max-batch, max wait --max-wait-ms);
+N closed-loop clients are threads of this process, each with its own `sage.client.Client` (submit, wait,
+repeat) for --seconds. Latency is the client's submit-to-answer time. "direct" is the same segment
+backend driven by a plain in-process ACT loop with the same early-halting rule, no mailbox, protocol,
+queue or journal: at batch 1 (the floor of one client's latency) and at batch --max-batch (the floor of
+throughput). The runtime's overhead is the served p50 at one client minus the direct p50 at batch 1.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def build_model(preset: str, backend: str, workdir: Path) -> Path:
     from export.torch_model import HRMTorch
     from hrm_jax.presets import MODEL_PRESETS, tiny
 
+    if preset == "pretrained":
+        return Path("pretrained")  # sage.backends resolves the shipped folder; nothing to build
     config = tiny() if preset == "tiny" else MODEL_PRESETS[preset]()  # torch on CUDA runs its forward dtype
     weights, segment = workdir / f"{preset}.safetensors", workdir / f"{preset}.segment.onnx"
     if not weights.exists() or (backend in ("onnx", "tensorrt") and not segment.exists()):
@@ -88,6 +92,16 @@ def direct(backend, inputs: np.ndarray, batch: int, seconds: float) -> dict:
     return {"mode": f"direct batch {batch}", "requests": int(len(times) * batch),
             "requests_per_s": float(len(times) * batch / times.sum()), **_quantiles_ms(times),
             "mean_batch": float(batch), "mean_steps": float(np.mean(steps))}
+
+
+def request_inputs(preset: str, config) -> np.ndarray:
+    """The token rows the clients send: the shipped held-out puzzles for the shipped model, else random tokens."""
+    if preset == "pretrained":
+        from hrm_jax.pretrained import heldout_sample
+
+        puzzles = [puzzle for band in heldout_sample().values() for puzzle, _ in band]
+        return (np.stack(puzzles).astype(np.int32) + 1)  # blank 1, digit d -> d + 1 (the training encoding)
+    return np.random.default_rng(0).integers(1, config.vocab_size, (256, config.seq_len)).astype(np.int32)
 
 
 def _quantiles_ms(seconds) -> dict:
@@ -184,7 +198,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny", help="tiny (hidden 64) or a preset of hrm_jax.config")
+    parser.add_argument("--preset", default="tiny",
+                        help="tiny (hidden 64), a preset of hrm_jax.config, or pretrained (the shipped model)")
     parser.add_argument("--backend", choices=("onnx", "torch", "tensorrt"), default="onnx")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64])
@@ -202,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = build_model(args.preset, args.backend, args.workdir)
     backend = load_backend(model, args.backend, device=args.device, threads=args.threads)
-    inputs = np.random.default_rng(0).integers(1, backend.config.vocab_size,
-                                               (256, backend.config.seq_len)).astype(np.int32)
+    inputs = request_inputs(args.preset, backend.config)
     rows = [direct(backend, inputs, 1, args.seconds / 2), direct(backend, inputs, args.max_batch, args.seconds / 2)]
     del backend
 
