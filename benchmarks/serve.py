@@ -71,11 +71,11 @@ def direct(backend, inputs: np.ndarray, batch: int, seconds: float) -> dict:
     cfg = backend.config
     zeros = np.zeros((batch, *carry_shape(cfg)), backend.carry_dtype)
     ids = np.zeros(batch, np.int32)
-    times, steps, i = [], [], 0
+    times, steps = [], []
+    rng = np.random.default_rng(batch)  # rows drawn like the clients draw theirs: the same mix of difficulties
     give_up = time.perf_counter() + seconds
     while time.perf_counter() < give_up or len(times) < 4:
-        rows = inputs[np.arange(i, i + batch) % len(inputs)]
-        i += batch
+        rows = inputs[rng.integers(len(inputs), size=batch)]
         start = time.perf_counter()
         z_H, z_L, fresh = zeros, zeros, np.ones(batch, bool)
         done, used = np.zeros(batch, bool), np.zeros(batch, int)
