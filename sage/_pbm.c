@@ -11,7 +11,9 @@
  *
  * Python objects are never allocated under the mutex except the payload bytes (not GC-tracked, so no
  * finalizer can run and re-enter the ring); Records are built after unlocking. The GIL is released
- * while blocking on the mutex, busy-polling and sleeping on the doorbell.
+ * while blocking on the mutex, busy-polling and sleeping on the doorbell. The costly part of the
+ * slot CRC (the payload's) is computed outside the mutex on both sides: a producer before locking,
+ * a consumer on its copy after unlocking (a mismatch is then counted torn under the mutex again).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -61,6 +63,9 @@ typedef struct {            /* one slot's first 56 bytes, as sage/layout.py docu
     uint32_t reserved;
 } slot_t;
 
+#define BODY_OFFSET 16      /* the CRC covers the slot's bytes [16, 56) after the payload's own CRC */
+#define BODY_BYTES 40
+
 _Static_assert(sizeof(slot_t) == SLOT_HEADER, "slot header is 56 bytes");
 _Static_assert(offsetof(slot_t, producer) == 16 && offsetof(slot_t, tag) == 48, "slot offsets");
 _Static_assert(sizeof(pthread_mutex_t) <= MUTEX_BYTES, "the mutex fits its 64 header bytes");
@@ -88,6 +93,7 @@ static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 /* ---- what sage.mailbox hands over at import (configure) ---- */
 static PyTypeObject *record_type;
+static PyObject *zero;      /* the default tag */
 static PyObject *status_ok, *status_full, *status_too_big, *mailbox_error, *retired_error, *warn;
 
 typedef struct {
@@ -112,10 +118,9 @@ typedef struct {
     PyObject *name, *clock, *test_hook;
 } Ring;
 
-typedef struct {            /* one record taken under the mutex; made into a Record after unlocking */
+typedef struct {            /* one record taken under the mutex; checked and made into a Record after unlocking */
     PyObject *payload;
-    uint32_t producer, pid, tag;
-    uint64_t seq, pushed_ns, deadline_ns;
+    slot_t head;            /* a copy of the slot's first 56 bytes */
 } taken_t;
 
 typedef struct {            /* the records of one pop / pop_many; grows under the mutex (C memory only) */
@@ -324,6 +329,41 @@ static int parse_timeout(PyObject *timeout, int *wait, int64_t *give_up) {
     return 0;
 }
 
+/* Arguments by position (the first npos of names) or by keyword, as a Python signature would take
+ * them: f(a, b=..., *, c=...). out[] holds the defaults on entry; the first `required` must be given. */
+static int parse_args(const char *fn, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      const char *const *names, int n, int npos, int required, PyObject **out) {
+    if (nargs > npos) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d positional argument(s) (%zd given)", fn, npos, nargs);
+        return -1;
+    }
+    int given = 0;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        out[i] = args[i];
+        given |= 1 << i;
+    }
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    for (Py_ssize_t k = 0; k < nkw; k++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, k);
+        int i = 0;
+        while (i < n && PyUnicode_CompareWithASCIIString(key, names[i]) != 0)
+            i++;
+        if (i == n || (given & (1 << i))) {
+            PyErr_Format(PyExc_TypeError, i == n ? "%s() got an unexpected keyword argument %R"
+                                                 : "%s() got multiple values for argument %R", fn, key);
+            return -1;
+        }
+        out[i] = args[nargs + k];
+        given |= 1 << i;
+    }
+    for (int i = 0; i < required; i++)
+        if (!(given & (1 << i))) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fn, names[i]);
+            return -1;
+        }
+    return 0;
+}
+
 static int get_payload(PyObject *obj, Py_buffer *view) {
     return PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS);
 }
@@ -331,8 +371,9 @@ static int get_payload(PyObject *obj, Py_buffer *view) {
 /* ---- producer side ---- */
 
 /* Writes and commits one record at write_index; 1 if the ring is full; -1 if the test hook raised
- * (nothing committed). The mutex is held. */
-static int write_locked(Ring *r, const char *data, uint32_t n, uint32_t tag, uint64_t deadline) {
+ * (nothing committed). payload_crc: crc32(payload), or 0 without PAYLOAD_CRC. The mutex is held. */
+static int write_locked(Ring *r, const char *data, uint32_t n, uint32_t tag, uint64_t deadline,
+                        uint32_t payload_crc) {
     uint64_t w = r->ctr[C_WRITE];
     if (w - load_acq(&r->ctr[C_READ]) >= r->capacity)
         return 1;
@@ -359,8 +400,7 @@ static int write_locked(Ring *r, const char *data, uint32_t n, uint32_t tag, uin
         Py_DECREF(res);
         memcpy(payload + n / 2, data + n / 2, n - n / 2);
     }
-    size_t covered = 40 + (r->payload_crc ? n : 0);
-    s->crc = pbm_crc32(0, (char *)s + 16, covered);
+    s->crc = pbm_crc32(payload_crc, (char *)s + BODY_OFFSET, BODY_BYTES);
     s->length = n;
     store_rel(&s->seq, w + 1);
     store_rel(&r->ctr[C_WRITE], w + 1);  /* the commit point */
@@ -386,11 +426,15 @@ static int count_too_big(Ring *r) {
     return 0;
 }
 
+static uint32_t payload_crc_of(Ring *r, Py_buffer *view) {
+    return r->payload_crc ? pbm_crc32(0, view->buf, (size_t)view->len) : 0;
+}
+
 /* One attempt: 0 pushed, 1 full, -1 error. */
-static int try_push(Ring *r, Py_buffer *view, uint32_t tag, uint64_t deadline, int count_full) {
+static int try_push(Ring *r, Py_buffer *view, uint32_t crc, uint32_t tag, uint64_t deadline, int count_full) {
     if (lock_live(r) < 0)
         return -1;
-    int status = write_locked(r, view->buf, (uint32_t)view->len, tag, deadline);
+    int status = write_locked(r, view->buf, (uint32_t)view->len, tag, deadline, crc);
     if (status == 1 && count_full)
         bump(&r->ctr[C_FULL]);
     uint64_t wake_until = status == 0 ? wake_until_locked(r) : 0;
@@ -414,9 +458,10 @@ static PyObject *push_with_timeout(Ring *r, Py_buffer *view, uint32_t tag, uint6
     int64_t give_up, pause = FULL_PAUSE_MIN_NS;
     if (parse_timeout(timeout, &wait, &give_up) < 0)
         return NULL;
+    uint32_t crc = payload_crc_of(r, view);
     for (;;) {
         int last = !wait || mono_ns() >= give_up;
-        int status = try_push(r, view, tag, deadline, last);
+        int status = try_push(r, view, crc, tag, deadline, last);
         if (status < 0)
             return NULL;
         if (status == 0)
@@ -430,11 +475,11 @@ static PyObject *push_with_timeout(Ring *r, Py_buffer *view, uint32_t tag, uint6
     }
 }
 
-static PyObject *Ring_push(Ring *r, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "push(payload, tag, ttl, timeout)");
+static PyObject *Ring_push(Ring *r, PyObject *const *fast, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const names[] = {"payload", "tag", "ttl", "timeout"};
+    PyObject *args[4] = {NULL, zero, Py_None, Py_None};
+    if (parse_args("push", fast, nargs, kwnames, names, 4, 1, 1, args) < 0)
         return NULL;
-    }
     if (enter(r) < 0)
         return NULL;
     PyObject *result = NULL;
@@ -458,13 +503,23 @@ static PyObject *Ring_push(Ring *r, PyObject *const *args, Py_ssize_t nargs) {
 
 /* Pushes views[0..n) in order under one lock until the ring is full; returns how many went in. */
 static Py_ssize_t push_views(Ring *r, Py_buffer *views, Py_ssize_t n, uint32_t tag, uint64_t deadline) {
-    if (lock_live(r) < 0)
+    uint32_t *crcs = PyMem_Malloc((n ? n : 1) * sizeof(uint32_t));
+    if (crcs == NULL) {
+        PyErr_NoMemory();
         return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        crcs[i] = payload_crc_of(r, &views[i]);
+    if (lock_live(r) < 0) {
+        PyMem_Free(crcs);
+        return -1;
+    }
     Py_ssize_t pushed = 0;
     int status = 0;
     while (pushed < n && (status = write_locked(r, views[pushed].buf, (uint32_t)views[pushed].len, tag,
-                                                deadline)) == 0)
+                                                deadline, crcs[pushed])) == 0)
         pushed++;
+    PyMem_Free(crcs);
     if (status == 1)
         bump(&r->ctr[C_FULL]);
     uint64_t wake_until = wake_until_locked(r);
@@ -475,11 +530,11 @@ static Py_ssize_t push_views(Ring *r, Py_buffer *views, Py_ssize_t n, uint32_t t
     return status < 0 ? -1 : pushed;
 }
 
-static PyObject *Ring_push_many(Ring *r, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "push_many(payloads, tag, ttl)");
+static PyObject *Ring_push_many(Ring *r, PyObject *const *fast, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const names[] = {"payloads", "tag", "ttl"};
+    PyObject *args[3] = {NULL, zero, Py_None};
+    if (parse_args("push_many", fast, nargs, kwnames, names, 3, 1, 1, args) < 0)
         return NULL;
-    }
     PyObject *seq = PySequence_Fast(args[0], "payloads must be an iterable of bytes-like objects");
     if (seq == NULL)
         return NULL;
@@ -514,11 +569,15 @@ done:
 }
 
 /* ---- consumer side ---- */
-static int slot_ok(Ring *r, slot_t *s, uint64_t position) {
-    if (load_acq(&s->seq) != position + 1 || s->length > r->record_size)
-        return 0;
-    size_t covered = 40 + (r->payload_crc ? s->length : 0);
-    return pbm_crc32(0, (char *)s + 16, covered) == s->crc;
+static int crc_ok(Ring *r, const slot_t *head, const char *payload) {
+    uint32_t c = r->payload_crc ? pbm_crc32(0, payload, head->length) : 0;
+    return pbm_crc32(c, (const char *)head + BODY_OFFSET, BODY_BYTES) == head->crc;
+}
+
+static void count_torn_locked(Ring *r, uint64_t position) {
+    if (!r->torn_count++)
+        r->torn_first = position;
+    bump(&r->ctr[C_TORN]);
 }
 
 /* Takes live records into the batch until it holds b->max; skips (and counts) torn and expired
@@ -530,14 +589,16 @@ static Py_ssize_t take_locked(Ring *r, batch_t *b, int64_t now) {
         if (pos >= load_acq(&r->ctr[C_WRITE]))
             break;
         slot_t *s = slot_at(r, pos);
-        if (!slot_ok(r, s, pos)) {
-            if (!r->torn_count++)
-                r->torn_first = pos;
+        int expired = s->deadline_ns && s->deadline_ns <= (uint64_t)now;
+        /* seq and length here; the crc of a record we take is checked on the copy after unlocking,
+         * that of an expired one here (a corrupted deadline must count as torn, not expired) */
+        if (load_acq(&s->seq) != pos + 1 || s->length > r->record_size ||
+            (expired && !crc_ok(r, s, (char *)s + SLOT_HEADER))) {
             store_rel(&r->ctr[C_READ], pos + 1);
-            bump(&r->ctr[C_TORN]);
+            count_torn_locked(r, pos);
             continue;
         }
-        if (s->deadline_ns && s->deadline_ns <= (uint64_t)now) {
+        if (expired) {
             store_rel(&r->ctr[C_READ], pos + 1);
             bump(&r->ctr[C_EXPIRED]);
             continue;
@@ -558,24 +619,60 @@ static Py_ssize_t take_locked(Ring *r, batch_t *b, int64_t now) {
             }
             Py_DECREF(res);
         }
-        b->items[b->len++] = (taken_t){payload, s->producer, s->pid, s->tag, s->producer_seq, s->pushed_ns,
-                                       s->deadline_ns};
+        taken_t *t = &b->items[b->len++];
+        t->payload = payload;
+        memcpy(&t->head, s, sizeof(slot_t));
         store_rel(&r->ctr[C_READ], pos + 1);  /* the commit point */
         k++;
     }
     return k;
 }
 
+/* The crc of each record taken into b->items[from..], on its copy: a torn one is dropped, and
+ * counted under the mutex again. Returns how many are kept. */
+static Py_ssize_t check_taken(Ring *r, batch_t *b, Py_ssize_t from) {
+    Py_ssize_t keep = from;
+    uint64_t torn_first = 0, torn = 0;
+    for (Py_ssize_t i = from; i < b->len; i++) {
+        taken_t *t = &b->items[i];
+        if (crc_ok(r, &t->head, PyBytes_AS_STRING(t->payload))) {
+            b->items[keep++] = *t;
+            continue;
+        }
+        torn_first = torn++ ? torn_first : t->head.seq - 1;
+        Py_DECREF(t->payload);
+    }
+    b->len = keep;
+    if (torn) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        if (lock_raw(r) == 0) {  /* only EDEADLK or ENOTRECOVERABLE fail: the next call reports those */
+            for (uint64_t i = 0; i < torn; i++)
+                count_torn_locked(r, torn_first);
+            r->torn_first = torn_first;
+            unlock(r);
+        }
+        PyErr_Clear();
+        PyErr_Restore(type, value, tb);
+        report(r);
+    }
+    return keep - from;
+}
+
 static Py_ssize_t take(Ring *r, batch_t *b, int disarm) {
-    int64_t now;
-    if (ttl_now(r, &now) < 0 || lock_live(r) < 0)
-        return -1;
-    if (disarm && r->ctr[C_SLEEPERS])
-        store_rel(&r->ctr[C_SLEEPERS], r->ctr[C_SLEEPERS] - 1);
-    Py_ssize_t k = take_locked(r, b, now);
-    unlock(r);
-    report(r);
-    return k;
+    for (;;) {  /* again when everything taken turned out torn: more may be there */
+        int64_t now;
+        if (ttl_now(r, &now) < 0 || lock_live(r) < 0)
+            return -1;
+        if (disarm && r->ctr[C_SLEEPERS])
+            store_rel(&r->ctr[C_SLEEPERS], r->ctr[C_SLEEPERS] - 1);
+        disarm = 0;
+        Py_ssize_t from = b->len, k = take_locked(r, b, now);
+        unlock(r);
+        report(r);
+        if (k <= 0 || (k = check_taken(r, b, from)) > 0)
+            return k;
+    }
 }
 
 static int looks_empty(Ring *r) { return load_acq(&r->ctr[C_READ]) >= load_acq(&r->ctr[C_WRITE]); }
@@ -699,9 +796,10 @@ static PyObject *make_record(taken_t *t) {
         Py_DECREF(t->payload);
         return NULL;
     }
-    PyObject *items[7] = {t->payload, PyLong_FromUnsignedLong(t->producer), PyLong_FromUnsignedLongLong(t->seq),
-                          PyLong_FromUnsignedLong(t->tag), PyLong_FromUnsignedLong(t->pid),
-                          PyLong_FromUnsignedLongLong(t->pushed_ns), PyLong_FromUnsignedLongLong(t->deadline_ns)};
+    const slot_t *h = &t->head;
+    PyObject *items[7] = {t->payload, PyLong_FromUnsignedLong(h->producer),
+                          PyLong_FromUnsignedLongLong(h->producer_seq), PyLong_FromUnsignedLong(h->tag), PyLong_FromUnsignedLong(h->pid),
+                          PyLong_FromUnsignedLongLong(h->pushed_ns), PyLong_FromUnsignedLongLong(h->deadline_ns)};
     int ok = 1;
     for (int i = 0; i < 7; i++) {
         ok &= items[i] != NULL;
@@ -714,7 +812,11 @@ static PyObject *make_record(taken_t *t) {
     return rec;
 }
 
-static PyObject *Ring_pop(Ring *r, PyObject *timeout) {
+static PyObject *Ring_pop(Ring *r, PyObject *const *fast, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const names[] = {"timeout"};
+    PyObject *timeout = Py_None;
+    if ((nargs || kwnames) && parse_args("pop", fast, nargs, kwnames, names, 1, 1, 0, &timeout) < 0)
+        return NULL;
     if (enter(r) < 0)
         return NULL;
     batch_t b = {.items = &b.one, .cap = 1, .max = 1};
@@ -740,11 +842,11 @@ static PyObject *records_list(batch_t *b) {
     return list;
 }
 
-static PyObject *Ring_pop_many(Ring *r, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "pop_many(max_records, timeout)");
+static PyObject *Ring_pop_many(Ring *r, PyObject *const *fast, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const names[] = {"max_records", "timeout"};
+    PyObject *args[2] = {NULL, Py_None};
+    if (parse_args("pop_many", fast, nargs, kwnames, names, 2, 2, 1, args) < 0)
         return NULL;
-    }
     int overflow = 0;
     long long most = PyLong_Check(args[0]) ? PyLong_AsLongLongAndOverflow(args[0], &overflow) : 0;
     if (most == -1 && PyErr_Occurred())
@@ -948,10 +1050,14 @@ static PyMemberDef Ring_members[] = {
 };
 
 static PyMethodDef Ring_methods[] = {
-    {"push", (PyCFunction)(void (*)(void))Ring_push, METH_FASTCALL, "push(payload, tag, ttl, timeout) -> PushStatus"},
-    {"push_many", (PyCFunction)(void (*)(void))Ring_push_many, METH_FASTCALL, "push_many(payloads, tag, ttl) -> int"},
-    {"pop", (PyCFunction)Ring_pop, METH_O, "pop(timeout) -> Record | None"},
-    {"pop_many", (PyCFunction)(void (*)(void))Ring_pop_many, METH_FASTCALL, "pop_many(max_records, timeout) -> list"},
+    {"push", (PyCFunction)(void (*)(void))Ring_push, METH_FASTCALL | METH_KEYWORDS,
+     "push(payload, tag=0, ttl=None, timeout=None) -> PushStatus (sage.mailbox.Mailbox.push)"},
+    {"push_many", (PyCFunction)(void (*)(void))Ring_push_many, METH_FASTCALL | METH_KEYWORDS,
+     "push_many(payloads, tag=0, ttl=None) -> int (sage.mailbox.Mailbox.push_many)"},
+    {"pop", (PyCFunction)(void (*)(void))Ring_pop, METH_FASTCALL | METH_KEYWORDS,
+     "pop(timeout=None) -> Record | None (sage.mailbox.Mailbox.pop)"},
+    {"pop_many", (PyCFunction)(void (*)(void))Ring_pop_many, METH_FASTCALL | METH_KEYWORDS,
+     "pop_many(max_records, timeout=None) -> list[Record] (sage.mailbox.Mailbox.pop_many)"},
     {"arm", (PyCFunction)Ring_arm, METH_O, "arm(until_ns) -> bool: True if a record is there (do not sleep)"},
     {"disarm", (PyCFunction)Ring_disarm, METH_NOARGS, "stop counting as a sleeper"},
     {"counters", (PyCFunction)Ring_counters, METH_NOARGS, "the header's nine u64 counters, read under the lock"},
@@ -1050,6 +1156,9 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "sage._pbm", "Native 
 
 PyMODINIT_FUNC PyInit__pbm(void) {
     pbm_crc32_init();
+    zero = PyLong_FromLong(0);
+    if (zero == NULL)
+        return NULL;
     if (PyType_Ready(&RingType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

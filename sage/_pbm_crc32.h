@@ -12,7 +12,7 @@ void pbm_crc32_init(void);
 uint32_t pbm_crc32(uint32_t crc, const void *data, size_t len);
 /* The same with the CPU path turned off (tests compare both against zlib). */
 uint32_t pbm_crc32_portable(uint32_t crc, const void *data, size_t len);
-/* "pclmul" or "table": which implementation pbm_crc32 uses on this CPU. */
+/* "vpclmul", "pclmul" or "table": which implementation pbm_crc32 uses on this CPU. */
 const char *pbm_crc32_impl(void);
 
 #endif

@@ -20,7 +20,7 @@ Header, 4096 bytes; the immutable part [0, 80) is covered by `header_crc`:
      40     8  creator_pid      u64
      48     8  creator_start    u64, clock ticks since boot (/proc/<pid>/stat field 22)
      56    16  boot_id          the creator's /proc/sys/kernel/random/boot_id as 16 raw bytes
-     72     4  flags            u32, bit 0 PAYLOAD_CRC: slot crc covers the payload too (else bytes [16, 56));
+     72     4  flags            u32, bit 0 PAYLOAD_CRC: slot crc covers the payload too (else bytes [16, 56) only);
                                 bit 1 LOCK_MUTEX: the ring's lock is the mutex at 256 (else flock on the file)
      76     4  reserved         0
      80     4  header_crc       u32, crc32 of bytes [0, 80)
@@ -44,7 +44,9 @@ Slot i (record position p lives in slot p % capacity) at header_size + i * strid
 
     off  size  field
       0     8  seq              u64 = p + 1 once the record at position p is written (0: never)
-      8     4  crc              u32, crc32 of bytes [16, 56 + length) (PAYLOAD_CRC) or [16, 56) of this slot
+      8     4  crc              u32, crc32(bytes [16, 56), crc32(payload)) with PAYLOAD_CRC, else
+                                crc32(bytes [16, 56)): the payload's CRC first, continued over the
+                                header fields, so a producer computes the costly part before locking
      12     4  length           u32, payload bytes
      16     4  producer         u32, producer id (from next_producer)
      20     4  pid              u32, producer process id
@@ -77,7 +79,8 @@ A producer (p = write_index):
   1. take the lock; if the state word is not 1, unlock and re-attach.
   2. if p - read_index == capacity: full += 1, unlock, answer FULL.
   3. write the slot's bytes [16, 56 + length): body fields, then the payload.
-  4. write crc (PAYLOAD_CRC: crc32 over [16, 56 + length); else over [16, 56)), length, seq = p + 1.
+  4. write crc (zlib: crc32(slot[16:56], crc32(payload)) with PAYLOAD_CRC, else crc32(slot[16:56])),
+     length, seq = p + 1. (crc32(payload) may be computed before step 1.)
   5. write_index = p + 1: the commit point. Read sleepers and wake_until_ns. Release the lock.
   6. if sleepers > 0 and wake_until_ns > now: write one byte to the doorbell FIFO `pbm-<name>.bell` (open it
      O_RDWR | O_NONBLOCK; EAGAIN means it is already full of rings and can be ignored).
@@ -85,7 +88,8 @@ A consumer (r = read_index):
   1. take the lock; while r < write_index: read slot r % capacity; if seq != r + 1 or the crc does
      not match, read_index = r + 1, torn += 1 and go on; if 0 < deadline_ns <= now, read_index =
      r + 1, expired += 1 and go on; else copy the payload out, read_index = r + 1 (the commit
-     point) and deliver it. Release the lock.
+     point) and deliver it. Release the lock. (sage's C engine checks the crc of a record it delivers
+     on its copy after releasing the lock, and counts a mismatch in torn under the lock again.)
   2. to sleep: under the lock, if the ring is still empty, sleepers += 1 and wake_until_ns =
      max(wake_until_ns, the time it will wake up by itself); unlock; poll/select the doorbell;
      read it empty; then, under the lock again, sleepers -= 1 (if > 0) and go on with 1.

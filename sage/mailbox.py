@@ -298,6 +298,10 @@ class Mailbox:
             self._ring = _pbm.Ring(fd=self._fd, size=len(self._mm), name=name, bell=self._bell, **geometry)
         else:
             self._ring = PythonRing(self._mm, self._fd, self._bell, name, lock_mutex=lock_mutex, **geometry)
+        # The engine's methods, bound here, are what a call runs (the methods below document them):
+        # a push then costs no extra Python frame (0.1 us of a 0.4 us push in C).
+        self.push, self.push_many = self._ring.push, self._ring.push_many
+        self.pop, self.pop_many = self._ring.pop, self._ring.pop_many
         self._closed = False
         _handles.add(self)
 
@@ -352,13 +356,13 @@ class Mailbox:
         """Append one record. FULL when the ring stays full for `timeout` seconds (None or 0: do not
         wait; math.inf: wait for space); TOO_BIG when the payload exceeds record_size. A record
         with `ttl` seconds is counted expired instead of delivered once that time has passed."""
-        return self._ring.push(payload, tag, ttl, timeout)
+        return self._ring.push(payload, tag=tag, ttl=ttl, timeout=timeout)
 
     def push_many(self, payloads, *, tag: int = 0, ttl: float | None = None) -> int:
         """Push payloads in order under one lock until the ring is full; returns how many went in
         (the rest were not pushed and are counted once in `full`). Raises ValueError, pushing
         nothing, when one is larger than record_size."""
-        return self._ring.push_many(payloads, tag, ttl)
+        return self._ring.push_many(payloads, tag=tag, ttl=ttl)
 
     # ---- consumer side ----
     def pop(self, timeout: float | None = None) -> Record | None:

@@ -3,8 +3,8 @@
 Used where the C engine (sage._pbm, built from sage/_pbm.c) is not there, for rings whose lock is
 flock (no robust mutexes on the platform), or when chosen with impl="python" / SAGE_MAILBOX_IMPL=python.
 It follows the same protocol on the same bytes as the C engine, so processes using either share a
-ring. Both engines have one interface: push, push_many, pop, pop_many, arm, disarm, counters, retire,
-after_fork, close, and the attributes clock, test_hook, producer_seq, closed.
+ring. Both engines have one interface: push, push_many, pop, pop_many (with Mailbox's signatures), arm,
+disarm, counters, retire, after_fork, close, and the attributes clock, test_hook, producer_seq, closed.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ class PythonRing:
                                       f"attach again")
 
     # ---- producer side ----
-    def push(self, payload, tag: int, ttl: float | None, timeout: float | None) -> PushStatus:
+    def push(self, payload, *, tag: int = 0, ttl: float | None = None, timeout: float | None = None) -> PushStatus:
         self._check_open()
         if type(payload) is not bytes:
             payload = memoryview(payload).cast("B")
@@ -129,20 +129,21 @@ class PythonRing:
                 self._ctr[PBM_TOO_BIG] += 1
             return PushStatus.TOO_BIG
         give_up = give_up_ns(timeout)
+        payload_crc = zlib.crc32(payload) if self.payload_crc else 0  # outside the lock (sage.layout)
         pause = 50e-6
         while True:
             last = give_up is None or time.monotonic_ns() >= give_up
-            status = self._try_push(payload, tag, deadline, count_full=last)
+            status = self._try_push(payload, payload_crc, tag, deadline, count_full=last)
             if status is PushStatus.OK or last:
                 return status
             time.sleep(min(pause, max(0.0, (give_up - time.monotonic_ns()) / 1e9)))
             pause = min(pause * 2, 1e-3)
             self._check_open()
 
-    def _try_push(self, payload, tag: int, deadline: int, count_full: bool) -> PushStatus:
+    def _try_push(self, payload, payload_crc: int, tag: int, deadline: int, count_full: bool) -> PushStatus:
         with self._lock:
             self._check_live()
-            if not self._write_locked(payload, tag, deadline):
+            if not self._write_locked(payload, payload_crc, tag, deadline):
                 if count_full:
                     self._ctr[PBM_FULL] += 1
                 return PushStatus.FULL
@@ -150,7 +151,7 @@ class PythonRing:
         self._ring_if_asked(wake_until)
         return PushStatus.OK
 
-    def push_many(self, payloads, tag: int, ttl: float | None) -> int:
+    def push_many(self, payloads, *, tag: int = 0, ttl: float | None = None) -> int:
         self._check_open()
         payloads = [p if type(p) is bytes else memoryview(p).cast("B") for p in payloads]
         too_big = next((i for i, p in enumerate(payloads) if len(p) > self.record_size), None)
@@ -158,11 +159,12 @@ class PythonRing:
             raise ValueError(f"payload {too_big} is {len(payloads[too_big])} bytes, more than mailbox "
                              f"{self.name!r}'s record_size {self.record_size}")
         deadline = self._deadline(tag, ttl)
+        crcs = [zlib.crc32(p) if self.payload_crc else 0 for p in payloads]
         pushed = 0
         with self._lock:
             self._check_live()
-            for payload in payloads:
-                if not self._write_locked(payload, tag, deadline):
+            for payload, payload_crc in zip(payloads, crcs):
+                if not self._write_locked(payload, payload_crc, tag, deadline):
                     self._ctr[PBM_FULL] += 1
                     break
                 pushed += 1
@@ -178,7 +180,7 @@ class PythonRing:
             raise ValueError(f"ttl must be None or a finite number of seconds >= 0, got {ttl!r}")
         return 0 if ttl is None else max(1, min(_FOREVER, self.clock() + int(ttl * 1e9)))
 
-    def _write_locked(self, payload, tag: int, deadline: int) -> bool:
+    def _write_locked(self, payload, payload_crc: int, tag: int, deadline: int) -> bool:
         """Write and commit one record at write_index; False if the ring is full. Lock held."""
         ctr, mm, n = self._ctr, self._mm, len(payload)
         w = ctr[PBM_WRITE]
@@ -199,8 +201,8 @@ class PythonRing:
             mm[start:start + half] = payload[:half]
             self.test_hook("push")
             mm[start + half:start + n] = payload[half:]
-        crc = zlib.crc32(payload, zlib.crc32(body)) if self.payload_crc else zlib.crc32(body)
-        SLOT_HEAD.pack_into(mm, off, w + 1, crc, n)  # seq, crc, length: ordered by the lock
+        # seq, crc, length: ordered by the lock. The CRC continues from the payload's over the header fields.
+        SLOT_HEAD.pack_into(mm, off, w + 1, zlib.crc32(body, payload_crc), n)
         ctr[PBM_WRITE] = w + 1  # the commit point: one aligned 8-byte store
         self.producer_seq += 1
         return True
@@ -213,12 +215,12 @@ class PythonRing:
                 pass  # the doorbell already holds 64 KiB of rings: waiters will wake anyway
 
     # ---- consumer side ----
-    def pop(self, timeout: float | None) -> Record | None:
+    def pop(self, timeout: float | None = None) -> Record | None:
         self._check_open()
         records = self._pop(1, timeout)
         return records[0] if records else None
 
-    def pop_many(self, max_records: int, timeout: float | None) -> list[Record]:
+    def pop_many(self, max_records: int, timeout: float | None = None) -> list[Record]:
         if not isinstance(max_records, int) or max_records < 1:
             raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
         self._check_open()
@@ -282,8 +284,7 @@ class PythonRing:
             off = layout.HEADER_SIZE + (r % self.capacity) * self.stride
             seq, crc, n = SLOT_HEAD.unpack_from(mm, off)
             start = off + PBM_SLOT_HEADER
-            covered = start + n if self.payload_crc else start
-            if seq != r + 1 or n > self.record_size or zlib.crc32(view[off + SLOT_BODY_OFFSET:covered]) != crc:
+            if seq != r + 1 or n > self.record_size or self._slot_crc(view, off, n) != crc:
                 log.warning("mailbox %r: slot for record %d failed its seq/crc check; dropped", self.name, r)
                 ctr[PBM_READ] = r + 1
                 ctr[PBM_TORN] += 1
@@ -299,6 +300,11 @@ class PythonRing:
             ctr[PBM_READ] = r + 1  # the commit point
             records.append(Record(payload, producer, pseq, tag, pid, pushed_ns, deadline))
         return records
+
+    def _slot_crc(self, view, off: int, n: int) -> int:
+        start = off + PBM_SLOT_HEADER
+        payload_crc = zlib.crc32(view[start:start + n]) if self.payload_crc else 0
+        return zlib.crc32(view[off + SLOT_BODY_OFFSET:start], payload_crc)
 
     # ---- doorbell, counters, life cycle ----
     def arm(self, until_ns: int) -> bool:

@@ -90,7 +90,7 @@ def test_file_bytes_match_the_documented_offsets(name):
     seq, crc, length = struct.unpack_from("<QII", raw, slot)
     producer, _pid, pseq, _pushed, deadline, tag, _ = struct.unpack_from("<IIQQQII", raw, slot + 16)
     assert (seq, length, producer, pseq, deadline, tag) == (2, 4, 0, 1, 0, 10)
-    assert raw[slot + 56:slot + 60] == b"defg" and zlib.crc32(raw[slot + 16:slot + 60]) == crc
+    assert raw[slot + 56:slot + 60] == b"defg" and zlib.crc32(raw[slot + 16:slot + 56], zlib.crc32(b"defg")) == crc
     assert len(raw) == 4096 + 3 * 192
     box.close()
 
@@ -129,6 +129,11 @@ def test_bad_push_arguments_and_closed_handle(name):
         with pytest.raises(ValueError, match=match):
             box.push(b"x", **kwargs)
     assert box.stats().too_big == 1 and box.stats().pushed == 0
+    for call in (lambda: box.push(b"x", tagg=1), lambda: box.push(b"x", 1), lambda: box.push(),
+                 lambda: box.pop(1, 2), lambda: box.pop_many(), lambda: box.push_many([b"x"], payloads=[b"y"])):
+        with pytest.raises(TypeError):
+            call()
+    assert box.push(payload=b"kw", tag=3) is PushStatus.OK and box.pop_many(max_records=2, timeout=0)[0].tag == 3
     box.close()
     box.close()
     with pytest.raises(ValueError, match="closed"):
@@ -175,6 +180,21 @@ def test_torn_slot_is_counted_and_not_delivered(name):
     assert [box.pop().payload, box.pop().payload, box.pop()] == [b"first", b"third", None]
     stats = box.stats()
     assert (stats.pushed, stats.popped, stats.torn, stats.depth) == (3, 2, 1, 0)
+    box.close()
+
+
+def test_corruption_counts_as_torn_in_a_batch_and_where_it_fakes_an_expiry(name):
+    box = Mailbox.create(name, record_size=32, capacity=8)
+    for payload in (b"a", b"b", b"c", b"d"):
+        box.push(payload, ttl=3600)
+    with open(segment_path("pbm", name), "r+b") as f:
+        f.seek(4096 + 1 * 128 + 40)  # record 1's deadline: now in the past
+        f.write(struct.pack("<Q", 5))
+        f.seek(4096 + 2 * 128 + 56)  # record 2's payload
+        f.write(b"C")
+    assert [r.payload for r in box.pop_many(8)] == [b"a", b"d"]
+    stats = box.stats()
+    assert (stats.popped, stats.expired, stats.torn, stats.depth) == (2, 0, 2, 0)
     box.close()
 
 
