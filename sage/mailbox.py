@@ -201,9 +201,7 @@ def _check_lock_boot(mm, fd: int, name: str) -> None:
     """A mutex initialised in another boot may look held by a process that no longer exists: the
     first process of this boot to attach initialises it afresh (under flock: see sage.layout)."""
     boot = slice(layout.PBM_LOCK_BOOT_OFFSET, layout.PBM_LOCK_BOOT_OFFSET + 16)
-    if mm[boot] == BOOT_ID:
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # also orders the repairer's mutex stores before our look (2 us per attach)
     try:
         if mm[boot] != BOOT_ID:
             log.warning("mailbox %r: its lock was initialised in another boot; initialising it afresh", name)
