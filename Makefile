@@ -9,7 +9,8 @@ TORCH ?= torch==2.13.0
 
 .PHONY: sudoku test test-slow test-reference test-trm-reference install clean
 
-$(STAMP): pyproject.toml
+# The C engine of sage's mailboxes is built in place by the editable install: rebuild it when its sources change.
+$(STAMP): pyproject.toml sage/_pbm.c sage/_pbm_crc32.c sage/_pbm_crc32.h
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[torch,export,test]" "$(TORCH)"

@@ -119,7 +119,7 @@ class TensorDescriptor:
 
     def pack(self) -> bytes:
         pad = 4 - self.ndim
-        return layout.DESCRIPTOR.pack(layout.FTD_MAGIC, layout.VERSION, int(self.dtype), self.ndim,
+        return layout.DESCRIPTOR.pack(layout.FTD_MAGIC, layout.FTD_VERSION, int(self.dtype), self.ndim,
                                       self.arena.encode("ascii"), self.offset, self.nbytes, self.buffer, self.tag,
                                       self.generation, *self.shape, *(0,) * pad, *self.strides, *(0,) * pad,
                                       self.deadline_ns)
@@ -131,8 +131,9 @@ class TensorDescriptor:
                              f"this record is not a TensorDescriptor.pack()")
         fields = layout.DESCRIPTOR.unpack(raw)
         magic, version, dtype, ndim, arena = fields[:5]
-        if magic != layout.FTD_MAGIC or version != layout.VERSION:
-            raise ValueError(f"not a version-{layout.VERSION} tensor descriptor (magic {magic!r}, version {version})")
+        if magic != layout.FTD_MAGIC or version != layout.FTD_VERSION:
+            raise ValueError(f"not a version-{layout.FTD_VERSION} tensor descriptor (magic {magic!r}, "
+                             f"version {version})")
         if dtype not in DType._value2member_map_ or ndim > 4:
             raise ValueError(f"corrupt tensor descriptor: dtype code {dtype}, ndim {ndim}")
         offset, nbytes, buffer, tag, generation = fields[5:10]
@@ -196,7 +197,7 @@ class TensorArena:
         data_offset = -(-(layout.HEADER_SIZE + buffers * FTM_ENTRY_SIZE) // layout.PAGE) * layout.PAGE
 
         def init(mm: mmap.mmap) -> None:
-            segment.write_header(mm, segment.Header(layout.FTM_MAGIC, layout.VERSION, layout.HEADER_SIZE,
+            segment.write_header(mm, segment.Header(layout.FTM_MAGIC, layout.FTM_VERSION, layout.HEADER_SIZE,
                                                     FTM_ENTRY_SIZE, buffer_size, buffers, data_offset,
                                                     ProcessId.current()))
 

@@ -25,6 +25,7 @@ from sage.shm import BOOT_ID, FileLock, ProcessId
 log = logging.getLogger(__name__)
 
 _STATE = struct.Struct("<I")
+_VERSIONS = {layout.PBM_MAGIC: layout.PBM_VERSION, layout.FTM_MAGIC: layout.FTM_VERSION}
 _CRC = struct.Struct("<I")
 
 
@@ -84,9 +85,10 @@ def read_header(mm: mmap.mmap, path: pathlib.Path, magic: bytes, what: str) -> H
     if fields[0] != magic:
         raise SegmentCorruptError(f"{path} is not a {what} (magic {fields[0]!r}, expected {magic!r}); "
                                   f"remove it or pick another name")
-    if fields[1] != layout.VERSION:
-        raise SegmentCorruptError(f"{path} has layout version {fields[1]}, this sage speaks version "
-                                  f"{layout.VERSION}; recreate it with this version")
+    version = _VERSIONS[magic]
+    if fields[1] != version:
+        raise SegmentCorruptError(f"{path} has layout version {fields[1]}, this sage speaks version {version}; "
+                                  f"stop the processes using it, remove it and create the {what} again")
     stored = _CRC.unpack_from(mm, layout.PBM_HEADER_CRC)[0]
     if zlib.crc32(mm[0:layout.PBM_FIXED.size]) != stored:
         raise SegmentCorruptError(f"{path}: header checksum mismatch (the header was overwritten); "

@@ -10,7 +10,11 @@ import uuid
 import zlib
 
 from sage import layout
+from sage.mailbox import native_engine_status
 from sage.shm import shm_dir
+
+# The mailbox engines built here: the C one where sage._pbm is built (pip install -e . builds it in place).
+ENGINES = ["native", "python"] if native_engine_status() is None else ["python"]
 
 
 def unique_name(prefix: str = "t") -> str:

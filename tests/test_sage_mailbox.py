@@ -1,5 +1,7 @@
 """PBM mailbox in one process: layout and version, every bad input, a hypothesis model of arbitrary
-push / pop / expiry interleavings against a deque, torn-slot detection, stale-segment recovery."""
+push / pop / expiry interleavings against a deque, torn-slot detection, stale-segment recovery. Each
+test runs on every engine built here (the C one and the pure-Python one); the model also on handles
+of both engines sharing one ring, and on a flock-locked ring."""
 
 from __future__ import annotations
 
@@ -15,19 +17,35 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from sage import layout
+from sage import mailbox as mailbox_module
 from sage.mailbox import (
     Mailbox,
     MailboxCorruptError,
+    MailboxError,
     MailboxExistsError,
     MailboxNotFoundError,
     MailboxRetiredError,
     PushStatus,
 )
-from sage.shm import segment_path
-from tests.sage_helpers import remove_segments, rewrite_header, unique_name
+from sage.shm import BOOT_ID, segment_path
+from tests.sage_helpers import ENGINES, remove_segments, rewrite_header, unique_name
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request, monkeypatch):
+    """Every test once per engine built here (SAGE_MAILBOX_IMPL reaches subprocesses too)."""
+    monkeypatch.setenv("SAGE_MAILBOX_IMPL", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -37,12 +55,18 @@ def name():
     remove_segments(n)
 
 
-def test_layout_constants_are_version_1():
-    assert layout.VERSION == 1 and layout.PBM_MAGIC == b"PBM1" and layout.FTM_MAGIC == b"FTM1"
+def test_layout_constants_and_versions():
+    assert (layout.PBM_VERSION, layout.FTM_VERSION, layout.FTD_VERSION) == (2, 1, 1)
+    assert layout.PBM_MAGIC == b"PBM1" and layout.FTM_MAGIC == b"FTM1"
     assert layout.PBM_FIXED.size == layout.PBM_HEADER_CRC == 80 and layout.PBM_STATE == 84
     assert layout.SLOT_BODY_OFFSET + layout.SLOT_BODY.size == layout.PBM_SLOT_HEADER == 56
     assert layout.DESCRIPTOR.size == 128 and layout.FTM_LEASE_OFFSET + 24 * layout.FTM_LEASES == layout.FTM_ENTRY_SIZE
     assert [layout.pbm_stride(n) for n in (1, 8, 9, 64, 4096)] == [64, 64, 128, 128, 4160]
+    counters_end = layout.PBM_COUNTERS_OFFSET + 8 * len(layout.PBM_COUNTERS)
+    assert counters_end <= layout.PBM_MUTEX_OFFSET and layout.PBM_MUTEX_OFFSET % 64 == 0
+    assert layout.PBM_MUTEX_OFFSET + layout.PBM_MUTEX_BYTES == layout.PBM_LOCK_BOOT_OFFSET
+    assert layout.PBM_LOCK_BOOT_OFFSET + 16 <= layout.HEADER_SIZE
+    assert (layout.PBM_PAYLOAD_CRC, layout.PBM_LOCK_MUTEX) == (1, 2)
 
 
 def test_file_bytes_match_the_documented_offsets(name):
@@ -54,9 +78,11 @@ def test_file_bytes_match_the_documented_offsets(name):
     raw = segment_path("pbm", name).read_bytes()
     magic, version, header_size, slot_header, record_size, stride, capacity, pid = struct.unpack_from(
         "<4sIIIQQQQ", raw, 0)
-    assert (magic, version, header_size, slot_header) == (b"PBM1", 1, 4096, 56)
+    assert (magic, version, header_size, slot_header) == (b"PBM1", 2, 4096, 56)
     assert (record_size, stride, capacity, pid) == (100, 192, 3, os.getpid())
-    assert struct.unpack_from("<II", raw, 72) == (1, 0)  # flags: PAYLOAD_CRC
+    assert struct.unpack_from("<II", raw, 72) == (3, 0)  # flags: PAYLOAD_CRC | LOCK_MUTEX
+    assert raw[320:336] == BOOT_ID  # the mutex was initialised in this boot
+    assert raw[256:320] != bytes(64)  # an initialised mutex records its kind (robust, process-shared)
     assert struct.unpack_from("<I", raw, 80)[0] == zlib.crc32(raw[:80])
     assert struct.unpack_from("<I", raw, 84)[0] == 1
     assert struct.unpack_from("<8Q", raw, 128)[:2] == (2, 1)  # write_index, read_index
@@ -64,7 +90,7 @@ def test_file_bytes_match_the_documented_offsets(name):
     seq, crc, length = struct.unpack_from("<QII", raw, slot)
     producer, _pid, pseq, _pushed, deadline, tag, _ = struct.unpack_from("<IIQQQII", raw, slot + 16)
     assert (seq, length, producer, pseq, deadline, tag) == (2, 4, 0, 1, 0, 10)
-    assert raw[slot + 56:slot + 60] == b"defg" and zlib.crc32(raw[slot + 16:slot + 60]) == crc
+    assert raw[slot + 56:slot + 60] == b"defg" and zlib.crc32(raw[slot + 16:slot + 56], zlib.crc32(b"defg")) == crc
     assert len(raw) == 4096 + 3 * 192
     box.close()
 
@@ -103,6 +129,11 @@ def test_bad_push_arguments_and_closed_handle(name):
         with pytest.raises(ValueError, match=match):
             box.push(b"x", **kwargs)
     assert box.stats().too_big == 1 and box.stats().pushed == 0
+    for call in (lambda: box.push(b"x", tagg=1), lambda: box.push(b"x", 1), lambda: box.push(),
+                 lambda: box.pop(1, 2), lambda: box.pop_many(), lambda: box.push_many([b"x"], payloads=[b"y"])):
+        with pytest.raises(TypeError):
+            call()
+    assert box.push(payload=b"kw", tag=3) is PushStatus.OK and box.pop_many(max_records=2, timeout=0)[0].tag == 3
     box.close()
     box.close()
     with pytest.raises(ValueError, match="closed"):
@@ -113,7 +144,7 @@ def test_bad_push_arguments_and_closed_handle(name):
 
 @pytest.mark.parametrize("edit, match", [
     ({"magic": b"XXXX"}, "not a mailbox"),
-    ({"version": 2}, "layout version 2"),
+    ({"version": 1}, "layout version 1"),  # a version-1 ring (flock for every call) is refused
     ({"b": 64}, "geometry"),
 ])
 def test_corrupted_header_is_refused(name, edit, match):
@@ -149,6 +180,21 @@ def test_torn_slot_is_counted_and_not_delivered(name):
     assert [box.pop().payload, box.pop().payload, box.pop()] == [b"first", b"third", None]
     stats = box.stats()
     assert (stats.pushed, stats.popped, stats.torn, stats.depth) == (3, 2, 1, 0)
+    box.close()
+
+
+def test_corruption_counts_as_torn_in_a_batch_and_where_it_fakes_an_expiry(name):
+    box = Mailbox.create(name, record_size=32, capacity=8)
+    for payload in (b"a", b"b", b"c", b"d"):
+        box.push(payload, ttl=3600)
+    with open(segment_path("pbm", name), "r+b") as f:
+        f.seek(4096 + 1 * 128 + 40)  # record 1's deadline: now in the past
+        f.write(struct.pack("<Q", 5))
+        f.seek(4096 + 2 * 128 + 56)  # record 2's payload
+        f.write(b"C")
+    assert [r.payload for r in box.pop_many(8)] == [b"a", b"d"]
+    stats = box.stats()
+    assert (stats.popped, stats.expired, stats.torn, stats.depth) == (2, 0, 2, 0)
     box.close()
 
 
@@ -209,6 +255,45 @@ def test_producers_ring_only_while_a_consumer_sleeps(name):
     assert _doorbell_bytes(box) == 0
     box.close()
     consumer.close()
+
+
+@pytest.mark.parametrize("wait", ["spin", "sleep"])
+def test_closing_a_handle_another_thread_waits_on(name, wait, monkeypatch):
+    """The waiter gets ValueError (it does not read unmapped memory), within its sleep slice."""
+    monkeypatch.setattr(mailbox_module, "_SLEEP_SLICE_NS", 50_000_000)
+    box = Mailbox.create(name, record_size=8, capacity=4, wait=wait)
+    errors = []
+
+    def wait_for_a_record():
+        try:
+            box.pop(timeout=30)
+        except ValueError as error:
+            errors.append(str(error))
+    waiter = threading.Thread(target=wait_for_a_record)
+    waiter.start()
+    time.sleep(0.2)
+    box.close()
+    waiter.join(10)
+    assert not waiter.is_alive() and len(errors) == 1 and "closed" in errors[0], errors
+
+
+def test_threads_sharing_a_handle_are_one_producer_in_order(name):
+    box = Mailbox.create(name, record_size=16, capacity=8192)
+    per_thread = 3000
+
+    def produce(index):
+        for i in range(per_thread):
+            assert box.push(struct.pack("<II", index, i)) is PushStatus.OK
+    threads = [threading.Thread(target=produce, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    records = box.pop_many(2 * per_thread)
+    assert [r.seq for r in records] == list(range(2 * per_thread)) and {r.producer for r in records} == {0}
+    for index in range(2):  # each thread's records in its order
+        assert [struct.unpack("<II", r.payload)[1] for r in records if r.payload[0] == index] == list(range(per_thread))
+    box.close()
 
 
 def test_live_create_refused_and_unlink_retires_handles(name):
@@ -278,14 +363,19 @@ SECOND = 10**9
 
 class MailboxModel(RuleBasedStateMachine):
     """Two producer handles and two consumer handles on one ring against a deque of what must be
-    there; ttl in whole fake-clock seconds so expiry is exact."""
+    there; ttl in whole fake-clock seconds so expiry is exact. `impls`: the engine of each handle."""
+
+    impls = ("python",) * 4
+    lock = "mutex"
 
     @initialize(capacity=st.integers(1, 6))
     def setup(self, capacity):
         self.name = unique_name("hyp")
         self.clock = FakeClock()
-        self.boxes = [Mailbox.create(self.name, record_size=16, capacity=capacity)]
-        self.boxes += [Mailbox.attach(self.name) for _ in range(3)]
+        self.boxes = [Mailbox.create(self.name, record_size=16, capacity=capacity, lock=self.lock,
+                                     impl=self.impls[0])]
+        self.boxes += [Mailbox.attach(self.name, impl=impl) for impl in self.impls[1:]]
+        assert [box.impl for box in self.boxes] == list(self.impls) and self.boxes[3].lock == self.lock
         for box in self.boxes:
             box._clock = self.clock
         self.capacity = capacity
@@ -372,9 +462,17 @@ class MailboxModel(RuleBasedStateMachine):
             remove_segments(self.name)
 
 
-MailboxModel.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None,
-                                          suppress_health_check=[HealthCheck.too_slow])
-test_mailbox_against_deque_model = MailboxModel.TestCase
+@pytest.mark.parametrize("variant", ["same", "other"])
+def test_mailbox_against_deque_model(engine, variant):
+    """native: all four handles native, then native and Python handles mixed on one ring;
+    python: all Python on a mutex ring, then on a flock ring."""
+    if engine == "native":
+        impls, lock = ("native",) * 4 if variant == "same" else ("native", "python", "python", "native"), "mutex"
+    else:
+        impls, lock = ("python",) * 4, "mutex" if variant == "same" else "flock"
+    machine = type("Model", (MailboxModel,), {"impls": impls, "lock": lock})
+    run_state_machine_as_test(machine, settings=settings(max_examples=60, stateful_step_count=40, deadline=None,
+                                                         suppress_health_check=[HealthCheck.too_slow]))
 
 
 def test_sage_imports_without_jax_or_torch():
@@ -383,3 +481,56 @@ def test_sage_imports_without_jax_or_torch():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.strip() == "[]"
+
+
+# ---- engine choice and the C engine's pieces ----
+def test_a_hook_that_re_enters_the_ring_raises_instead_of_deadlocking(name):
+    box = Mailbox.create(name, record_size=8, capacity=4)
+    box._test_hook = lambda where: box.stats()  # inside the critical section: the lock is this thread's
+    with pytest.raises(RuntimeError, match="already holds"):
+        box.push(b"x")
+    box._test_hook = None
+    assert box.push(b"y") is PushStatus.OK and box.pop().payload == b"y"  # nothing of "x" was committed
+    assert box.stats().pushed == 1
+    box.close()
+
+
+def test_engine_choice(name, engine, monkeypatch):
+    box = Mailbox.create(name, record_size=8, capacity=2)
+    assert box.impl == engine and box.lock == "mutex" and repr(box).endswith(f"impl={engine!r})")
+    assert Mailbox.attach(name, impl="python").impl == "python"
+    monkeypatch.setenv("SAGE_MAILBOX_IMPL", "rust")
+    with pytest.raises(ValueError, match="SAGE_MAILBOX_IMPL must be one of"):
+        Mailbox.attach(name)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        Mailbox.attach(name, impl="fast")
+    with pytest.raises(ValueError, match="lock must be one of"):
+        Mailbox.create(name + "x", record_size=8, capacity=2, lock="spin", impl="python")
+    box.close()
+
+
+def test_a_flock_ring_is_driven_by_the_python_engine(name):
+    box = Mailbox.create(name, record_size=8, capacity=2, lock="flock", impl="python")
+    assert (box.lock, Mailbox.attach(name, impl="auto").impl) == ("flock", "python")
+    assert struct.unpack_from("<I", segment_path("pbm", name).read_bytes(), 72)[0] == layout.PBM_PAYLOAD_CRC
+    if mailbox_module.native_engine_status() is None:
+        with pytest.raises(MailboxError, match="flock, which only the Python engine takes"):
+            Mailbox.attach(name, impl="native")
+    box.close()
+
+
+def test_without_the_extension_auto_falls_back_and_native_is_refused(name):
+    """As on a machine without a compiler: sage._pbm cannot be imported."""
+    code = ("import sys; sys.modules['sage._pbm'] = None\n"
+            "from sage.mailbox import Mailbox, MailboxError, native_engine_status\n"
+            f"box = Mailbox.create({name!r}, record_size=8, capacity=2)\n"
+            "box.push(b'hi'); print(box.impl, box.lock, box.pop().payload, native_engine_status() is not None)\n"
+            "try:\n"
+            f"    Mailbox.attach({name!r}, impl='native')\n"
+            "except MailboxError as error: print(error)\n"
+            "box.unlink(); box.close()")
+    env = {**os.environ, "SAGE_MAILBOX_IMPL": "auto"}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.splitlines()
+    assert out[0] == "python mutex b'hi' True"
+    assert "the native engine was asked for" in out[1] and "sage._pbm is not built" in out[1]

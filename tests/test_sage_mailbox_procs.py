@@ -1,27 +1,40 @@
 """PBM mailbox across processes: 4 producers x 2 consumers with one producer SIGKILLed while it holds
 the lock and one killed at a random point; a consumer killed inside pop; a sleeping consumer woken
-by the doorbell without spinning a core."""
+by the doorbell without spinning a core. Each runs on every engine built here; the stress test also
+with producers and consumers of both engines on one ring, and on a flock-locked ring."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
 import numpy as np
 import pytest
 
+from sage import layout
 from sage import mailbox as mailbox_module
 from sage.mailbox import Mailbox, PushStatus
-from tests.sage_helpers import remove_segments, unique_name
+from sage.shm import BOOT_ID, segment_path
+from tests.sage_helpers import ENGINES, remove_segments, unique_name
 
 CTX = multiprocessing.get_context("fork")  # children attach by name, like unrelated processes
 STOP_TAG = 99
 PER_PRODUCER = 5000
 HOLD_AT = 300
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request, monkeypatch):
+    """Every test once per engine built here (forked children inherit SAGE_MAILBOX_IMPL)."""
+    monkeypatch.setenv("SAGE_MAILBOX_IMPL", request.param)
+    return request.param
 
 
 @pytest.fixture
@@ -42,8 +55,9 @@ def check_payload(payload: bytes) -> tuple[int, int, bool]:
     return index, i, zlib.crc32(payload[:-4]) == struct.unpack_from("<I", payload, len(payload) - 4)[0]
 
 
-def _produce(name: str, index: int, count: int, hold_at: int | None, signal_fd: int | None) -> None:
-    box = Mailbox.attach(name)
+def _produce(name: str, index: int, count: int, hold_at: int | None, signal_fd: int | None,
+             impl: str | None = None) -> None:
+    box = Mailbox.attach(name, impl=impl)
     if hold_at is not None:
         def hold_inside_lock(where: str) -> None:
             if where == "push" and box._producer_seq == hold_at:
@@ -56,8 +70,8 @@ def _produce(name: str, index: int, count: int, hold_at: int | None, signal_fd: 
     box.close()
 
 
-def _consume(name: str, out_path: str) -> None:
-    box = Mailbox.attach(name)
+def _consume(name: str, out_path: str, impl: str | None = None) -> None:
+    box = Mailbox.attach(name, impl=impl)
     rows = []
     give_up = time.monotonic() + 120
     while time.monotonic() < give_up:
@@ -78,14 +92,20 @@ def _start(target, *args) -> multiprocessing.Process:
     return process
 
 
-def test_four_producers_two_consumers_with_two_producers_killed(name, tmp_path):
-    box = Mailbox.create(name, record_size=64, capacity=64)
+@pytest.mark.parametrize("variant", ["same", "other"])
+def test_four_producers_two_consumers_with_two_producers_killed(name, tmp_path, engine, variant):
+    """native/other: producers and consumers alternate between the engines (the one holding the lock
+    when killed is native, the next lockers of both kinds repair it); python/other: a flock ring."""
+    mixed = engine == "native" and variant == "other"
+    impl = (lambda i: ("native", "python")[i % 2]) if mixed else (lambda i: None)
+    lock = "flock" if engine == "python" and variant == "other" else "mutex"
+    box = Mailbox.create(name, record_size=64, capacity=64, lock=lock)
     read_fd, write_fd = os.pipe()
     outs = [str(tmp_path / f"consumer{c}.npy") for c in range(2)]
-    consumers = [_start(_consume, name, out) for out in outs]
-    producers = [_start(_produce, name, index, PER_PRODUCER, None, None) for index in range(4)]
-    holder = _start(_produce, name, 4, 10**9, HOLD_AT, write_fd)
-    runaway = _start(_produce, name, 5, 10**9, None, None)
+    consumers = [_start(_consume, name, out, impl(c)) for c, out in enumerate(outs)]
+    producers = [_start(_produce, name, index, PER_PRODUCER, None, None, impl(index)) for index in range(4)]
+    holder = _start(_produce, name, 4, 10**9, HOLD_AT, write_fd, impl(4))
+    runaway = _start(_produce, name, 5, 10**9, None, None, impl(5))
 
     assert os.read(read_fd, 1) == b"h"  # the holder is inside the critical section, half-way
     time.sleep(0.3)  # everyone else piles up on the lock
@@ -121,6 +141,48 @@ def test_four_producers_two_consumers_with_two_producers_killed(name, tmp_path):
     total = len(everything) + len(consumers)
     assert (stats.pushed, stats.popped, stats.depth, stats.torn, stats.expired) == (total, total, 0, 0, 0)
     assert stats.producers == 6 + 1
+    box.close()
+
+
+def test_a_lock_holder_killed_mid_write_is_repaired_by_the_next_locker(name, caplog):
+    box = Mailbox.create(name, record_size=64, capacity=8)
+    assert box.push(b"before") is PushStatus.OK
+    read_fd, write_fd = os.pipe()
+    holder = _start(_produce, name, 7, 10, 0, write_fd)  # stops half-way through its first payload
+    assert os.read(read_fd, 1) == b"h"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    with caplog.at_level(logging.WARNING):
+        assert box.push(b"after", timeout=5) is PushStatus.OK
+    assert "died holding" in caplog.text and "repaired" in caplog.text
+    assert [record.payload for record in iter(box.pop, None)] == [b"before", b"after"]
+    stats = box.stats()
+    assert (stats.pushed, stats.popped, stats.torn, stats.depth, stats.producers) == (2, 2, 0, 0, 2)
+    box.close()
+
+
+def test_a_mutex_initialised_in_another_boot_is_initialised_afresh(name):
+    """A ring file that outlived a reboot may hold a mutex locked by a process of that boot: the first
+    attach of this boot re-initialises it. Here a live child holds the lock and the boot id is edited;
+    without the repair the subprocess's push would block for ever (and the run time out)."""
+    box = Mailbox.create(name, record_size=64, capacity=8)
+    read_fd, write_fd = os.pipe()
+    holder = _start(_produce, name, 7, 10, 0, write_fd)
+    assert os.read(read_fd, 1) == b"h"
+    path = segment_path("pbm", name)
+    with open(path, "r+b") as f:
+        f.seek(layout.PBM_LOCK_BOOT_OFFSET)
+        f.write(b"\x01" * 16)
+    code = f"from sage.mailbox import Mailbox; print(Mailbox.attach({name!r}).push(b'fresh', timeout=1).name)"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True,
+                             cwd=os.path.dirname(os.path.dirname(__file__)))
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.join()
+    assert out.stdout.strip() == "OK" and "initialising it afresh" in out.stderr
+    assert path.read_bytes()[layout.PBM_LOCK_BOOT_OFFSET:layout.PBM_LOCK_BOOT_OFFSET + 16] == BOOT_ID
+    assert box.pop().payload == b"fresh" and box.stats().depth == 0
     box.close()
 
 
