@@ -119,6 +119,8 @@ def join_cluster(args: argparse.Namespace) -> bool:
                        "they all see): the default name holds each process's own start time")
     distributed.initialize(cluster)
     if distributed.is_primary():
+        print(f"joined {jax.process_count()} processes ({jax.device_count()} devices) through the coordinator at "
+              f"{cluster.coordinator or 'the address SLURM gives'}; process 0 prints for all")
         return True
     print(f"process {jax.process_index()} of {jax.process_count()}: process 0 prints the run's output",
           file=sys.stderr, flush=True)

@@ -16,8 +16,8 @@ by setting, first match wins:
 Nothing set (or one process): None, a plain single-process run. `initialize` must run before any
 other use of jax (it fixes which devices the process sees). A process that cannot join within
 `coordinator_timeout` exits with one line saying which side is missing; once joined, a process that
-stops sending heartbeats for `heartbeat_timeout` seconds (killed, crashed, hung) makes the runtime
-terminate every other process, so a dead peer never leaves the rest blocked in a collective.
+stops sending heartbeats for `heartbeat_timeout` seconds (killed, crashed, its machine lost) makes the
+runtime terminate every other process, so a dead peer never leaves the rest blocked in a collective.
 
 The helpers below are what the training loop needs to stay in step: `is_primary` (process 0 writes
 logs and files), `barrier`, and `agree_any` (a decision any process may trigger, e.g. a stop signal

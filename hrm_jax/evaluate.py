@@ -144,20 +144,20 @@ def _parallel_rollout(mesh, config: HRMConfig, loss_type: str):
 
 
 def _rollout_fn(config: HRMConfig, loss_type: str, mesh, batch_size: int):
-    """(params, batch) -> per-row results on the host. With a mesh the batch is this process's rows of
-    the global batch (parallel.process_rows) and the results are those of the whole global batch,
-    gathered from every process, so that every process reduces the same rows to the same metrics."""
+    """(params, batch) -> per-row results on the device. With a mesh the batch is this process's rows of
+    the global batch (parallel.process_rows) and the results span the whole global batch."""
     if mesh is None:
-        return lambda params, batch: jax.device_get(rollout_jit(params, config, batch, loss_type=loss_type))
+        return lambda params, batch: rollout_jit(params, config, batch, loss_type=loss_type)
     run = _parallel_rollout(mesh, config, loss_type)
-    return lambda params, batch: parallel.fetch(run(params, parallel.put_batch(batch, mesh, batch_size)))
+    return lambda params, batch: run(params, parallel.put_batch(batch, mesh, batch_size))
 
 
 def _rows(params: Params, config: HRMConfig, split: PuzzleSplit, batch_size: int, loss_type: str,
           max_batches: int | None, keep_predictions: bool, mesh=None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(set_name, per-row numpy results of the real rows) per batch; padding rows dropped here.
-    Without keep_predictions the [B, seq_len] arrays are dropped at once (a large test set's
-    predictions take hundreds of MB)."""
+    Without keep_predictions the [B, seq_len] arrays are never fetched (a large test set's
+    predictions take hundreds of MB). In a multi-process run every process fetches the rows of all
+    processes (parallel.fetch), so that all reduce the same rows to the same metrics."""
     run = _rollout_fn(config, loss_type, mesh, batch_size)
     mine = slice(None) if mesh is None else parallel.process_rows(batch_size, mesh)
     if mesh is not None:  # replicated over the mesh once, not per batch (host or one-device params)
@@ -166,13 +166,11 @@ def _rows(params: Params, config: HRMConfig, split: PuzzleSplit, batch_size: int
         if max_batches is not None and index >= max_batches:
             return
         out = run(params, {k: v[mine] for k, v in item.batch.items()})
-        keep = item.valid
-        rows = {k: np.asarray(v)[keep] for k, v in out.items()}
+        wanted = {k: v for k, v in out.items() if keep_predictions or k in ROW_METRICS or k == "has_labels"}
+        rows = {k: np.asarray(v)[item.valid] for k, v in parallel.fetch(wanted).items()}
         if keep_predictions:
             for key in ("inputs", "labels", "puzzle_identifiers"):
-                rows[key] = item.batch[key][keep]
-        else:
-            rows = {k: v for k, v in rows.items() if k in ROW_METRICS or k == "has_labels"}
+                rows[key] = item.batch[key][item.valid]
         yield item.set_name, rows
 
 

@@ -2,11 +2,13 @@
 jax's distributed runtime (CPU devices, gloo collectives), and the one-process runs it is compared with.
 
     python -m tests.multihost_worker multi WORKDIR --local-devices 2 [cluster flags]   (every process of the run)
-    python -m tests.multihost_worker single WORKDIR --local-devices 4
+    python -m tests.multihost_worker single WORKDIR --local-devices 4   (or 1: one process on 4 devices or one)
+    python -m tests.multihost_worker die WORKDIR --local-devices 2 [cluster flags]     (process 1 is killed)
 
 The processes join as the task CLIs do (experiments.common.join_cluster: flags, else HRM_* variables, else
 SLURM's). WORKDIR/data must hold the toy dataset. Each process writes WORKDIR/<phase>_p<process>.npz (every
-run's final state, one array per leaf, the carry gathered from all processes) and <phase>_p<process>.json.
+run's final state, one array per leaf, the carry gathered from all processes) and <phase>_p<process>.json
+(single phases: single<devices>_p0).
 """
 
 import argparse
@@ -100,29 +102,27 @@ def multi(work: str, data: str, train, CFG, TC) -> dict:
             "stopped": {"step": stopped["step"], "by": stopped["stopped_by"]}}
 
 
-def single(work: str, data: str, train, CFG, TC) -> dict:
+def single(work: str, data: str, train, CFG, TC, devices: int) -> dict:
+    """One process on `devices` devices (none, the plain one-device step, for 1): an uninterrupted run, the
+    two-process step-3 checkpoint restored, and resumed to the end."""
     from hrm_jax import checkpoint as ckpt  # noqa: PLC0415
     from hrm_jax import parallel  # noqa: PLC0415
     from hrm_jax.config import LoopConfig, RunConfig  # noqa: PLC0415
     from hrm_jax.train import abstract_train_state, restore_target  # noqa: PLC0415
 
-    states, evals = {}, {}
-    for name, devices in (("ref4", 4), ("ref1", 1)):
-        summary = train(CFG, TC, data, os.path.join(work, f"single_{name}"), devices=devices, max_steps=STEPS, **LOOP)
-        states[name], evals[name] = summary["state"], summary["eval"]
-    # The two-process checkpoint of step 3 restored by one process: onto 4 devices, and onto one.
+    name = f"{devices}"
+    ref = train(CFG, TC, data, os.path.join(work, f"single_ref{name}"), devices=devices, max_steps=STEPS, **LOOP)
     run = RunConfig(model=CFG, optim=TC, loop=LoopConfig(**LOOP))
-    for name, mesh in (("restored4", parallel.data_mesh(4)), ("restored1", None)):
-        target = restore_target(abstract_train_state(CFG, TC, TOTAL), mesh)
-        states[name], meta = ckpt.restore(os.path.join(work, "from3", ckpt.PERIODIC_DIR), target, run_config=run,
-                                          total_steps=TOTAL)
-        assert meta["step"] == EVERY, meta["step"]
-    for name, devices in (("resumed4", 4), ("resumed1", 1)):
-        shutil.copytree(os.path.join(work, "from3"), os.path.join(work, name))
-        states[name] = train(CFG, TC, data, os.path.join(work, name), devices=devices, max_steps=STEPS, resume=True,
-                             **LOOP)["state"]
-    save_states(os.path.join(work, "single_p0.npz"), states)
-    return {"eval": evals}
+    target = restore_target(abstract_train_state(CFG, TC, TOTAL), parallel.data_mesh(devices) if devices > 1 else None)
+    restored, meta = ckpt.restore(os.path.join(work, "from3", ckpt.PERIODIC_DIR), target, run_config=run,
+                                  total_steps=TOTAL)
+    assert meta["step"] == EVERY, meta["step"]
+    shutil.copytree(os.path.join(work, "from3"), os.path.join(work, f"resumed{name}"))
+    resumed = train(CFG, TC, data, os.path.join(work, f"resumed{name}"), devices=devices, max_steps=STEPS,
+                    resume=True, **LOOP)
+    save_states(os.path.join(work, f"single{name}_p0.npz"),
+                {f"ref{name}": ref["state"], f"restored{name}": restored, f"resumed{name}": resumed["state"]})
+    return {"eval": ref["eval"]}
 
 
 def die(work: str, data: str, train, CFG, TC) -> dict:
@@ -146,9 +146,12 @@ def main(argv: list[str]) -> int:
 
     from tests.test_train import CFG, TC, train  # noqa: PLC0415
 
-    phase = {"multi": multi, "single": single, "die": die}[args.phase]
-    report = phase(args.workdir, os.path.join(args.workdir, "data"), train, CFG, TC)
-    with open(os.path.join(args.workdir, f"{args.phase}_p{jax.process_index()}.json"), "w") as f:
+    data = os.path.join(args.workdir, "data")
+    if args.phase == "single":
+        report, name = single(args.workdir, data, train, CFG, TC, args.local_devices), f"single{args.local_devices}"
+    else:
+        report, name = {"multi": multi, "die": die}[args.phase](args.workdir, data, train, CFG, TC), args.phase
+    with open(os.path.join(args.workdir, f"{name}_p{jax.process_index()}.json"), "w") as f:
         json.dump(report, f)
     return 0
 
