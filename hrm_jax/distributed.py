@@ -28,6 +28,8 @@ through gloo, jax's default for `jax_cpu_collectives_implementation` on every su
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import socket
@@ -73,6 +75,14 @@ class ClusterConfig:
     coordinator_timeout: float = _field(300.0, "seconds to wait until every process has joined (default 300)")
     heartbeat_timeout: int = _field(100, "seconds without a heartbeat after which a process counts as dead and every "
                                          "other process stops (default 100)")
+
+    def __post_init__(self) -> None:
+        if not self.coordinator_timeout > 0:
+            raise DistributedError(f"coordinator_timeout={self.coordinator_timeout!r} must be a positive number of "
+                                   "seconds (--coordinator-timeout)")
+        if not (isinstance(self.heartbeat_timeout, int) and self.heartbeat_timeout >= 1):
+            raise DistributedError(f"heartbeat_timeout={self.heartbeat_timeout!r} must be a whole number of seconds "
+                                   ">= 1 (--heartbeat-timeout)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,11 +277,12 @@ def agree_any(flags: Sequence[bool]) -> list[bool]:
     return [bool(v) for v in np.asarray(gathered).reshape(jax.process_count(), len(flags)).any(axis=0)]
 
 
-def agree_all_equal(fingerprint: bytes) -> int | None:
-    """The first process whose fingerprint (<= 32 bytes, e.g. a digest) differs from process 0's, else None."""
+def first_differing(settings: Mapping) -> int | None:
+    """The first process whose `settings` (JSON-able) differ from process 0's, else None; compared by digest."""
     if not multi_process():
         return None
-    value = np.frombuffer(fingerprint.ljust(32, b"\0")[:32], dtype=np.uint8)
-    gathered = np.asarray(multihost_utils.process_allgather(value)).reshape(jax.process_count(), 32)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).digest()
+    gathered = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, dtype=np.uint8)))
+    gathered = gathered.reshape(jax.process_count(), len(digest))
     differing = [p for p in range(len(gathered)) if not np.array_equal(gathered[p], gathered[0])]
     return differing[0] if differing else None

@@ -10,8 +10,6 @@ both on the same schedule shape with their own base learning rates.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
 import os
@@ -451,12 +449,11 @@ _PER_PROCESS_LOOP_FIELDS = ("out_dir", "progress", "tensorboard")
 
 def _check_same_run(config: RunConfig, train_split: PuzzleSplit) -> None:
     """Refuses (on every process) a multi-process run whose processes were given different settings or data."""
-    loop = {k: v for k, v in config.loop.to_dict().items() if k not in _PER_PROCESS_LOOP_FIELDS}
     meta = train_split.metadata
-    data = {"metadata": repr(meta), "examples": [int(train_split.sets[n].num_examples) for n in meta.sets]}
-    text = json.dumps({"model": config.model.to_dict(), "optim": config.optim.to_dict(), "loop": loop, "data": data},
-                      sort_keys=True, default=str)
-    differing = distributed.agree_all_equal(hashlib.sha256(text.encode()).digest())
+    differing = distributed.first_differing({
+        "model": config.model.to_dict(), "optim": config.optim.to_dict(),
+        "loop": {k: v for k, v in config.loop.to_dict().items() if k not in _PER_PROCESS_LOOP_FIELDS},
+        "data": [repr(meta), [int(train_split.sets[name].num_examples) for name in meta.sets]]})
     if differing is not None:
         raise TrainingError(f"process {differing} was started with other settings or data than process 0 (model, "
                             "optimizer, loop flags or the training split differ): start every process with the same "

@@ -105,6 +105,9 @@ def multi(work: str, data: str, train, CFG, TC) -> dict:
 def single(work: str, data: str, train, CFG, TC, devices: int) -> dict:
     """One process on `devices` devices (none, the plain one-device step, for 1): an uninterrupted run, the
     two-process step-3 checkpoint restored, and resumed to the end."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
     from hrm_jax import checkpoint as ckpt  # noqa: PLC0415
     from hrm_jax import parallel  # noqa: PLC0415
     from hrm_jax.config import LoopConfig, RunConfig  # noqa: PLC0415
@@ -117,6 +120,10 @@ def single(work: str, data: str, train, CFG, TC, devices: int) -> dict:
     restored, meta = ckpt.restore(os.path.join(work, "from3", ckpt.PERIODIC_DIR), target, run_config=run,
                                   total_steps=TOTAL)
     assert meta["step"] == EVERY, meta["step"]
+    # The evaluation / solver path reads the same parameters onto this process's first device.
+    params, _ = ckpt.load_params_for_eval(os.path.join(work, "from3"))
+    for got, want in zip(jax.tree.leaves(parallel.fetch(params)), jax.tree.leaves(parallel.fetch(restored.params))):
+        assert np.array_equal(got, want), "load_params_for_eval differs from the restored state"
     shutil.copytree(os.path.join(work, "from3"), os.path.join(work, f"resumed{name}"))
     resumed = train(CFG, TC, data, os.path.join(work, f"resumed{name}"), devices=devices, max_steps=STEPS,
                     resume=True, **LOOP)

@@ -259,6 +259,13 @@ def test_bad_cluster_settings_name_the_setting_and_the_fix(config, env, message)
         resolve(config, env)
 
 
+def test_bad_timeouts_are_refused():
+    with pytest.raises(DistributedError, match="coordinator_timeout=0 must be a positive number"):
+        ClusterConfig(coordinator_timeout=0)
+    with pytest.raises(DistributedError, match=r"heartbeat_timeout=-5 must be .* \(--heartbeat-timeout\)"):
+        ClusterConfig(heartbeat_timeout=-5)
+
+
 def run_cli(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
     from experiments import sudoku  # noqa: PLC0415 (the CLI imports the whole package)
 
