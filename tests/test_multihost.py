@@ -296,7 +296,8 @@ def test_cli_refuses_bad_cluster_flags_with_one_line(tmp_path, monkeypatch, caps
 
 def test_a_process_that_cannot_join_exits_with_one_line(tmp_path):
     """Nobody hosts the coordinator (process 1), nobody else joins (process 0): exit code 2 after the timeout,
-    one line saying which side is missing, instead of jax's abort with a C++ stack trace."""
+    one line saying which side is missing, instead of jax's abort with a C++ stack trace. Joining after jax
+    is in use is refused at once."""
     def cli(process_id: str, port: int) -> subprocess.Popen:
         argv = ["train", "--data", str(tmp_path / "data"), "--out", str(tmp_path / f"run{process_id}"),
                 "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", process_id,
@@ -305,7 +306,16 @@ def test_a_process_that_cannot_join_exits_with_one_line(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     lonely_port, empty_port = free_port(), free_port(40000)
+    # And a script that used jax before joining: a DistributedError saying so, not a hang.
+    late = ("import jax; jax.devices(); from hrm_jax import distributed as d\n"
+            f"cluster = d.resolve(d.ClusterConfig(coordinator='localhost:{free_port(50000)}', num_processes=2, "
+            "process_id=1, coordinator_timeout=30))\n"
+            "try:\n    d.initialize(cluster)\nexcept d.DistributedError as err:\n    print(err)")
+    late_process = subprocess.Popen([sys.executable, "-c", late], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
     results = finish([cli("0", lonely_port), cli("1", empty_port)], timeout=120)
+    late_out, _ = late_process.communicate(timeout=120)
+    assert "before anything else uses jax" in late_out, late_out
     expected = [f"only part of the 2 processes joined the coordinator at localhost:{lonely_port} within 3",
                 f"no coordinator answers at localhost:{empty_port} after 3"]
     for (code, err), phrase in zip(results, expected):
