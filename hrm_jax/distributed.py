@@ -104,6 +104,7 @@ class Cluster:
 
 # Resolution ------------------------------------------------------------------------------------
 _FLAGS = {"coordinator": "--coordinator", "num_processes": "--num-processes", "process_id": "--process-id"}
+_ENV_NAMES = {"coordinator": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES, "process_id": ENV_PROCESS_ID}
 
 
 def _int_setting(text: str, where: str) -> int:
@@ -163,9 +164,6 @@ def resolve(config: ClusterConfig = ClusterConfig(), env: Mapping[str, str] | No
     sources = {name: source or "slurm" for name, source in sources.items()}
     return Cluster(values["coordinator"], values["num_processes"], values["process_id"], sources,
                    coordinator_timeout=config.coordinator_timeout, heartbeat_timeout=config.heartbeat_timeout)
-
-
-_ENV_NAMES = {"coordinator": ENV_COORDINATOR, "num_processes": ENV_NUM_PROCESSES, "process_id": ENV_PROCESS_ID}
 
 
 def _validate(values: dict, sources: dict) -> None:
