@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import logging
 import os
 import pathlib
 import shlex
@@ -16,7 +17,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from hrm_jax import cli
+import jax
+
+from hrm_jax import cli, distributed
 from hrm_jax import train as training
 from hrm_jax.config import IMPLEMENTATION_FIELDS, LoopConfig, OptimConfig, RunConfig
 from hrm_jax.presets import preset, presets_for, sized_for_data
@@ -59,6 +62,9 @@ def add_train_command(sub, task: str, *, default_preset: str, data_help: str | N
                          type(preset(_full(default_preset, task)).model), only=IMPLEMENTATION_FIELDS)
     cli.add_config_flags(train.add_argument_group("training hyperparameters (override the preset)"), OptimConfig)
     cli.add_config_flags(train.add_argument_group("run"), LoopConfig)
+    cli.add_config_flags(train.add_argument_group(
+        "several processes or hosts (jax.distributed; every process runs the same command, see README 'Long runs')"),
+        distributed.ClusterConfig)
     return train
 
 
@@ -99,8 +105,33 @@ def run_config_from_args(args: argparse.Namespace, task: str, data_dir: str | os
                        loop=loop.replace(out_dir=str(new_run_dir(task, loop.out_dir))))
 
 
+def join_cluster(args: argparse.Namespace) -> bool:
+    """Joins a multi-process run when the flags, the environment or SLURM describe one (before anything
+    else uses jax); returns whether this process is process 0 (True in a single-process run).
+
+    The other processes run the same command: their output would repeat process 0's, so their stdout
+    is dropped and their library logging is cut to errors; errors still reach stderr."""
+    cluster = distributed.resolve(cli.config_from_flags(distributed.ClusterConfig(), args))
+    if cluster is None:
+        return True
+    if getattr(args, "out_dir", None) is None:
+        raise CLIError("a multi-process run needs --out DIR, the same folder for every process (on a filesystem "
+                       "they all see): the default name holds each process's own start time")
+    distributed.initialize(cluster)
+    if distributed.is_primary():
+        print(f"joined {jax.process_count()} processes ({jax.device_count()} devices) through the coordinator at "
+              f"{cluster.coordinator or 'the address SLURM gives'}; process 0 prints for all")
+        return True
+    print(f"process {jax.process_index()} of {jax.process_count()}: process 0 prints the run's output",
+          file=sys.stderr, flush=True)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (stays open until the process exits)
+    logging.getLogger("hrm_jax").setLevel(logging.ERROR)
+    return False
+
+
 def train_from_args(args: argparse.Namespace, task: str, data_dir: str | os.PathLike) -> dict[str, Any]:
-    """The `train` command of every task CLI."""
+    """The `train` command of every task CLI (joining a multi-process run first, if there is one)."""
+    join_cluster(args)
     run = run_config_from_args(args, task, data_dir)
     print(f"run folder: {run.loop.out_dir}\nmodel: {format_config(run.model)}\ntrain: {format_config(run.optim)}")
     return train_or_exit(run, data_dir)

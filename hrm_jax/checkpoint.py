@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from hrm_jax import manifest
+from hrm_jax import distributed, manifest
 from hrm_jax.config import IMPLEMENTATION_FIELDS, OptimConfig, RunConfig
 from hrm_jax.family import Family, family_named, family_of
 from hrm_jax.layers import runnable_here
@@ -70,14 +70,24 @@ class CheckpointMismatchError(CheckpointError):
 
 def _manager(directory: str | os.PathLike, *, max_to_keep: int | None = None, read_only: bool = False
              ) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+    """A writing manager is shared by every process of a run (orbax synchronises them; each writes its
+    shards, process 0 the rest). A reading one is this process's alone: reads need no other process, and
+    orbax's barriers would wait for processes that are not reading."""
+    me = jax.process_index()
+    processes = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}) if read_only else None
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                           **({"multiprocessing_options": processes} if processes else {}))
     return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options, item_names=_ITEMS)
 
 
 # Saving ----------------------------------------------------------------------------------------
 class RunCheckpoints:
     """The periodic manager (`out_dir/checkpoints`, `max_to_keep` newest) and the best one
-    (`out_dir/best`, one kept, saved when eval exact accuracy improves)."""
+    (`out_dir/best`, one kept, saved when eval exact accuracy improves).
+
+    In a multi-process run every process makes the same calls (orbax writes each array once: every
+    process its shards, process 0 the replicated arrays and the metadata); process 0 alone writes
+    manifests and moves damaged steps aside, and the others wait for it (distributed.barrier)."""
 
     def __init__(self, out_dir: str | os.PathLike, *, max_to_keep: int = 3) -> None:
         self.out_dir = os.fspath(out_dir)
@@ -91,8 +101,8 @@ class RunCheckpoints:
         manager = self.best if best else self.periodic
         step = int(jax.device_get(state.step))
         path = os.path.join(os.fspath(manager.directory), str(step))
-        if step in manager.all_steps() and step_problem(path) is not None:
-            move_aside(manager, step, step_problem(path))
+        if step in manager.all_steps() and (problem := step_problem(path)) is not None:
+            self._move_aside(manager, step, problem)
         if step not in manager.all_steps():
             manager.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.eval_params()),
@@ -101,7 +111,9 @@ class RunCheckpoints:
             _fault_point("write", step)
             manager.wait_until_finished()
             _fault_point("manifest", step)
-            manifest.write(path)
+            if distributed.is_primary():
+                manifest.write(path)
+            distributed.barrier(f"hrm_jax manifest {step}")  # the save is complete when it returns, everywhere
         logger.info("saved %s checkpoint %s", "best" if best else "periodic", path)
         return path
 
@@ -111,8 +123,17 @@ class RunCheckpoints:
             problem = step_problem(os.path.join(os.fspath(self.periodic.directory), str(step)))
             if problem is None:
                 return step
-            move_aside(self.periodic, step, problem)
+            self._move_aside(self.periodic, step, problem)
         return None
+
+    @staticmethod
+    def _move_aside(manager: ocp.CheckpointManager, step: int, problem: str) -> None:
+        """move_aside by process 0, after every process has read the step and before any reads the folder again."""
+        distributed.barrier(f"hrm_jax checked {step}")
+        if distributed.is_primary():
+            move_aside(manager, step, problem)
+        distributed.barrier(f"hrm_jax moved {step}")
+        manager.reload()
 
     def close(self) -> None:
         self.periodic.close()
@@ -311,7 +332,11 @@ def check_compatible(meta: dict[str, Any], run_config: RunConfig, total_steps: i
 def restore(path: str | os.PathLike, abstract_state: Any, *, run_config: RunConfig, total_steps: int,
             step: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Restores a TrainState (structure and shapes of `abstract_state`, e.g. from jax.eval_shape)
-    and its metadata. Refuses (CheckpointMismatchError) a checkpoint written with other configs."""
+    and its metadata. Refuses (CheckpointMismatchError) a checkpoint written with other configs.
+
+    Leaves of `abstract_state` that carry a sharding are restored with it: a checkpoint written by
+    any number of processes and devices restores onto this run's mesh, each process reading the
+    slices its devices hold."""
     manager, step, where = _resolve(path, step)
     meta = read_meta(where)
     check_compatible(meta, run_config, total_steps, where)
@@ -340,7 +365,10 @@ def load_params_for_eval(path: str | os.PathLike, step: int | None = None) -> tu
     meta = read_meta(where)
     config = runnable_here(saved_model_config(meta, where))
     init_params = saved_family(meta, where).init_params
-    abstract = jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0))
+    # On this process's first device, whatever the process and device count that wrote it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                            jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)))
     try:
         params = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract)))["params"]

@@ -108,7 +108,8 @@ def device_count(text: str) -> int | None:
 # Where a flag's name or type is not the field's own (kept so that existing command lines work).
 FLAG_NAMES = {"out_dir": "out"}
 FLAG_TYPES: dict[str, Callable[[str], Any]] = {"devices": device_count, "out_dir": str}
-_METAVARS = {"devices": "N|all", "out_dir": "DIR"}
+_METAVARS = {"devices": "N|all", "out_dir": "DIR", "coordinator": "HOST:PORT", "coordinator_timeout": "SECONDS",
+             "heartbeat_timeout": "SECONDS"}
 
 
 def _flag(name: str) -> str:

@@ -228,8 +228,9 @@ class LoopConfig:
     early_stop_exact: float | None = _field(None, "stop once a log window's training exact accuracy reaches this "
                                                   "(the reference README warns of late instability)")
     log_every: int = _field(10, "steps per metrics.jsonl train record (the mean over the window)")
-    devices: int | None = _field(1, "split each batch over N local GPUs (data parallel; None or 'all': every one); "
-                                    "the global and evaluation batch sizes must divide by N; results match one device")
+    devices: int | None = _field(1, "split each batch over N local GPUs (data parallel; None or 'all': every one; "
+                                    "a multi-process run uses N per process); the global and evaluation batch sizes "
+                                    "must divide by the total; results match one device")
     progress: bool = _field(True, "a tqdm bar (loss, token/exact accuracy, steps/s)")
     tensorboard: bool = _field(False, "also write TensorBoard scalars (needs tensorboard or tensorboardX)")
 

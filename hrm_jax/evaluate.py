@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from hrm_jax import parallel
 from hrm_jax.config import HRMConfig
@@ -143,30 +143,34 @@ def _parallel_rollout(mesh, config: HRMConfig, loss_type: str):
                                  out_specs=parallel.batch_spec(), check_vma=False))
 
 
-def _rollout_fn(config: HRMConfig, loss_type: str, mesh):
+def _rollout_fn(config: HRMConfig, loss_type: str, mesh, batch_size: int):
+    """(params, batch) -> per-row results on the device. With a mesh the batch is this process's rows of
+    the global batch (parallel.process_rows) and the results span the whole global batch."""
     if mesh is None:
         return lambda params, batch: rollout_jit(params, config, batch, loss_type=loss_type)
     run = _parallel_rollout(mesh, config, loss_type)
-    return lambda params, batch: run(params, parallel.put_batch(batch, mesh))
+    return lambda params, batch: run(params, parallel.put_batch(batch, mesh, batch_size))
 
 
 def _rows(params: Params, config: HRMConfig, split: PuzzleSplit, batch_size: int, loss_type: str,
           max_batches: int | None, keep_predictions: bool, mesh=None) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """(set_name, per-row numpy results of the real rows) per batch; padding rows dropped here.
-    Without keep_predictions the [B, seq_len] arrays are dropped at once (a large test set's
-    predictions take hundreds of MB)."""
-    run = _rollout_fn(config, loss_type, mesh)
+    Without keep_predictions the [B, seq_len] arrays are never fetched (a large test set's
+    predictions take hundreds of MB). In a multi-process run every process fetches the rows of all
+    processes (parallel.fetch), so that all reduce the same rows to the same metrics."""
+    run = _rollout_fn(config, loss_type, mesh, batch_size)
+    mine = slice(None) if mesh is None else parallel.process_rows(batch_size, mesh)
+    if mesh is not None:  # replicated over the mesh once, not per batch (host or one-device params)
+        params = parallel.place(params, NamedSharding(mesh, PartitionSpec()))
     for index, item in enumerate(eval_batches(split, batch_size)):
         if max_batches is not None and index >= max_batches:
             return
-        out = jax.device_get(run(params, item.batch))
-        keep = item.valid
-        rows = {k: np.asarray(v)[keep] for k, v in out.items()}
+        out = run(params, {k: v[mine] for k, v in item.batch.items()})
+        wanted = {k: v for k, v in out.items() if keep_predictions or k in ROW_METRICS or k == "has_labels"}
+        rows = {k: np.asarray(v)[item.valid] for k, v in parallel.fetch(wanted).items()}
         if keep_predictions:
             for key in ("inputs", "labels", "puzzle_identifiers"):
-                rows[key] = item.batch[key][keep]
-        else:
-            rows = {k: v for k, v in rows.items() if k in ROW_METRICS or k == "has_labels"}
+                rows[key] = item.batch[key][item.valid]
         yield item.set_name, rows
 
 
@@ -197,7 +201,9 @@ def evaluate(params: Params, model_config: HRMConfig, split: PuzzleSplit, batch_
       predictions, early_predictions, early_steps, q_halt_logits, q_continue_logits, set_name), as
       `(metrics, predictions)`.
     max_batches: stop after this many batches (a quick look at a large test set).
-    mesh: split each batch over these devices (hrm_jax.parallel.data_mesh; batch_size must divide).
+    mesh: split each batch over these devices (hrm_jax.parallel.data_mesh; batch_size must divide). In a
+      multi-process run every process calls evaluate with the same arguments, feeds its rows of each
+      batch, and gets the metrics of the whole split.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")

@@ -77,19 +77,27 @@ def truncate_metrics(path: str | os.PathLike, after_step: int) -> int:
 
 class MetricsLogger:
     """Appends records to `<out_dir>/metrics.jsonl` (flushed per record) and mirrors them to
-    TensorBoard when asked. `plot()` redraws `<out_dir>/curves.png` from the whole file."""
+    TensorBoard when asked. `plot()` redraws `<out_dir>/curves.png` from the whole file.
 
-    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = False) -> None:
+    active=False: writes nothing (the processes other than process 0 of a multi-process run, which
+    compute the same records)."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = False, active: bool = True) -> None:
         self.out_dir = os.fspath(out_dir)
-        os.makedirs(self.out_dir, exist_ok=True)
         self.path = os.path.join(self.out_dir, METRICS_FILE)
         self.plot_path = os.path.join(self.out_dir, PLOT_FILE)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._writer = _tensorboard_writer(os.path.join(self.out_dir, "tensorboard")) if tensorboard else None
+        self.active = active
+        self._file, self._writer = None, None
+        if active:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._writer = _tensorboard_writer(os.path.join(self.out_dir, "tensorboard")) if tensorboard else None
 
     def log(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
         """Writes one record; metric values are converted to Python floats. Returns the record."""
         record = {"step": int(step), "split": split, "metrics": {k: _to_float(v) for k, v in metrics.items()}}
+        if not self.active:
+            return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._writer is not None:
@@ -100,11 +108,13 @@ class MetricsLogger:
 
     def plot(self) -> str:
         """Redraws the PNG from metrics.jsonl; returns its path."""
-        plot_curves(read_metrics(self.path), self.plot_path)
+        if self.active:
+            plot_curves(read_metrics(self.path), self.plot_path)
         return self.plot_path
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._writer is not None:
             self._writer.close()
 

@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from hrm_jax import checkpoint as ckpt
-from hrm_jax import parallel, run_dir
+from hrm_jax import distributed, parallel, run_dir
 from hrm_jax.config import HRMConfig, LoopConfig, OptimConfig, RunConfig
 from hrm_jax.data.format import PuzzleSplit, load_split
 from hrm_jax.data.sampler import TrainSampler
@@ -83,9 +83,9 @@ _fresh_state_jit = jax.jit(_fresh_state, static_argnums=(0, 1, 2))
 
 
 def on_default_device(tree: Any) -> Any:
-    """Commits every array to the default device. Restored checkpoints come back committed; a fresh
-    state must match, or train_step's jit cache misses and it compiles a second time."""
-    return jax.device_put(tree, jax.devices()[0])
+    """Commits every array to this process's first device. Restored checkpoints come back committed; a
+    fresh state must match, or train_step's jit cache misses and it compiles a second time."""
+    return jax.device_put(tree, jax.local_devices()[0])
 
 
 def init_train_state(model_config: HRMConfig, train_config: OptimConfig, total_steps: int) -> TrainState:
@@ -161,11 +161,26 @@ def state_specs(state: TrainState) -> TrainState:
     return specs.replace(carry=jax.tree.map(lambda _: parallel.batch_spec(), state.carry))
 
 
+def state_shardings(state: TrainState, mesh) -> TrainState:
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def put_state(state: TrainState, mesh) -> TrainState:
-    """Places a state on the mesh (replicas and carry shards)."""
-    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), state_specs(state),
-                             is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return jax.device_put(state, shardings)
+    """Places a state on the mesh (replicas and carry shards). In a multi-process run every process
+    passes the same values (a fresh state from the same seed) and keeps the shards its devices hold."""
+    return parallel.place(state, state_shardings(state, mesh))
+
+
+def restore_target(abstract: TrainState, mesh) -> TrainState:
+    """abstract_train_state with the shardings a restored state takes: this run's mesh (whatever mesh wrote
+    the checkpoint), or without one this process's first device."""
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.local_devices()[0]), abstract)
+    else:
+        shardings = state_shardings(abstract, mesh)
+    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        abstract, shardings)
 
 
 @functools.cache
@@ -185,12 +200,13 @@ def parallel_train_step(mesh, model_config: HRMConfig, train_config: OptimConfig
 
 def step_function(model_config: HRMConfig, train_config: OptimConfig, total_steps: int, mesh=None):
     """(state, batch) -> (state, metrics): train_step, or with a mesh parallel_train_step with the
-    batch split onto the mesh (the state must be placed by put_state)."""
+    batch split onto the mesh (the state must be placed by put_state; the batch holds this process's
+    rows, parallel.process_rows)."""
     if mesh is None:
         return functools.partial(train_step, model_config=model_config, train_config=train_config,
                                  total_steps=total_steps)
     step = parallel_train_step(mesh, model_config, train_config, total_steps)
-    return lambda state, batch: step(state, parallel.put_batch(batch, mesh))
+    return lambda state, batch: step(state, parallel.put_batch(batch, mesh, train_config.global_batch_size))
 
 
 # The loop --------------------------------------------------------------------------------------
@@ -234,8 +250,15 @@ def _eval_every(loop: LoopConfig, optim: OptimConfig, meta) -> int | None:
     return max(1, int(optim.eval_interval * steps_per_epoch))
 
 
+# `stopped_by` on the processes of a multi-process run that did not receive the stop signal themselves.
+PEER_STOP = "a signal to another process"
+
+
 class _Run:
-    """Host-side bookkeeping of one call to `train`: logger, checkpoints, evaluation, best score."""
+    """Host-side bookkeeping of one call to `train`: logger, checkpoints, evaluation, best score.
+
+    In a multi-process run every process holds one: they make the same decisions and the same
+    collective calls in the same order; only process 0 writes logs, plots and run-folder changes."""
 
     def __init__(self, config: RunConfig, total_steps: int, eval_data: PuzzleSplit | None, mesh) -> None:
         self.config, self.total_steps = config, total_steps
@@ -260,7 +283,10 @@ class _Run:
         loop = self.config.loop
         previous = run_dir.describe(self.out_dir)
         if loop.restart and previous:
-            run_dir.move_aside(self.out_dir)
+            distributed.barrier("hrm_jax restart")  # every process has looked before process 0 moves it
+            if distributed.is_primary():
+                run_dir.move_aside(self.out_dir)
+            distributed.barrier("hrm_jax restarted")
             previous = []
         self.checkpoints = ckpt.RunCheckpoints(self.out_dir, max_to_keep=loop.keep_checkpoints)
         latest = self.checkpoints.latest_step()
@@ -275,22 +301,24 @@ class _Run:
                                 "resume=True (--resume) to continue that run, restart=True (--restart) to move it "
                                 "aside, or choose a new out_dir")
         if latest is None:
-            self.log = MetricsLogger(self.out_dir, tensorboard=loop.tensorboard)
+            self.log = self._open_log()
             if loop.resume:
                 logger.info("resume: %s is empty, starting a new run", self.out_dir)
             return init_train_state(self.model_config, self.train_config, self.total_steps)
-        state, meta = ckpt.restore(
-            os.path.join(self.out_dir, ckpt.PERIODIC_DIR),
-            abstract_train_state(self.model_config, self.train_config, self.total_steps),
-            run_config=self.config, total_steps=self.total_steps, step=latest)
+        abstract = abstract_train_state(self.model_config, self.train_config, self.total_steps)
+        state, meta = ckpt.restore(os.path.join(self.out_dir, ckpt.PERIODIC_DIR), restore_target(abstract, self.mesh),
+                                   run_config=self.config, total_steps=self.total_steps, step=latest)
         sampler.restore(meta["sampler"])
         best = meta.get("best_exact_accuracy")
         self.best_exact = -math.inf if best is None else float(best)
         self.restored_window = list(meta.get("log_window") or [])
-        dropped = truncate_metrics(self.metrics_path, int(meta["step"]))
+        dropped = truncate_metrics(self.metrics_path, int(meta["step"])) if distributed.is_primary() else 0
         logger.info("resumed at step %d (%d later log records dropped)", meta["step"], dropped)
-        self.log = MetricsLogger(self.out_dir, tensorboard=loop.tensorboard)
+        self.log = self._open_log()
         return state
+
+    def _open_log(self) -> MetricsLogger:
+        return MetricsLogger(self.out_dir, tensorboard=self.config.loop.tensorboard, active=distributed.is_primary())
 
     def meta(self, step: int, sampler: TrainSampler, window: list | None = None) -> dict[str, Any]:
         """Checkpoint metadata; `window`: the per-step metrics of the log window not yet written, so
@@ -304,12 +332,27 @@ class _Run:
         self.checkpoints.save(state, self.meta(step, sampler, window))
         self.last_save = time.monotonic()
 
-    def save_due(self, step: int, evaluated: bool) -> bool:
-        """A periodic checkpoint: at every evaluation, every checkpoint_every steps, or checkpoint_minutes
-        after the last one."""
+    def save_due(self, step: int, evaluated: bool, timed: bool) -> bool:
+        """A periodic checkpoint: at every evaluation, every checkpoint_every steps, or when `timed` (decide)."""
+        loop = self.config.loop
+        return evaluated or timed or (loop.checkpoint_every is not None and step % loop.checkpoint_every == 0)
+
+    def decide(self, window_closed: bool, requested: str | None, early: bool) -> tuple[str | None, bool, bool]:
+        """(stop signal, timed checkpoint due, early stop) after a step, the same on every process.
+
+        One process acts on a stop signal at the next step and on the clock (checkpoint_minutes after the
+        last save) at once. Several processes agree at the end of each log window (steps every process
+        knows, and where the host waits for the device anyway): a signal any process received, a clock any
+        process saw run out, or an early stop any process measured, is acted on by all at that step.
+        """
         loop = self.config.loop
         timed = bool(loop.checkpoint_minutes) and time.monotonic() - self.last_save >= 60 * loop.checkpoint_minutes
-        return evaluated or timed or (loop.checkpoint_every is not None and step % loop.checkpoint_every == 0)
+        if not distributed.multi_process():
+            return requested, timed, early
+        if not window_closed:
+            return None, False, False
+        stop, timed, early = distributed.agree_any([requested is not None, timed, early])
+        return (requested or PEER_STOP) if stop else None, timed, early
 
     def evaluate(self, state: TrainState, step: int, sampler: TrainSampler) -> dict[str, float] | None:
         """Evaluates, logs every group of results, redraws the plot, saves the best checkpoint."""
@@ -343,7 +386,14 @@ def train(config: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
     another path. Periodic checkpoints are written at every evaluation, every loop.checkpoint_every
     steps, at least every loop.checkpoint_minutes, at the last step, and when SIGTERM or SIGINT
     stops the run (the step in flight completes and is saved; "stopped_by" names the signal).
-    Returns {"step", "total_steps", "stopped_early", "stopped_by" (None, "SIGTERM" or "SIGINT"), "train"
+
+    Multi-process (after hrm_jax.distributed.initialize, every process calling train with the same
+    arguments): one mesh over loop.devices devices of every process, each process feeding its rows of
+    every global batch; only process 0 writes metrics.jsonl, the plot and the progress bar, and orbax
+    writes each checkpoint once. Stop signals, timed checkpoints and early stops take effect at the end
+    of a log window (every loop.log_every steps), the same step on every process; "stopped_by" is
+    PEER_STOP on processes that did not receive the signal themselves.
+    Returns {"step", "total_steps", "stopped_early", "stopped_by" (None, "SIGTERM", "SIGINT" or PEER_STOP), "train"
     (last logged train metrics), "eval" (last eval metrics of the whole split), "best_exact_accuracy", "state" (the
     final TrainState), "config" (the RunConfig as run, out_dir a string), "paths"}.
     """
@@ -361,9 +411,13 @@ def train(config: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
         raise TrainingError(f"total_steps is {total_steps}: the data gives less than one batch; raise epochs "
                             "or lower global_batch_size")
     mesh = _mesh(loop.devices, optim, loop.eval_batch_size)
+    if distributed.multi_process():
+        _check_same_run(config, train_split)
     # The reference's loader draws eval_interval epochs per iteration before dropping a short batch.
+    # Each process collates only its rows of every global batch.
     sampler = TrainSampler(train_split, optim.global_batch_size, optim.seed,
-                           epochs_per_iter=optim.eval_interval or optim.epochs)
+                           epochs_per_iter=optim.eval_interval or optim.epochs,
+                           rows=slice(None) if mesh is None else parallel.process_rows(optim.global_batch_size, mesh))
     run = _Run(config, total_steps, _load_eval_split(data_dir, loop.eval_split, config.model), mesh)
     try:
         return _loop(run, sampler, _eval_every(loop, optim, meta))
@@ -372,8 +426,9 @@ def train(config: RunConfig, data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _mesh(num_devices: int | None, optim: OptimConfig, eval_batch_size: int | None):
-    """None for one device (the plain jitted step), else the data-parallel mesh, checked against the batches."""
-    if num_devices == 1:
+    """None for one device (the plain jitted step), else the data-parallel mesh (every process's
+    `num_devices` first local devices), checked against the batches."""
+    if num_devices == 1 and not distributed.multi_process():
         if len(jax.local_devices()) > 1:
             logger.info("%d devices visible, training on one; devices (--devices) splits batches over them",
                         len(jax.local_devices()))
@@ -384,8 +439,25 @@ def _mesh(num_devices: int | None, optim: OptimConfig, eval_batch_size: int | No
         parallel.check_divisible(eval_batch_size or optim.global_batch_size, mesh, "eval batch size")
     except parallel.ParallelError as err:
         raise TrainingError(str(err)) from None
-    logger.info("data parallel over %d devices", mesh.size)
+    logger.info("data parallel over %s", parallel.describe(mesh))
     return mesh
+
+
+# What must be the same on every process: everything but where the files go and process 0's own output.
+_PER_PROCESS_LOOP_FIELDS = ("out_dir", "progress", "tensorboard")
+
+
+def _check_same_run(config: RunConfig, train_split: PuzzleSplit) -> None:
+    """Refuses (on every process) a multi-process run whose processes were given different settings or data."""
+    meta = train_split.metadata
+    differing = distributed.first_differing({
+        "model": config.model.to_dict(), "optim": config.optim.to_dict(),
+        "loop": {k: v for k, v in config.loop.to_dict().items() if k not in _PER_PROCESS_LOOP_FIELDS},
+        "data": [repr(meta), [int(train_split.sets[name].num_examples) for name in meta.sets]]})
+    if differing is not None:
+        raise TrainingError(f"process {differing} was started with other settings or data than process 0 (model, "
+                            "optimizer, loop flags or the training split differ): start every process with the same "
+                            "command, only --process-id differing")
 
 
 def _loop(run: _Run, sampler: TrainSampler, eval_every: int | None) -> dict[str, Any]:
@@ -396,17 +468,19 @@ def _loop(run: _Run, sampler: TrainSampler, eval_every: int | None) -> dict[str,
         state = put_state(state, run.mesh)
     step = int(jax.device_get(state.step))
     step_fn = step_function(run.model_config, run.train_config, run.total_steps, run.mesh)
-    bar = tqdm(total=run.total_steps, initial=step, unit="step", disable=not loop.progress, dynamic_ncols=True)
-    window, train_metrics, eval_metrics, stopped_early = run.restored_window, None, None, False
+    bar = tqdm(total=run.total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (loop.progress and distributed.is_primary()))
+    window, train_metrics, eval_metrics, stopped_early, stop = run.restored_window, None, None, False, None
     start = tick = time.perf_counter()
     run.last_save = time.monotonic()
     with StopSignals() as signals:
-        while step < stop_at and not stopped_early and signals.requested is None:
+        while step < stop_at and not stopped_early and stop is None:
             state, metrics = step_fn(state, sampler.next_batch())
             step += 1
             window.append(metrics)
             last = step == stop_at
-            if step % loop.log_every == 0 or last:
+            closed = step % loop.log_every == 0 or last
+            if closed:
                 train_metrics = _window_mean(jax.device_get(window))
                 now = time.perf_counter()
                 # Training throughput of the window (evaluation and checkpoint time excluded: `tick` restarts
@@ -420,19 +494,20 @@ def _loop(run: _Run, sampler: TrainSampler, eval_every: int | None) -> dict[str,
                 bar.update(len(window))
                 window = []
                 stopped_early = _reached(loop.early_stop_exact, train_metrics, step)
+            stop, timed, stopped_early = run.decide(closed, signals.requested, stopped_early)
             evaluated = last or stopped_early or (eval_every is not None and step % eval_every == 0)
             if evaluated:
                 eval_metrics = run.evaluate(state, step, sampler) or eval_metrics
-            if evaluated or signals.requested is not None or run.save_due(step, evaluated):
+            if evaluated or stop is not None or run.save_due(step, evaluated, timed):
                 run.save(state, step, sampler, window)
             if not window:  # a window just closed: time the next one from after any evaluation/checkpoint
                 tick = time.perf_counter()
     bar.close()
-    if signals.requested is not None:
-        logger.warning("stopped by %s at step %d; continue with resume=True (--resume)", signals.requested, step)
+    if stop is not None:
+        logger.warning("stopped by %s at step %d; continue with resume=True (--resume)", stop, step)
     if run.log is not None and os.path.exists(run.metrics_path):
         run.log.plot()
-    return {**_summary(run, state, step, stopped_early, train_metrics, eval_metrics), "stopped_by": signals.requested}
+    return {**_summary(run, state, step, stopped_early, train_metrics, eval_metrics), "stopped_by": stop}
 
 
 def _reached(early_stop_exact: float | None, train_metrics: dict[str, float], step: int) -> bool:

@@ -118,10 +118,15 @@ class TrainSampler:
     "puzzle_identifiers": int32 [B]}. The next batch is drawn one step ahead, so `epoch` (epochs
     completed before the next batch) advances as soon as the last batch of an epoch is taken.
     With several sets, an iteration passes over each set in metadata order.
+
+    rows: the rows of every global batch to collate (a multi-process run: this process's block,
+    hrm_jax.parallel.process_rows). Every draw is still made for the whole global batch, so the
+    generator, `state()` and each row's content are the same in every process and for any `rows`.
     """
 
     def __init__(self, split: PuzzleSplit, global_batch_size: int, seed: int, set_name: str | None = None,
-                 *, epochs_per_iter: int = 1):
+                 *, epochs_per_iter: int = 1, rows: slice = slice(None)):
+        self._rows = rows
         self._batch_size = _positive_int(global_batch_size, "global_batch_size")
         self._epochs_per_iter = _positive_int(epochs_per_iter, "epochs_per_iter")
         if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
@@ -175,7 +180,7 @@ class TrainSampler:
 
     def next_batch(self) -> dict[str, np.ndarray]:
         _, pset, examples, puzzles = self._pending
-        batch = collate(pset, self._meta, examples, puzzles)
+        batch = collate(pset, self._meta, examples[self._rows], puzzles[self._rows])
         self._prepare()
         return batch
 
