@@ -122,6 +122,11 @@ class HRMConfig:
         return -(-self.puzzle_emb_ndim // self.hidden_size)
 
     @property
+    def num_puzzle_slots(self) -> int:
+        """The same number under the name TRMConfig gives it, for code that serves both families."""
+        return self.puzzle_emb_len
+
+    @property
     def total_seq_len(self) -> int:
         """Length of the hidden state sequence: puzzle slots + tokens."""
         return self.seq_len + self.puzzle_emb_len

@@ -83,7 +83,7 @@ def test_block_matches_numpy_reference(mlp_t, pos):
     dense = randomized_params(cfg, seed=4)["dense"]
     h = jnp.asarray(np.random.default_rng(5).normal(size=(2, cfg.total_seq_len, 32)), jnp.float32)
     cos_sin = trm._cos_sin(cfg)
-    got = jax.jit(trm.TRMBlock(cfg).apply)({"params": dense["L_level"]["layers_0"]}, h, cos_sin)
+    got = jax.jit(trm.block_class(cfg)(cfg).apply)({"params": dense["L_level"]["layers_0"]}, h, cos_sin)
     want = ref.block(cfg, np.asarray(h, np.float64), to_f64(dense["L_level"]["layers_0"]), ref.rope_for(cfg))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
