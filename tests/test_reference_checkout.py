@@ -34,12 +34,12 @@ import hrm_jax as H  # noqa: E402
 from benchmarks.reference_trainer import ReferenceTrainer  # noqa: E402
 from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
 from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig  # noqa: E402
+from tests.model_helpers import random_batch  # noqa: E402
 from tests.test_export_torch import (  # noqa: E402
     JAX_STEP,
     PARITY_BATCH,
     PARITY_RTOL,
     VARIANTS,
-    random_batch,
     random_params,
     rel_err,
     small_config,

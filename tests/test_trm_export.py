@@ -19,6 +19,8 @@ from export.convert import (  # noqa: E402
 from export.trm_torch_model import TRMTorch, torch_module  # noqa: E402
 from hrm_jax import trm  # noqa: E402
 from hrm_jax.presets import TRM_MODEL_PRESETS, trm_tiny  # noqa: E402
+from tests.model_helpers import random_batch  # noqa: E402
+from tests.test_export_torch import rel_err  # noqa: E402
 
 PARITY_RTOL = 1e-5
 SEGMENTS = 3
@@ -44,18 +46,6 @@ def random_params(cfg, seed=0):
         return rng.normal(0, 0.3, x.shape).astype(np.float32) if np.all(x == x.flat[0]) else x
 
     return jax.tree.map(fill, params)
-
-
-def random_batch(cfg, batch_size, seed):
-    rng = np.random.default_rng(seed)
-    return {"inputs": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)).astype(np.int32),
-            "labels": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)).astype(np.int32),
-            "puzzle_identifiers": rng.integers(0, cfg.num_puzzle_identifiers, (batch_size,)).astype(np.int32)}
-
-
-def rel_err(got, want):
-    got = got.detach().float().numpy() if isinstance(got, torch.Tensor) else np.asarray(got, np.float32)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def loaded(cfg, params):

@@ -33,6 +33,8 @@ from benchmarks.reference_trainer import ReferenceTrainer  # noqa: E402
 from export.convert import from_torch_state_dict  # noqa: E402
 from hrm_jax import trm  # noqa: E402
 from hrm_jax.config import TrainConfig  # noqa: E402
+from tests.model_helpers import random_batch  # noqa: E402
+from tests.test_export_torch import rel_err  # noqa: E402
 from tests.test_torch_train_step import (  # noqa: E402
     METRIC_RTOL,
     assert_trained_params_match,
@@ -40,7 +42,7 @@ from tests.test_torch_train_step import (  # noqa: E402
     train_jax,
     train_torch,
 )
-from tests.test_trm_export import PARITY_RTOL, VARIANTS, random_batch, random_params, rel_err, small_config  # noqa: E402
+from tests.test_trm_export import PARITY_RTOL, VARIANTS, random_params, small_config  # noqa: E402
 
 REFERENCE_DIR = os.environ.get("TRM_REFERENCE_DIR")
 pytestmark = pytest.mark.skipif(
