@@ -54,6 +54,13 @@ def require(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+def swiglu_width(expansion: float, features: int) -> int:
+    """The reference's SwiGLU inner width for `features` wide inputs: round(expansion * features * 2/3), rounded
+    up to a multiple of 256 (models/layers.py `_find_multiple`)."""
+    inter = round(expansion * features * 2 / 3)
+    return -(-inter // 256) * 256
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -146,8 +153,7 @@ class HRMConfig:
     @property
     def intermediate_size(self) -> int:
         """SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
-        inter = round(self.expansion * self.hidden_size * 2 / 3)
-        return -(-inter // 256) * 256
+        return swiglu_width(self.expansion, self.hidden_size)
 
     def replace(self, **changes: Any) -> HRMConfig:
         return dataclasses.replace(self, **changes)

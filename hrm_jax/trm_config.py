@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from hrm_jax.config import check_model_fields, require
+from hrm_jax.config import check_model_fields, require, swiglu_width
 
 TRM_POS_ENCODINGS = ("rope", "learned", "none")
 # Keys of a reference arch section that are not architecture (see `TRMConfig.from_reference_arch`).
@@ -91,12 +91,12 @@ class TRMConfig:
     @property
     def intermediate_size(self) -> int:
         """Channel SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
-        return _swiglu_width(self.expansion, self.hidden_size)
+        return swiglu_width(self.expansion, self.hidden_size)
 
     @property
     def sequence_intermediate_size(self) -> int:
         """Width of the mlp_t SwiGLU, which mixes the total_seq_len positions."""
-        return _swiglu_width(self.expansion, self.total_seq_len)
+        return swiglu_width(self.expansion, self.total_seq_len)
 
     def replace(self, **changes: Any) -> TRMConfig:
         return dataclasses.replace(self, **changes)
@@ -110,8 +110,3 @@ class TRMConfig:
         fields = {k: v for k, v in arch.items() if k not in _REFERENCE_NON_ARCH_KEYS}
         fields.update(task)
         return cls(**fields)
-
-
-def _swiglu_width(expansion: float, features: int) -> int:
-    inter = round(expansion * features * 2 / 3)
-    return -(-inter // 256) * 256
