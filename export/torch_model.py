@@ -265,8 +265,8 @@ class SolveOutput(NamedTuple):
 class HRMACT(nn.Module):
     """The ACT wrapper (the reference's HierarchicalReasoningModel_ACTV1) in eval mode.
 
-    A family supplies its segment as `inner_class` (same forward signature) and its Q-head halting
-    rule as `halts` (export/trm_torch_model.py: TRM)."""
+    A family supplies its segment as `inner_class` (same forward signature; export/trm_torch_model.py: TRM);
+    the Q-head halting rule is its config's `halts`."""
 
     inner_class: type[nn.Module] = HRMInner
 
@@ -276,8 +276,9 @@ class HRMACT(nn.Module):
         self.inner = self.inner_class(config, dtype)
 
     def halts(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
-        """The training-time halting rule without exploration (hrm_act_v1.py): q_halt > q_continue."""
-        return q_halt > q_continue
+        """The training-time halting rule without exploration: the family's, `config.halts` (HRMConfig.halts:
+        q_halt > q_continue, as hrm_act_v1.py)."""
+        return self.config.halts(q_halt, q_continue)
 
     def act_step(self, z_H, z_L, steps, halted, inputs, puzzle_identifiers,
                  new_inputs: torch.Tensor | None = None, new_puzzle_identifiers: torch.Tensor | None = None):

@@ -56,13 +56,10 @@ class TRMInner(ACTInner):
 
 
 class TRMACT(HRMACT):
-    """The ACT wrapper (the reference's TinyRecursiveReasoningModel_ACTV1) in eval mode."""
+    """The ACT wrapper (the reference's TinyRecursiveReasoningModel_ACTV1) in eval mode; it halts by
+    TRMConfig.halts (q_halt > 0 with no_ACT_continue)."""
 
     inner_class = TRMInner
-
-    def halts(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
-        """trm.py: q_halt > 0 with no_ACT_continue, else q_halt > q_continue."""
-        return q_halt > 0 if self.config.no_ACT_continue else q_halt > q_continue
 
 
 class TRMTorch(HRMTorch):

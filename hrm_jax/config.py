@@ -155,6 +155,11 @@ class HRMConfig:
         """SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
         return swiglu_width(self.expansion, self.hidden_size)
 
+    def halts(self, q_halt_logits: Any, q_continue_logits: Any) -> Any:
+        """Where the Q head asks to stop, without exploration (hrm_act_v1.py): q_halt > q_continue. Elementwise on
+        jax, torch or NumPy arrays alike, so that every backend applies this one rule."""
+        return q_halt_logits > q_continue_logits
+
     def replace(self, **changes: Any) -> HRMConfig:
         return dataclasses.replace(self, **changes)
 

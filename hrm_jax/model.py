@@ -6,7 +6,8 @@ hashable dataclass and can be a static argument of `jax.jit`. Numerics follow th
 
 TRM (hrm_jax/trm.py) is built from this module's parts: the embeddings and heads (`ACTInner`), the block
 stack (`ReasoningModule`), the carry and its refresh, and the parameter init, segment and ACT wrapper,
-which take a family's own parts (inner module, recurrence, halting rule) as arguments, HRM's by default.
+which take a family's own parts (inner module, recurrence) as arguments, HRM's by default; the halting rule
+is the config's (`halts`).
 
 params = {"dense":  Flax params trained by AdamATan2,
           "buffers": {"H_init": f32[hidden], "L_init": f32[hidden]}  (fixed, saved, never trained),
@@ -255,13 +256,14 @@ def segment_forward(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_r
 
 
 def halt_signal(config: HRMConfig, q_halt_logits: jax.Array, q_continue_logits: jax.Array) -> jax.Array:
-    """Where the Q head asks to stop (without exploration): q_halt > q_continue."""
-    return q_halt_logits > q_continue_logits
+    """Where the Q head asks to stop (without exploration): the family's rule, `config.halts` (HRM: q_halt >
+    q_continue; TRM: q_halt > 0 under no_ACT_continue)."""
+    return config.halts(q_halt_logits, q_continue_logits)
 
 
 def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array,
                 rng: jax.Array | None, *, train: bool, axis_name: str | None = None,
-                forward: Callable[..., Any] = segment_forward, halts: Callable[..., Any] = halt_signal,
+                forward: Callable[..., Any] = segment_forward,
                 target_q: bool = True) -> tuple[ACTCarry, dict[str, jax.Array]]:
     """One ACT segment on a refreshed carry. Differentiable w.r.t. params["dense"] and puzzle_rows.
 
@@ -269,8 +271,8 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
     q_halt_logits / q_continue_logits f32[B], and when training target_q_continue f32[B].
     axis_name: inside shard_map over the batch (hrm_jax.parallel), the mesh axis; exploration is
     then drawn for the global batch and this device's rows are taken from it.
-    forward, halts, target_q: the family's segment_forward and halting rule, and whether training
-    bootstraps a target Q (TRM's no_ACT_continue turns it off); the defaults are HRM's.
+    forward, target_q: the family's segment_forward, and whether training bootstraps a target Q (TRM's
+    no_ACT_continue turns it off); the defaults are HRM's. Halting follows the config's rule (halt_signal).
     """
     z_H, z_L, logits, q_logits = forward(params, config, carry, puzzle_rows)
     z_H, z_L = jax.lax.stop_gradient(z_H), jax.lax.stop_gradient(z_L)
@@ -283,7 +285,7 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
         if rng is None:
             raise ValueError("act_segment(train=True) needs an rng key for halting exploration")
         q_halt, q_cont = jax.lax.stop_gradient(q_logits[:, 0]), jax.lax.stop_gradient(q_logits[:, 1])
-        halted = halted | halts(config, q_halt, q_cont)
+        halted = halted | halt_signal(config, q_halt, q_cont)
         halted = halted & (steps >= min_halt_steps(config, rng, steps.shape[0], axis_name))
         if target_q:
             # Target Q from a second full inner forward on the new carry, without gradient (the

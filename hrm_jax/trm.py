@@ -40,6 +40,7 @@ from hrm_jax.model import (
     ReasoningModule,
     count_params,
     gather_puzzle_rows,
+    halt_signal,
     initial_carry,
     refresh_carry,
 )
@@ -158,23 +159,16 @@ def segment_forward(params: Params, config: TRMConfig, carry: ACTCarry, puzzle_r
     return model.segment_forward(params, config, carry, puzzle_rows, inner=TRMInner, recurrence=inner_forward)
 
 
-def halt_signal(config: TRMConfig, q_halt_logits: jax.Array, q_continue_logits: jax.Array) -> jax.Array:
-    """Where the Q head asks to stop: q_halt > 0 with no_ACT_continue, else q_halt > q_continue (HRM's)."""
-    if config.no_ACT_continue:
-        return q_halt_logits > 0
-    return model.halt_signal(config, q_halt_logits, q_continue_logits)
-
-
 def act_segment(params: Params, config: TRMConfig, carry: ACTCarry, puzzle_rows: jax.Array,
                 rng: jax.Array | None, *, train: bool,
                 axis_name: str | None = None) -> tuple[ACTCarry, dict[str, jax.Array]]:
-    """One ACT segment on a refreshed carry: hrm_jax.model.act_segment with TRM's forward and halting rule.
+    """One ACT segment on a refreshed carry: hrm_jax.model.act_segment with TRM's forward (and TRMConfig.halts).
 
     Outputs: logits, q_halt_logits, q_continue_logits; target_q_continue only when training with
     no_ACT_continue=False (so hrm_jax.losses.act_loss adds the continue loss only then).
     """
     return model.act_segment(params, config, carry, puzzle_rows, rng, train=train, axis_name=axis_name,
-                             forward=segment_forward, halts=halt_signal, target_q=not config.no_ACT_continue)
+                             forward=segment_forward, target_q=not config.no_ACT_continue)
 
 
 def act_step(params: Params, config: TRMConfig, carry: ACTCarry, batch: Batch, rng: jax.Array | None,

@@ -98,6 +98,13 @@ class TRMConfig:
         """Width of the mlp_t SwiGLU, which mixes the total_seq_len positions."""
         return swiglu_width(self.expansion, self.total_seq_len)
 
+    def halts(self, q_halt_logits: Any, q_continue_logits: Any) -> Any:
+        """Where the Q head asks to stop, without exploration (trm.py): q_halt > 0 with no_ACT_continue, else
+        HRM's q_halt > q_continue. Elementwise on jax, torch or NumPy arrays alike (every backend's one rule)."""
+        if self.no_ACT_continue:
+            return q_halt_logits > 0
+        return q_halt_logits > q_continue_logits
+
     def replace(self, **changes: Any) -> TRMConfig:
         return dataclasses.replace(self, **changes)
 

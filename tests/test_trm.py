@@ -9,7 +9,7 @@ import pytest
 
 from hrm_jax import trm
 from hrm_jax.config import ConfigError
-from hrm_jax.presets import TRM_MODEL_PRESETS, trm_tiny
+from hrm_jax.presets import TRM_MODEL_PRESETS, tiny, trm_tiny
 from hrm_jax.trm_config import TRMConfig
 from tests import trm_numpy_reference as ref
 from tests.model_helpers import exploration_halting_steps, random_batch, randomized_params, set_q_bias
@@ -205,6 +205,19 @@ def test_with_act_continue_halts_on_q_comparison_and_bootstraps_target():
     *_, next_q = jax.jit(trm.segment_forward, static_argnums=1)(params, cfg, carry, rows)  # from the new carry
     expected = jax.nn.sigmoid(np.maximum(next_q[:, 0], next_q[:, 1]))  # step 1 of 2: not the last
     np.testing.assert_allclose(out["target_q_continue"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("no_act_continue", [True, False])
+def test_halting_rule_of_the_config_on_numpy_and_jax(no_act_continue):
+    """TRMConfig.halts, which every backend applies (jax act_segment and rollout, the torch module, the ONNX host
+    loop): q_halt > 0 under no_ACT_continue, else HRM's q_halt > q_continue, elementwise on any array type."""
+    cfg = _act_cfg(no_ACT_continue=no_act_continue)
+    q_halt, q_cont = np.array([0.5, 0.5, -0.5, -0.5, 0.0]), np.array([3.0, -3.0, -3.0, 3.0, -1.0])
+    want = [True, True, False, False, False] if no_act_continue else [False, True, True, False, True]
+    assert cfg.halts(q_halt, q_cont).tolist() == want
+    assert np.asarray(jax.jit(cfg.halts)(jnp.asarray(q_halt), jnp.asarray(q_cont))).tolist() == want
+    hrm = tiny()
+    assert hrm.halts(q_halt, q_cont).tolist() == [False, True, True, False, True]
 
 
 def test_eval_always_runs_halt_max_steps():
