@@ -88,9 +88,7 @@ def segment(inner: HRMInner, z_H, z_L, inputs, puzzle_identifiers, puzzle_rows):
                 z_H = inner.H_level(z_H, z_L, cos_sin)
     z_L = inner.L_level(z_L, z_H + x, cos_sin)
     z_H = inner.H_level(z_H, z_L, cos_sin)
-    logits = inner.lm_head(z_H)[:, cfg.puzzle_emb_len:]
-    q = inner.q_head(z_H[:, 0]).to(torch.float32)
-    return z_H, z_L, logits, q[:, 0], q[:, 1]
+    return z_H, z_L, *inner.heads(z_H)
 
 
 def forward_and_loss(inner: HRMInner, carry: TorchCarry, puzzle_rows: torch.Tensor, global_batch_size: int):

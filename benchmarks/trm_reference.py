@@ -1,4 +1,5 @@
-"""Import the TRM reference's own modules from a checkout of SamsungSAILMontreal/TinyRecursiveModels.
+"""Import the TRM reference's own modules from a checkout of SamsungSAILMontreal/TinyRecursiveModels, and
+build its model holding hrm_jax parameters (`model`).
 
 For tests/test_trm_reference_checkout.py and benchmarks/trm_train_step.py. Only these files of the
 checkout are imported: models/recursive_reasoning/trm.py, models/layers.py, models/common.py,
@@ -18,6 +19,9 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from typing import Any
+
+from hrm_jax.config import IMPLEMENTATION_FIELDS
 
 REQUIRED_FILE = Path("models") / "recursive_reasoning" / "trm.py"
 _MODULES = {"trm": "models.recursive_reasoning.trm", "losses": "models.losses",
@@ -69,3 +73,19 @@ def load(reference_dir: str | Path, *, keep: bool = False) -> types.SimpleNamesp
             if stand_in:
                 del sys.modules["pydantic"]
     return types.SimpleNamespace(**loaded, stand_in=stand_in)
+
+
+def model(ref: types.SimpleNamespace, config: Any, params: Any, batch_size: int, device: str = "cpu"):
+    """The checkout's ACTLossHead(TinyRecursiveReasoningModel_ACTV1) for TRMConfig `config`, holding hrm_jax
+    `params` (export.convert), on `device`. Its config dict is ours: TRMConfig's fields carry its names; the
+    kernel choices are hrm_jax's alone."""
+    import torch  # noqa: PLC0415  (torch is optional for the JAX side of benchmarks/trm_train_step.py)
+
+    from export.convert import to_torch_state_dict  # noqa: PLC0415  (imports torch)
+
+    arch = {k: v for k, v in config.to_dict().items() if k not in IMPLEMENTATION_FIELDS} | {"batch_size": batch_size}
+    with torch.device(device):
+        head = ref.losses.ACTLossHead(ref.trm.TinyRecursiveReasoningModel_ACTV1(arch), "stablemax_cross_entropy")
+    state = to_torch_state_dict(params, config)
+    head.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
+    return head

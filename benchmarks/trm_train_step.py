@@ -11,11 +11,12 @@ the paper's global batch (768, one GPU):
   sign-SGD, EMA update), jitted;
 * **reference**: its pretrain.py `train_batch` for world size 1 with `ema=True`, on its own modules
   (models/recursive_reasoning/trm.py, models/losses.py ACTLossHead, models/sparse_embedding.py,
-  models/ema.py EMAHelper; loaded by benchmarks/trm_reference.py) under `torch.compile` as pretrain.py
-  compiles its model: forward + loss, `((1 / B) * loss).backward()`, the dense update, the sign-SGD,
-  `zero_grad`, `EMAHelper.update`. The dense update is benchmarks.torch_train_step.adam_atan2_ (the
-  AdamATan2 formula) compiled by torch.compile, because the reference's adam-atan2 CUDA extension
-  is not installable offline; everything else is the reference's code.
+  models/ema.py EMAHelper; loaded by benchmarks/trm_reference.py, driven by
+  benchmarks/reference_trainer.py) under `torch.compile` as pretrain.py compiles its model: forward +
+  loss, `((1 / B) * loss).backward()`, the dense update, the sign-SGD, `zero_grad`, `EMAHelper.update`.
+  The dense update is benchmarks.torch_train_step.adam_atan2_ (the AdamATan2 formula) compiled by
+  torch.compile, because the reference's adam-atan2 CUDA extension is not installable offline;
+  everything else is the reference's code.
 
 Each timed step is synchronised (`block_until_ready` / `torch.cuda.synchronize`); the median over
 --iters steps after --warmup steps is reported (benchmarks/common.py `time_calls`).
@@ -49,7 +50,6 @@ import numpy as np
 
 from benchmarks import common, trm_reference
 from benchmarks.train_step import random_batches
-from hrm_jax.config import IMPLEMENTATION_FIELDS
 from hrm_jax.presets import TRM_TRAIN_PRESETS, trm_sudoku_mlp
 from hrm_jax.train import init_train_state, step_function
 from hrm_jax.trm_config import TRMConfig
@@ -103,70 +103,19 @@ def bench_jax(model_config, train_config, total_steps, state, batches, iters, wa
             "peak_memory_gib": common.peak_memory_gib()}
 
 
-class ReferenceTrainer:
-    """pretrain.py's train_batch (world size 1, ema=True) on the reference's modules."""
-
-    def __init__(self, ref, model_config, train_config, total_steps, params, device: str, compiled: bool) -> None:
-        import torch  # noqa: PLC0415  (torch is optional for hrm_jax; the benchmark needs it)
-
-        from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: PLC0415
-        from export.convert import to_torch_state_dict  # noqa: PLC0415
-
-        self.torch, self.device, self.tc = torch, device, train_config
-        arch = {k: v for k, v in model_config.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
-        with torch.device(device):
-            model = ref.losses.ACTLossHead(
-                ref.trm.TinyRecursiveReasoningModel_ACTV1(arch | {"batch_size": train_config.global_batch_size}),
-                "stablemax_cross_entropy")
-        state = to_torch_state_dict(jax.device_get(params), model_config)
-        model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True)
-        self.model = torch.compile(model) if compiled else model
-        self.model.train()
-        self.dense = list(self.model.parameters())
-        self.exp_avg = [torch.zeros_like(p) for p in self.dense]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.dense]
-        self.update = torch.compile(adam_atan2_, dynamic=False) if compiled else adam_atan2_
-        self.sign_sgd = ref.sparse.CastedSparseEmbeddingSignSGD_Distributed(
-            self.model.model.puzzle_emb.buffers(), world_size=1, lr=0.0,
-            weight_decay=train_config.puzzle_emb_weight_decay)
-        self.ema = ref.ema.EMAHelper(mu=train_config.ema_rate)
-        self.ema.register(self.model)
-        self.lrs = torch.from_numpy(_schedule_values(train_config.lr, train_config, total_steps)).to(device)
-        self.emb_lrs = _schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
-        self.update_counts = torch.arange(1, total_steps + 2, dtype=torch.float32, device=device)
-        self.carry, self.step_count = None, 0
-
-    def step(self, batch):
-        torch, tc, index = self.torch, self.tc, self.step_count
-        if self.carry is None:
-            with torch.device(self.device):
-                self.carry = self.model.initial_carry(batch)
-        self.carry, loss, metrics, _, _ = self.model(carry=self.carry, batch=batch, return_keys=[])
-        ((1 / tc.global_batch_size) * loss).backward()
-        with torch.no_grad():
-            self.update(self.dense, [p.grad for p in self.dense], self.exp_avg, self.exp_avg_sq,
-                        self.update_counts[index], self.lrs[index], tc.beta1, tc.beta2, tc.weight_decay)
-        for group in self.sign_sgd.param_groups:
-            group["lr"] = float(self.emb_lrs[index])
-        self.sign_sgd.step()
-        self.sign_sgd.zero_grad()
-        for p in self.dense:
-            p.grad = None
-        self.ema.update(self.model)
-        self.step_count += 1
-        return metrics["lm_loss"]
-
-
 def bench_reference(ref, model_config, train_config, total_steps, params, batches, iters, warmup, compiled) -> dict:
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415  (torch is optional for hrm_jax; the reference side needs it)
+
+    from benchmarks.reference_trainer import ReferenceTrainer  # noqa: PLC0415  (imports torch)
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    trainer = ReferenceTrainer(ref, model_config, train_config, total_steps, params, device, compiled)
+    model = trm_reference.model(ref, model_config, params, train_config.global_batch_size, device)
+    trainer = ReferenceTrainer(ref, model, train_config, total_steps, compiled=compiled)
     torch_batches = [{k: torch.from_numpy(np.array(v)).to(device) for k, v in b.items()} for b in batches]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    timing = common.time_calls(lambda i: trainer.step(torch_batches[i % len(torch_batches)]),
+    timing = common.time_calls(lambda i: trainer.step(torch_batches[i % len(torch_batches)])["lm_loss"],
                                lambda _: torch.cuda.synchronize() if cuda else None, warmup=warmup, iters=iters)
     return {"backend": "reference torch.compile" if compiled else "reference eager", "torch": torch.__version__,
             "pydantic_stand_in": ref.stand_in, **timing,

@@ -55,8 +55,6 @@ def _levels(config) -> tuple[tuple[str, int], ...]:
     return (("H_level", config.H_layers), ("L_level", config.L_layers))
 
 
-def _puzzle_slots(config) -> int:
-    return config.num_puzzle_slots if isinstance(config, TRMConfig) else config.puzzle_emb_len
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", "")  # "" for the reference's `step_N` files
 
 
@@ -256,7 +254,7 @@ def _implied_fields(sd: Mapping[str, Any], config: HRMConfig) -> list[str]:
         implied["pos_encodings"] = "learned"
         ndim = implied.get("puzzle_emb_ndim", config.puzzle_emb_ndim)
         hidden = implied.get("hidden_size", config.hidden_size)
-        slots = _puzzle_slots(config) if trm else -(-ndim // hidden)
+        slots = config.num_puzzle_slots if trm else -(-ndim // hidden)
         implied["seq_len"] = s[0] - slots
     elif not trm:  # TRM without a position table may use rope or none: the weights do not say
         implied["pos_encodings"] = "rope"

@@ -130,10 +130,6 @@ class OnnxLoopSolver:
         self.config = self.segment.config
         self.early_halt = bool(early_halt)
 
-    def _halts(self, q_halt: np.ndarray, q_continue: np.ndarray) -> np.ndarray:
-        # Each family's evaluation-time rule: HRM halts when Q prefers halting, TRM when q_halt > 0.
-        return q_halt > 0 if isinstance(self.config, TRMConfig) else q_halt > q_continue
-
     def solve(self, inputs: np.ndarray, puzzle_identifiers: np.ndarray) -> SolveResult:
         inputs, ids = check_solver_inputs(self.config, inputs, puzzle_identifiers)
         n, last = len(inputs), self.config.halt_max_steps
@@ -144,7 +140,7 @@ class OnnxLoopSolver:
             carry, out = self.segment.step(carry, inputs[active], ids[active])
             done = np.full(len(active), step == last)
             if self.early_halt:
-                done |= self._halts(out["q_halt"], out["q_continue"])
+                done |= self.config.halts(out["q_halt"], out["q_continue"])  # the family's rule
             rows = active[done]
             predictions[rows] = out["logits"][done].argmax(-1)
             steps[rows], q_halt[rows] = step, out["q_halt"][done]

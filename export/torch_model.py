@@ -11,7 +11,7 @@ segment (resets are `torch.where`), RMSNorm spelled out in float32, attention th
 Layout of the modules (mirrors the reference so the keys match):
     HRMTorch            the reference's ACTLossHead wrapper  -> key prefix "model."
       .model: HRMACT    HierarchicalReasoningModel_ACTV1      -> key prefix "inner."
-        .inner: HRMInner  embeddings, H/L levels, heads, H_init/L_init
+        .inner: HRMInner  embeddings, H/L levels, heads, H_init/L_init (all but the levels: ACTInner)
 """
 
 from __future__ import annotations
@@ -115,12 +115,12 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate) * up); gate_up_proj rows are gate | up."""
+    """down(silu(gate) * up) over the last axis of width `features`; gate_up_proj rows are gate | up."""
 
-    def __init__(self, config: HRMConfig) -> None:
+    def __init__(self, features: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_up_proj = CastedLinear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = CastedLinear(config.intermediate_size, config.hidden_size)
+        self.gate_up_proj = CastedLinear(features, 2 * intermediate)
+        self.down_proj = CastedLinear(intermediate, features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -133,7 +133,7 @@ class Block(nn.Module):
     def __init__(self, config: HRMConfig) -> None:
         super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = SwiGLU(config)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
         self.eps = config.rms_norm_eps
 
     def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -142,11 +142,11 @@ class Block(nn.Module):
 
 
 class ReasoningModule(nn.Module):
-    """One level (H or L): add the input injection, then run the blocks."""
+    """A stack of `num_layers` blocks run on h + injection: one HRM level (H or L), or TRM's one network."""
 
-    def __init__(self, config: HRMConfig, num_layers: int) -> None:
+    def __init__(self, config: HRMConfig, num_layers: int, block: type[nn.Module] = Block) -> None:
         super().__init__()
-        self.layers = nn.ModuleList([Block(config) for _ in range(num_layers)])
+        self.layers = nn.ModuleList([block(config) for _ in range(num_layers)])
 
     def forward(self, h: torch.Tensor, injection: torch.Tensor,
                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -156,10 +156,13 @@ class ReasoningModule(nn.Module):
         return h
 
 
-class HRMInner(nn.Module):
-    """Embeddings, the H/L recurrence of one segment and the output heads."""
+class ACTInner(nn.Module):
+    """What both families' inner models share: embeddings, heads, H_init/L_init and the segment around the
+    recurrence. A family's subclass adds its reasoning modules and the method `recurrence(z_H, z_L, x, cos_sin)
+    -> (z_H, z_L)` (HRMInner; TRM's in export/trm_torch_model.py). rope: whether the blocks rotate queries
+    and keys (the tables are built then)."""
 
-    def __init__(self, config: HRMConfig, dtype: torch.dtype) -> None:
+    def __init__(self, config: HRMConfig, dtype: torch.dtype, rope: bool) -> None:
         super().__init__()
         self.config, self.dtype = config, dtype
         hidden = config.hidden_size
@@ -168,42 +171,48 @@ class HRMInner(nn.Module):
         self.q_head = CastedLinear(hidden, 2, bias=True)
         if config.puzzle_emb_ndim > 0:
             self.puzzle_emb = PuzzleEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim)
-        if config.pos_encodings == "rope":
+        self.rope = rope
+        if rope:
             cos, sin = rotary_tables(config.total_seq_len, config.head_dim, config.rope_theta)
             # Non-persistent, as the reference's RotaryEmbedding: not part of checkpoints.
             self.rope_cos = nn.Buffer(cos, persistent=False)
             self.rope_sin = nn.Buffer(sin, persistent=False)
-        else:
+        if config.pos_encodings == "learned":
             self.embed_pos = CastedEmbedding(config.total_seq_len, hidden)
-        self.H_level = ReasoningModule(config, config.H_layers)
-        self.L_level = ReasoningModule(config, config.L_layers)
         # The reference keeps these in forward_dtype (bf16 for the paper's runs) and saves them.
         storage = TORCH_DTYPES[config.forward_dtype]
         self.H_init = nn.Buffer(torch.zeros(hidden, dtype=storage), persistent=True)
         self.L_init = nn.Buffer(torch.zeros(hidden, dtype=storage), persistent=True)
 
     def cos_sin(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return (self.rope_cos, self.rope_sin) if self.config.pos_encodings == "rope" else None
+        return (self.rope_cos, self.rope_sin) if self.rope else None
 
     def embed(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor,
               puzzle_rows: torch.Tensor | None = None) -> torch.Tensor:
         """inputs int[B, seq_len], puzzle_identifiers int[B] -> [B, total_seq_len, hidden].
 
-        puzzle_rows f32[B, puzzle_emb_ndim], if given, replace the table lookup (training: the
-        rows are a leaf tensor whose gradient feeds the sparse sign-SGD update)."""
-        cfg = self.config
+        The puzzle row fills the first of num_puzzle_slots prepended positions, zero-padded. puzzle_rows
+        f32[B, puzzle_emb_ndim], if given, replace the table lookup (training: the rows are a leaf tensor
+        whose gradient feeds the sparse sign-SGD update)."""
+        cfg, slots = self.config, self.config.num_puzzle_slots
         embedding = self.embed_tokens(inputs, self.dtype)
         if cfg.puzzle_emb_ndim > 0:
             if puzzle_rows is None:
                 rows = self.puzzle_emb(puzzle_identifiers, self.dtype)
             else:
                 rows = puzzle_rows.to(self.dtype)
-            rows = F.pad(rows, (0, cfg.puzzle_emb_len * cfg.hidden_size - cfg.puzzle_emb_ndim))
-            embedding = torch.cat((rows.view(-1, cfg.puzzle_emb_len, cfg.hidden_size), embedding), dim=-2)
+            rows = F.pad(rows, (0, slots * cfg.hidden_size - cfg.puzzle_emb_ndim))
+            embedding = torch.cat((rows.view(-1, slots, cfg.hidden_size), embedding), dim=-2)
         if cfg.pos_encodings == "learned":
             # The reference's literal 1/sqrt(2), kept for bit-compatibility.
             embedding = 0.707106781 * (embedding + self.embed_pos.embedding_weight.to(self.dtype))
         return math.sqrt(cfg.hidden_size) * embedding
+
+    def heads(self, z_H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> logits [B, seq_len, vocab] (puzzle slots dropped), q_halt f32[B], q_continue f32[B] (position 0)."""
+        logits = self.lm_head(z_H)[:, self.config.num_puzzle_slots:]
+        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)
+        return logits, q_logits[:, 0], q_logits[:, 1]
 
     def initial_state(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """H_init/L_init broadcast to [batch, total_seq_len, hidden] in the compute dtype."""
@@ -219,22 +228,29 @@ class HRMInner(nn.Module):
 
     def forward(self, z_H: torch.Tensor, z_L: torch.Tensor, inputs: torch.Tensor,
                 puzzle_identifiers: torch.Tensor):
-        """One segment: H_cycles x (L_cycles L-updates, one H-update).
-
-        z_H, z_L: [B, total_seq_len, hidden] -> (z_H, z_L, logits [B, seq_len, vocab],
-        q_halt f32[B], q_continue f32[B]). Eval computes every step the same way, so the reference's
-        split into a no-grad part and a 1-step-grad part is just the plain loop here.
-        """
-        cfg, cos_sin = self.config, self.cos_sin()
+        """One segment: z_H, z_L [B, total_seq_len, hidden] -> (z_H, z_L, logits [B, seq_len, vocab],
+        q_halt f32[B], q_continue f32[B]). Eval computes every step the same way, so the references' split
+        into a no-grad part and a part with gradient is just the plain loop here."""
         x = self.embed(inputs, puzzle_identifiers)
-        z_H, z_L = z_H.to(self.dtype), z_L.to(self.dtype)
-        for _ in range(cfg.H_cycles):
-            for _ in range(cfg.L_cycles):
+        z_H, z_L = self.recurrence(z_H.to(self.dtype), z_L.to(self.dtype), x, self.cos_sin())
+        return z_H, z_L, *self.heads(z_H)
+
+
+class HRMInner(ACTInner):
+    """HRM's segment: the shared parts with an H level and an L level."""
+
+    def __init__(self, config: HRMConfig, dtype: torch.dtype) -> None:
+        super().__init__(config, dtype, rope=config.pos_encodings == "rope")
+        self.H_level = ReasoningModule(config, config.H_layers)
+        self.L_level = ReasoningModule(config, config.L_layers)
+
+    def recurrence(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor, cos_sin):
+        """H_cycles x (L_cycles L-updates z_L <- L(z_L, z_H + x), one H-update z_H <- H(z_H, z_L))."""
+        for _ in range(self.config.H_cycles):
+            for _ in range(self.config.L_cycles):
                 z_L = self.L_level(z_L, z_H + x, cos_sin)
             z_H = self.H_level(z_H, z_L, cos_sin)
-        logits = self.lm_head(z_H)[:, cfg.puzzle_emb_len:]
-        q_logits = self.q_head(z_H[:, 0]).to(torch.float32)
-        return z_H, z_L, logits, q_logits[:, 0], q_logits[:, 1]
+        return z_H, z_L
 
 
 class SolveOutput(NamedTuple):
@@ -249,8 +265,8 @@ class SolveOutput(NamedTuple):
 class HRMACT(nn.Module):
     """The ACT wrapper (the reference's HierarchicalReasoningModel_ACTV1) in eval mode.
 
-    A family supplies its segment as `inner_class` (same forward signature) and its Q-head halting
-    rule as `halts` (export/trm_torch_model.py: TRM)."""
+    A family supplies its segment as `inner_class` (same forward signature; export/trm_torch_model.py: TRM);
+    the Q-head halting rule is its config's `halts`."""
 
     inner_class: type[nn.Module] = HRMInner
 
@@ -260,8 +276,9 @@ class HRMACT(nn.Module):
         self.inner = self.inner_class(config, dtype)
 
     def halts(self, q_halt: torch.Tensor, q_continue: torch.Tensor) -> torch.Tensor:
-        """The training-time halting rule without exploration (hrm_act_v1.py): q_halt > q_continue."""
-        return q_halt > q_continue
+        """The training-time halting rule without exploration: the family's, `config.halts` (HRMConfig.halts:
+        q_halt > q_continue, as hrm_act_v1.py)."""
+        return self.config.halts(q_halt, q_continue)
 
     def act_step(self, z_H, z_L, steps, halted, inputs, puzzle_identifiers,
                  new_inputs: torch.Tensor | None = None, new_puzzle_identifiers: torch.Tensor | None = None):

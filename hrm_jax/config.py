@@ -38,19 +38,54 @@ class ConfigError(ValueError):
 def check_implementation_fields(config: Any) -> None:
     """The kernel choices (IMPLEMENTATION_FIELDS) of a model config, whatever its family: known values, and the
     low-precision dtypes that cudnn attention and the pallas SwiGLU kernel need."""
-    _require(config.attention_impl in ATTENTION_IMPLS, "attention_impl",
+    require(config.attention_impl in ATTENTION_IMPLS, "attention_impl",
              f"must be one of {ATTENTION_IMPLS}, got {config.attention_impl!r}")
-    _require(config.attention_impl != "cudnn" or config.forward_dtype in ("bfloat16", "float16"),
+    require(config.attention_impl != "cudnn" or config.forward_dtype in ("bfloat16", "float16"),
              "attention_impl", "cudnn attention needs forward_dtype bfloat16 or float16")
-    _require(config.norm_impl in NORM_IMPLS, "norm_impl", f"must be one of {NORM_IMPLS}, got {config.norm_impl!r}")
-    _require(config.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {config.mlp_impl!r}")
-    _require(config.mlp_impl != "pallas" or config.forward_dtype in ("bfloat16", "float16"),
+    require(config.norm_impl in NORM_IMPLS, "norm_impl", f"must be one of {NORM_IMPLS}, got {config.norm_impl!r}")
+    require(config.mlp_impl in MLP_IMPLS, "mlp_impl", f"must be one of {MLP_IMPLS}, got {config.mlp_impl!r}")
+    require(config.mlp_impl != "pallas" or config.forward_dtype in ("bfloat16", "float16"),
              "mlp_impl", "the pallas SwiGLU kernel needs forward_dtype bfloat16 or float16")
 
 
-def _require(condition: bool, field: str, message: str) -> None:
+def require(condition: bool, field: str, message: str) -> None:
+    """Raise ConfigError("field: message") unless `condition`: the one form of every config check's error."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
+
+
+def swiglu_width(expansion: float, features: int) -> int:
+    """The reference's SwiGLU inner width for `features` wide inputs: round(expansion * features * 2/3), rounded
+    up to a multiple of 256 (models/layers.py `_find_multiple`)."""
+    inter = round(expansion * features * 2 / 3)
+    return -(-inter // 256) * 256
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_model_fields(config: Any, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """The checks of a model config that both families make (each config adds its own): whole numbers for the
+    `positive` (>= 1) and `non_negative` (>= 0) fields, heads that divide the hidden size, a positive expansion,
+    norm epsilon and rope theta, an exploration probability, a known forward dtype and the kernel choices."""
+    for name in positive:
+        value = getattr(config, name)
+        require(_is_int(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
+    for name in non_negative:
+        value = getattr(config, name)
+        require(_is_int(value) and value >= 0, name, f"must be an integer >= 0, got {value!r}")
+    require(config.hidden_size % config.num_heads == 0, "hidden_size",
+            f"{config.hidden_size} is not divisible by num_heads={config.num_heads}; "
+            "choose num_heads that divides hidden_size")
+    require(config.expansion > 0, "expansion", f"must be > 0, got {config.expansion!r}")
+    require(config.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {config.rms_norm_eps!r}")
+    require(config.rope_theta > 0, "rope_theta", f"must be > 0, got {config.rope_theta!r}")
+    require(0.0 <= config.halt_exploration_prob <= 1.0, "halt_exploration_prob",
+            f"must be in [0, 1], got {config.halt_exploration_prob!r}")
+    require(config.forward_dtype in FORWARD_DTYPES, "forward_dtype",
+            f"must be one of {FORWARD_DTYPES}, got {config.forward_dtype!r}")
+    check_implementation_fields(config)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,28 +123,12 @@ class HRMConfig:
                 "(Hopper GPUs, bf16)"})
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
-                     "H_layers", "L_layers", "hidden_size", "num_heads", "halt_max_steps"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                     name, f"must be a positive integer, got {value!r}")
-        _require(isinstance(self.puzzle_emb_ndim, int) and self.puzzle_emb_ndim >= 0,
-                 "puzzle_emb_ndim", f"must be an integer >= 0, got {self.puzzle_emb_ndim!r}")
-        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
-                 f"{self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-                 "choose num_heads that divides hidden_size")
-        _require((self.hidden_size // self.num_heads) % 2 == 0, "num_heads",
-                 f"head_dim={self.hidden_size // self.num_heads} must be even for rotary embeddings")
-        _require(self.expansion > 0, "expansion", f"must be > 0, got {self.expansion!r}")
-        _require(self.pos_encodings in POS_ENCODINGS, "pos_encodings",
-                 f"must be one of {POS_ENCODINGS}, got {self.pos_encodings!r}")
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
-        _require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta!r}")
-        _require(0.0 <= self.halt_exploration_prob <= 1.0, "halt_exploration_prob",
-                 f"must be in [0, 1], got {self.halt_exploration_prob!r}")
-        _require(self.forward_dtype in FORWARD_DTYPES, "forward_dtype",
-                 f"must be one of {FORWARD_DTYPES}, got {self.forward_dtype!r}")
-        check_implementation_fields(self)
+        check_model_fields(self, positive=("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
+                                           "H_layers", "L_layers", "hidden_size", "num_heads", "halt_max_steps"),
+                           non_negative=("puzzle_emb_ndim",))
+        require(self.head_dim % 2 == 0, "num_heads", f"head_dim={self.head_dim} must be even for rotary embeddings")
+        require(self.pos_encodings in POS_ENCODINGS, "pos_encodings",
+                f"must be one of {POS_ENCODINGS}, got {self.pos_encodings!r}")
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -122,6 +141,11 @@ class HRMConfig:
         return -(-self.puzzle_emb_ndim // self.hidden_size)
 
     @property
+    def num_puzzle_slots(self) -> int:
+        """The same number under the name TRMConfig gives it, for code that serves both families."""
+        return self.puzzle_emb_len
+
+    @property
     def total_seq_len(self) -> int:
         """Length of the hidden state sequence: puzzle slots + tokens."""
         return self.seq_len + self.puzzle_emb_len
@@ -129,8 +153,12 @@ class HRMConfig:
     @property
     def intermediate_size(self) -> int:
         """SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
-        inter = round(self.expansion * self.hidden_size * 2 / 3)
-        return -(-inter // 256) * 256
+        return swiglu_width(self.expansion, self.hidden_size)
+
+    def halts(self, q_halt_logits: Any, q_continue_logits: Any) -> Any:
+        """Where the Q head asks to stop, without exploration (hrm_act_v1.py): q_halt > q_continue. Elementwise on
+        jax, torch or NumPy arrays alike, so that every backend applies this one rule."""
+        return q_halt_logits > q_continue_logits
 
     def replace(self, **changes: Any) -> HRMConfig:
         return dataclasses.replace(self, **changes)
@@ -167,16 +195,16 @@ class OptimConfig:
     def __post_init__(self) -> None:
         for name in ("global_batch_size", "epochs"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        _require(self.eval_interval is None or self.eval_interval >= 1, "eval_interval",
+            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require(self.eval_interval is None or self.eval_interval >= 1, "eval_interval",
                  f"must be None or >= 1, got {self.eval_interval!r}")
-        _require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps!r}")
+        require(self.lr_warmup_steps >= 0, "lr_warmup_steps", f"must be >= 0, got {self.lr_warmup_steps!r}")
         for name in ("lr", "puzzle_emb_lr", "weight_decay", "puzzle_emb_weight_decay"):
-            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
-        _require(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio!r}")
+            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)!r}")
+        require(0.0 <= self.lr_min_ratio <= 1.0, "lr_min_ratio", f"must be in [0, 1], got {self.lr_min_ratio!r}")
         for name in ("beta1", "beta2"):
-            _require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)!r}")
-        _require(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate!r}")
+            require(0.0 <= getattr(self, name) < 1.0, name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        require(0.0 <= self.ema_rate < 1.0, "ema_rate", f"must be in [0, 1), got {self.ema_rate!r}")
 
     def total_steps(self, total_groups: int, mean_puzzle_examples: float) -> int:
         """Optimizer steps of a run, as the reference's pretrain.py estimates them."""
@@ -194,7 +222,7 @@ TrainConfig = OptimConfig
 
 
 def _optional_at_least(value: Any, minimum: int, field: str) -> None:
-    _require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum),
+    require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum),
              field, f"must be None or an integer >= {minimum}, got {value!r}")
 
 
@@ -240,12 +268,12 @@ class LoopConfig:
             _optional_at_least(getattr(self, name), 1, name)
         for name in ("keep_checkpoints", "log_every"):
             value = getattr(self, name)
-            _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        _require(self.early_stop_exact is None or 0.0 <= self.early_stop_exact <= 1.0, "early_stop_exact",
+            require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        require(self.early_stop_exact is None or 0.0 <= self.early_stop_exact <= 1.0, "early_stop_exact",
                  f"must be None or in [0, 1], got {self.early_stop_exact!r}")
-        _require(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes",
+        require(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes",
                  f"must be None or >= 0, got {self.checkpoint_minutes!r}")
-        _require(not (self.resume and self.restart), "restart",
+        require(not (self.resume and self.restart), "restart",
                  "excludes resume: resume continues the run in out_dir, restart moves it aside")
 
     def replace(self, **changes: Any) -> LoopConfig:
@@ -264,10 +292,10 @@ class RunConfig:
     loop: LoopConfig = LoopConfig()
 
     def __post_init__(self) -> None:
-        _require(dataclasses.is_dataclass(self.model) and not isinstance(self.model, type), "model",
+        require(dataclasses.is_dataclass(self.model) and not isinstance(self.model, type), "model",
                  f"must be a model config such as HRMConfig, got {type(self.model).__name__}")
-        _require(isinstance(self.optim, OptimConfig), "optim", f"must be an OptimConfig, got {self.optim!r}")
-        _require(isinstance(self.loop, LoopConfig), "loop", f"must be a LoopConfig, got {self.loop!r}")
+        require(isinstance(self.optim, OptimConfig), "optim", f"must be an OptimConfig, got {self.optim!r}")
+        require(isinstance(self.loop, LoopConfig), "loop", f"must be a LoopConfig, got {self.loop!r}")
 
     def replace(self, **changes: Any) -> RunConfig:
         """A copy with whole parts replaced: run.replace(loop=run.loop.replace(max_steps=10))."""

@@ -4,6 +4,11 @@ Everything here is a pure function of (params, config, carry, batch, rng); `conf
 hashable dataclass and can be a static argument of `jax.jit`. Numerics follow the reference
 (sapientinc/HRM models/hrm/hrm_act_v1.py).
 
+TRM (hrm_jax/trm.py) is built from this module's parts: the embeddings and heads (`ACTInner`), the block
+stack (`ReasoningModule`), the carry and its refresh, and the parameter init, segment and ACT wrapper,
+which take a family's own parts (inner module, recurrence) as arguments, HRM's by default; the halting rule
+is the config's (`halts`).
+
 params = {"dense":  Flax params trained by AdamATan2,
           "buffers": {"H_init": f32[hidden], "L_init": f32[hidden]}  (fixed, saved, never trained),
           "puzzle_emb": f32[num_puzzle_identifiers, puzzle_emb_ndim]  (only if puzzle_emb_ndim > 0;
@@ -13,6 +18,7 @@ params = {"dense":  Flax params trained by AdamATan2,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -47,13 +53,16 @@ class ACTCarry:
 
 # Flax modules -------------------------------------------------------------------------------
 class ReasoningModule(nn.Module):
-    """One level (H or L): add the input injection, then run the blocks."""
+    """A stack of `num_layers` blocks run on h + injection: one HRM level (H or L), or TRM's one network.
 
-    config: HRMConfig
+    block: the block class (HRM's post-norm attention block; TRM's mlp_t variant passes its own)."""
+
+    config: Any  # HRMConfig or TRMConfig
     num_layers: int
+    block: type[nn.Module] = Block
 
     def setup(self) -> None:
-        self.layers = [Block(self.config) for _ in range(self.num_layers)]
+        self.layers = [self.block(self.config) for _ in range(self.num_layers)]
 
     def __call__(self, h: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
         h = h + injection
@@ -62,10 +71,12 @@ class ReasoningModule(nn.Module):
         return h
 
 
-class HRMInner(nn.Module):
-    """Parameter container; the recurrence itself lives in `inner_forward` (a pure function)."""
+class ACTInner(nn.Module):
+    """What both families' inner models set up alike (the references' `_Inner` classes): the token, puzzle and
+    position embeddings and the two heads. A family's subclass adds its reasoning modules in `setup` and an
+    `init_all` that touches every parameter; the recurrence itself is a pure function (`inner_forward`)."""
 
-    config: HRMConfig
+    config: Any  # HRMConfig or TRMConfig
 
     def setup(self) -> None:
         cfg, dtype = self.config, forward_dtype(self.config)
@@ -77,34 +88,42 @@ class HRMInner(nn.Module):
         # Q starts (almost) at "never halt": weight 0, bias -5 (reference: faster bootstrapping).
         self.q_head = CastedLinear(2, use_bias=True, kernel_init=nn.initializers.zeros_init(),
                                    bias_init=nn.initializers.constant(-5.0))
-        self.H_level = ReasoningModule(cfg, cfg.H_layers)
-        self.L_level = ReasoningModule(cfg, cfg.L_layers)
 
     def embed(self, inputs: jax.Array, puzzle_rows: jax.Array) -> jax.Array:
-        """inputs int32[B, seq_len], puzzle_rows [B, puzzle_emb_ndim] -> [B, total_seq_len, hidden]."""
-        cfg = self.config
+        """inputs int32[B, seq_len], puzzle_rows [B, puzzle_emb_ndim] -> [B, total_seq_len, hidden].
+
+        The puzzle row fills the first of num_puzzle_slots prepended positions, zero-padded."""
+        cfg, slots = self.config, self.config.num_puzzle_slots
         embedding = self.embed_tokens(inputs)
         if cfg.puzzle_emb_ndim > 0:
-            pad = cfg.puzzle_emb_len * cfg.hidden_size - cfg.puzzle_emb_ndim
+            pad = slots * cfg.hidden_size - cfg.puzzle_emb_ndim
             rows = jnp.pad(puzzle_rows.astype(embedding.dtype), ((0, 0), (0, pad)))
-            rows = rows.reshape(-1, cfg.puzzle_emb_len, cfg.hidden_size)
-            embedding = jnp.concatenate([rows, embedding], axis=1)
+            embedding = jnp.concatenate([rows.reshape(-1, slots, cfg.hidden_size), embedding], axis=1)
         if cfg.pos_encodings == "learned":
             # 1/sqrt(2) keeps the variance of the sum of two unit embeddings.
             embedding = 0.707106781 * (embedding + self.embed_pos.table())
         return math.sqrt(cfg.hidden_size) * embedding
+
+    def heads(self, z_H: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """-> logits [B, seq_len, vocab] (puzzle slots dropped), q_logits f32[B, 2] from position 0."""
+        logits = self.lm_head(z_H)[:, self.config.num_puzzle_slots:]
+        q_logits = self.q_head(z_H[:, 0]).astype(jnp.float32)
+        return logits, q_logits
+
+
+class HRMInner(ACTInner):
+    """HRM's parameters: the shared embeddings and heads, an H level and an L level."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.H_level = ReasoningModule(self.config, self.config.H_layers)
+        self.L_level = ReasoningModule(self.config, self.config.L_layers)
 
     def l_level(self, z_L: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
         return self.L_level(z_L, injection, cos_sin)
 
     def h_level(self, z_H: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
         return self.H_level(z_H, injection, cos_sin)
-
-    def heads(self, z_H: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """-> logits [B, seq_len, vocab] (puzzle slots dropped), q_logits f32[B, 2] from position 0."""
-        logits = self.lm_head(z_H)[:, self.config.puzzle_emb_len:]
-        q_logits = self.q_head(z_H[:, 0]).astype(jnp.float32)
-        return logits, q_logits
 
     def init_all(self, inputs: jax.Array, puzzle_rows: jax.Array):
         x = self.embed(inputs, puzzle_rows)
@@ -123,12 +142,14 @@ def _cos_sin(config: HRMConfig):
 
 
 # Parameters and carry -----------------------------------------------------------------------
-def init_params(config: HRMConfig, rng: jax.Array) -> Params:
-    """Fresh parameters as the reference initialises them (see module docstring for the layout)."""
+def init_params(config: HRMConfig, rng: jax.Array, *, inner: type[ACTInner] = HRMInner) -> Params:
+    """Fresh parameters as the reference initialises them (see module docstring for the layout).
+
+    inner: the family's parameter container (TRM passes its own; buffers and puzzle table are alike)."""
     k_dense, k_h, k_l = jax.random.split(rng, 3)
     inputs = jnp.zeros((1, config.seq_len), jnp.int32)
     rows = jnp.zeros((1, config.puzzle_emb_ndim), jnp.float32)
-    dense = HRMInner(config).init(k_dense, inputs, rows, method=HRMInner.init_all)["params"]
+    dense = inner(config).init(k_dense, inputs, rows, method=inner.init_all)["params"]
     # H_init/L_init are forward-dtype buffers in the reference: round to that dtype, store as f32.
     dtype = forward_dtype(config)
     init = trunc_normal_init(1.0)
@@ -218,29 +239,42 @@ def inner_forward(dense: Params, config: HRMConfig, z_H: jax.Array, z_L: jax.Arr
     return z_H, z_L
 
 
-def segment_forward(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array):
-    """One inner forward on the carry's data -> (z_H, z_L, logits, q_logits f32[B, 2])."""
+def segment_forward(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array, *,
+                    inner: type[ACTInner] = HRMInner, recurrence: Callable[..., Any] = inner_forward):
+    """One inner forward on the carry's data -> (z_H, z_L, logits, q_logits f32[B, 2]).
+
+    inner, recurrence: the family's parameter container and its `inner_forward` (TRM passes its own)."""
     # Every layer casts its f32 parameters to the compute dtype; casting once here keeps those
     # converts out of the H/L loops (the same values, so the result is unchanged).
     dtype = forward_dtype(config)
     dense = jax.tree_util.tree_map(lambda p: p.astype(dtype), params["dense"])
-    x = _apply(config, dense, HRMInner.embed, carry.current_data["inputs"], puzzle_rows)
-    z_H, z_L = inner_forward(dense, config, carry.z_H, carry.z_L, x)
-    logits, q_logits = _apply(config, dense, HRMInner.heads, z_H)
+    module = inner(config)
+    x = module.apply({"params": dense}, carry.current_data["inputs"], puzzle_rows, method=inner.embed)
+    z_H, z_L = recurrence(dense, config, carry.z_H, carry.z_L, x)
+    logits, q_logits = module.apply({"params": dense}, z_H, method=inner.heads)
     return z_H, z_L, logits, q_logits
 
 
+def halt_signal(config: HRMConfig, q_halt_logits: jax.Array, q_continue_logits: jax.Array) -> jax.Array:
+    """Where the Q head asks to stop (without exploration): the family's rule, `config.halts` (HRM: q_halt >
+    q_continue; TRM: q_halt > 0 under no_ACT_continue)."""
+    return config.halts(q_halt_logits, q_continue_logits)
+
+
 def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows: jax.Array,
-                rng: jax.Array | None, *, train: bool,
-                axis_name: str | None = None) -> tuple[ACTCarry, dict[str, jax.Array]]:
+                rng: jax.Array | None, *, train: bool, axis_name: str | None = None,
+                forward: Callable[..., Any] = segment_forward,
+                target_q: bool = True) -> tuple[ACTCarry, dict[str, jax.Array]]:
     """One ACT segment on a refreshed carry. Differentiable w.r.t. params["dense"] and puzzle_rows.
 
     Returns the next carry (detached) and outputs: logits [B, seq_len, vocab] (forward dtype),
     q_halt_logits / q_continue_logits f32[B], and when training target_q_continue f32[B].
     axis_name: inside shard_map over the batch (hrm_jax.parallel), the mesh axis; exploration is
     then drawn for the global batch and this device's rows are taken from it.
+    forward, target_q: the family's segment_forward, and whether training bootstraps a target Q (TRM's
+    no_ACT_continue turns it off); the defaults are HRM's. Halting follows the config's rule (halt_signal).
     """
-    z_H, z_L, logits, q_logits = segment_forward(params, config, carry, puzzle_rows)
+    z_H, z_L, logits, q_logits = forward(params, config, carry, puzzle_rows)
     z_H, z_L = jax.lax.stop_gradient(z_H), jax.lax.stop_gradient(z_L)
     outputs = {"logits": logits, "q_halt_logits": q_logits[:, 0], "q_continue_logits": q_logits[:, 1]}
 
@@ -253,21 +287,17 @@ def act_segment(params: Params, config: HRMConfig, carry: ACTCarry, puzzle_rows:
         q_halt, q_cont = jax.lax.stop_gradient(q_logits[:, 0]), jax.lax.stop_gradient(q_logits[:, 1])
         halted = halted | halt_signal(config, q_halt, q_cont)
         halted = halted & (steps >= min_halt_steps(config, rng, steps.shape[0], axis_name))
-        # Target Q from a second full inner forward on the new carry, without gradient (the
-        # reference's PQN-style bootstrapping: no replay buffer, no target network).
-        next_carry = carry.replace(z_H=z_H, z_L=z_L)
-        frozen = jax.lax.stop_gradient({"dense": params["dense"]})
-        *_, next_q = segment_forward(frozen, config, next_carry, jax.lax.stop_gradient(puzzle_rows))
-        target = jnp.where(is_last, next_q[:, 0], jnp.maximum(next_q[:, 0], next_q[:, 1]))
-        outputs["target_q_continue"] = jax.nn.sigmoid(target)
+        if target_q:
+            # Target Q from a second full inner forward on the new carry, without gradient (the
+            # reference's PQN-style bootstrapping: no replay buffer, no target network).
+            next_carry = carry.replace(z_H=z_H, z_L=z_L)
+            frozen = jax.lax.stop_gradient({"dense": params["dense"]})
+            *_, next_q = forward(frozen, config, next_carry, jax.lax.stop_gradient(puzzle_rows))
+            target = jnp.where(is_last, next_q[:, 0], jnp.maximum(next_q[:, 0], next_q[:, 1]))
+            outputs["target_q_continue"] = jax.nn.sigmoid(target)
 
     new_carry = ACTCarry(z_H=z_H, z_L=z_L, steps=steps, halted=halted, current_data=carry.current_data)
     return new_carry, outputs
-
-
-def halt_signal(config: HRMConfig, q_halt_logits: jax.Array, q_continue_logits: jax.Array) -> jax.Array:
-    """Where the Q head asks to stop (without exploration): q_halt > q_continue."""
-    return q_halt_logits > q_continue_logits
 
 
 def min_halt_steps(config: HRMConfig, rng: jax.Array, batch_size: int, axis_name: str | None) -> jax.Array:

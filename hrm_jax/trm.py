@@ -3,13 +3,14 @@
 The same interface as hrm_jax.model (params layout, ACTCarry, `init_params`, `initial_carry`,
 `refresh_carry`, `gather_puzzle_rows`, `act_segment`, `act_step`), so losses, the train step and
 evaluation take either family. Numerics follow the reference (SamsungSAILMontreal/TinyRecursiveModels,
-models/recursive_reasoning/trm.py); what differs from HRM:
+models/recursive_reasoning/trm.py). The embeddings, heads, blocks, initialisers, carry and ACT wrapper
+are HRM's (hrm_jax.model, hrm_jax.layers); this module holds what differs:
 
 - one `L_level` (L_layers blocks) serves both updates: z_L <- net(z_L, z_H + x) L_cycles times, then
   z_H <- net(z_H, z_L); H_cycles such recursions, the first H_cycles - 1 without gradient and the
   last one entirely with it (no 1-step approximation); the carry leaves the segment detached;
-- the puzzle embedding fills slot 0 of `num_puzzle_slots` prepended positions (zeros after), and the
-  Q head reads position 0;
+- `puzzle_emb_len` prepended positions (16 in the paper's configs; HRM's ceil(ndim / hidden) when 0):
+  the puzzle embedding fills the first, zeros the rest;
 - `mlp_t`: the attention of each block is replaced by a SwiGLU across the sequence (on the
   transposed activations [B, hidden, seq], with the residual add and RMSNorm taken while transposed);
 - `no_ACT_continue` (default): training halts on q_halt > 0, with no continue loss and no target-Q
@@ -24,32 +25,23 @@ params = {"dense": Flax params of TRMInner (trained by AdamATan2),
 
 from __future__ import annotations
 
-import math
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from hrm_jax.layers import (
-    Attention,
-    CastedEmbedding,
-    CastedLinear,
-    LinearKernel,
-    SwiGLU,
-    add_rms_norm,
-    rotary_cos_sin,
-    trunc_normal_init,
-)
+from hrm_jax import model
+from hrm_jax.layers import Block, CastedLinear, LinearKernel, SwiGLU, add_rms_norm, rotary_cos_sin
 from hrm_jax.model import (
     DATA_KEYS,
     ACTCarry,
+    ACTInner,
     Batch,
     Params,
+    ReasoningModule,
     count_params,
-    forward_dtype,
     gather_puzzle_rows,
+    halt_signal,
     initial_carry,
-    min_halt_steps,
     refresh_carry,
 )
 from hrm_jax.trm_config import TRMConfig
@@ -61,6 +53,7 @@ __all__ = [
     "TRMInner",
     "act_segment",
     "act_step",
+    "block_class",
     "count_params",
     "gather_puzzle_rows",
     "halt_signal",
@@ -85,8 +78,8 @@ class SequenceSwiGLU(nn.Module):
         return CastedLinear(self.features, name="down_proj")(swiglu_matmul_reference(x, gate_up))
 
 
-class TRMBlock(nn.Module):
-    """Post-norm block: token mixing (attention, or mlp_t across positions), then the channel SwiGLU."""
+class MLPTBlock(nn.Module):
+    """HRM's post-norm block with the attention replaced by a SwiGLU across positions (mlp_t)."""
 
     config: TRMConfig
 
@@ -94,69 +87,27 @@ class TRMBlock(nn.Module):
     def __call__(self, h: jax.Array, cos_sin) -> jax.Array:
         cfg = self.config
         eps, impl = cfg.rms_norm_eps, cfg.norm_impl
-        if cfg.mlp_t:
-            # The reference normalises over the *sequence* axis here: the norm runs while transposed.
-            h_t = jnp.swapaxes(h, 1, 2)  # [B, hidden, seq]
-            mixed = SequenceSwiGLU(cfg.total_seq_len, cfg.sequence_intermediate_size, name="mlp_t")(h_t)
-            h = jnp.swapaxes(add_rms_norm(h_t, mixed, eps, impl), 1, 2)
-        else:
-            h = add_rms_norm(h, Attention(cfg, name="self_attn")(h, cos_sin), eps, impl)
+        # The reference normalises over the *sequence* axis here: the norm runs while transposed.
+        h_t = jnp.swapaxes(h, 1, 2)  # [B, hidden, seq]
+        mixed = SequenceSwiGLU(cfg.total_seq_len, cfg.sequence_intermediate_size, name="mlp_t")(h_t)
+        h = jnp.swapaxes(add_rms_norm(h_t, mixed, eps, impl), 1, 2)
         return add_rms_norm(h, SwiGLU(cfg, name="mlp")(h), eps, impl)
 
 
-class TRMReasoningModule(nn.Module):
-    """The one network: add the injection, then the L_layers blocks."""
-
-    config: TRMConfig
-
-    def setup(self) -> None:
-        self.layers = [TRMBlock(self.config) for _ in range(self.config.L_layers)]
-
-    def __call__(self, h: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
-        h = h + injection
-        for layer in self.layers:
-            h = layer(h, cos_sin)
-        return h
+def block_class(config: TRMConfig) -> type[nn.Module]:
+    """TRM's block: MLPTBlock with mlp_t, else HRM's attention block (the reference's block is the same)."""
+    return MLPTBlock if config.mlp_t else Block
 
 
-class TRMInner(nn.Module):
-    """Parameter container; the recursion lives in `inner_forward` (a pure function)."""
-
-    config: TRMConfig
+class TRMInner(ACTInner):
+    """TRM's parameters: the shared embeddings and heads and the one network, named L_level as in the reference."""
 
     def setup(self) -> None:
-        cfg, dtype = self.config, forward_dtype(self.config)
-        embed_std = 1.0 / math.sqrt(cfg.hidden_size)
-        self.embed_tokens = CastedEmbedding(cfg.vocab_size, cfg.hidden_size, embed_std, dtype)
-        if cfg.pos_encodings == "learned":
-            self.embed_pos = CastedEmbedding(cfg.total_seq_len, cfg.hidden_size, embed_std, dtype)
-        self.lm_head = CastedLinear(cfg.vocab_size)
-        # As HRM: Q starts at "never halt" (weight 0, bias -5).
-        self.q_head = CastedLinear(2, use_bias=True, kernel_init=nn.initializers.zeros_init(),
-                                   bias_init=nn.initializers.constant(-5.0))
-        self.L_level = TRMReasoningModule(cfg)
-
-    def embed(self, inputs: jax.Array, puzzle_rows: jax.Array) -> jax.Array:
-        """inputs int32[B, seq_len], puzzle_rows [B, puzzle_emb_ndim] -> [B, total_seq_len, hidden]."""
-        cfg = self.config
-        embedding = self.embed_tokens(inputs)
-        if cfg.puzzle_emb_ndim > 0:
-            pad = cfg.num_puzzle_slots * cfg.hidden_size - cfg.puzzle_emb_ndim
-            rows = jnp.pad(puzzle_rows.astype(embedding.dtype), ((0, 0), (0, pad)))
-            rows = rows.reshape(-1, cfg.num_puzzle_slots, cfg.hidden_size)
-            embedding = jnp.concatenate([rows, embedding], axis=1)
-        if cfg.pos_encodings == "learned":
-            embedding = 0.707106781 * (embedding + self.embed_pos.table())
-        return math.sqrt(cfg.hidden_size) * embedding
+        super().setup()
+        self.L_level = ReasoningModule(self.config, self.config.L_layers, block_class(self.config))
 
     def net(self, h: jax.Array, injection: jax.Array, cos_sin) -> jax.Array:
         return self.L_level(h, injection, cos_sin)
-
-    def heads(self, z_H: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """-> logits [B, seq_len, vocab] (puzzle slots dropped), q_logits f32[B, 2] from position 0."""
-        logits = self.lm_head(z_H)[:, self.config.num_puzzle_slots:]
-        q_logits = self.q_head(z_H[:, 0]).astype(jnp.float32)
-        return logits, q_logits
 
     def init_all(self, inputs: jax.Array, puzzle_rows: jax.Array):
         x = self.embed(inputs, puzzle_rows)
@@ -173,21 +124,9 @@ def _cos_sin(config: TRMConfig):
     return rotary_cos_sin(config.total_seq_len, config.head_dim, config.rope_theta)
 
 
-# Parameters ---------------------------------------------------------------------------------
 def init_params(config: TRMConfig, rng: jax.Array) -> Params:
-    """Fresh parameters as the reference initialises them (layout in the module docstring)."""
-    k_dense, k_h, k_l = jax.random.split(rng, 3)
-    inputs = jnp.zeros((1, config.seq_len), jnp.int32)
-    rows = jnp.zeros((1, config.puzzle_emb_ndim), jnp.float32)
-    dense = TRMInner(config).init(k_dense, inputs, rows, method=TRMInner.init_all)["params"]
-    dtype = forward_dtype(config)
-    init = trunc_normal_init(1.0)
-    buffers = {"H_init": init(k_h, (config.hidden_size,)).astype(dtype).astype(jnp.float32),
-               "L_init": init(k_l, (config.hidden_size,)).astype(dtype).astype(jnp.float32)}
-    params = {"dense": dense, "buffers": buffers}
-    if config.puzzle_emb_ndim > 0:
-        params["puzzle_emb"] = jnp.zeros((config.num_puzzle_identifiers, config.puzzle_emb_ndim), jnp.float32)
-    return params
+    """Fresh parameters as the reference initialises them: HRM's initialisers on TRMInner's layout."""
+    return model.init_params(config, rng, inner=TRMInner)
 
 
 # The recursion ------------------------------------------------------------------------------
@@ -225,52 +164,20 @@ def inner_forward(dense: Params, config: TRMConfig, z_H: jax.Array, z_L: jax.Arr
 
 
 def segment_forward(params: Params, config: TRMConfig, carry: ACTCarry, puzzle_rows: jax.Array):
-    """One inner forward on the carry's data -> (z_H, z_L, logits, q_logits f32[B, 2])."""
-    dtype = forward_dtype(config)
-    dense = jax.tree_util.tree_map(lambda p: p.astype(dtype), params["dense"])
-    x = _apply(config, dense, TRMInner.embed, carry.current_data["inputs"], puzzle_rows)
-    z_H, z_L = inner_forward(dense, config, carry.z_H, carry.z_L, x)
-    logits, q_logits = _apply(config, dense, TRMInner.heads, z_H)
-    return z_H, z_L, logits, q_logits
-
-
-def halt_signal(config: TRMConfig, q_halt_logits: jax.Array, q_continue_logits: jax.Array) -> jax.Array:
-    """Where the Q head asks to stop: q_halt > 0 with no_ACT_continue, else q_halt > q_continue (HRM's)."""
-    if config.no_ACT_continue:
-        return q_halt_logits > 0
-    return q_halt_logits > q_continue_logits
+    """One inner forward on the carry's data -> (z_H, z_L, logits, q_logits f32[B, 2]) (model.segment_forward)."""
+    return model.segment_forward(params, config, carry, puzzle_rows, inner=TRMInner, recurrence=inner_forward)
 
 
 def act_segment(params: Params, config: TRMConfig, carry: ACTCarry, puzzle_rows: jax.Array,
                 rng: jax.Array | None, *, train: bool,
                 axis_name: str | None = None) -> tuple[ACTCarry, dict[str, jax.Array]]:
-    """One ACT segment on a refreshed carry, as hrm_jax.model.act_segment (same inputs and outputs).
+    """One ACT segment on a refreshed carry: hrm_jax.model.act_segment with TRM's forward (and TRMConfig.halts).
 
     Outputs: logits, q_halt_logits, q_continue_logits; target_q_continue only when training with
     no_ACT_continue=False (so hrm_jax.losses.act_loss adds the continue loss only then).
     """
-    z_H, z_L, logits, q_logits = segment_forward(params, config, carry, puzzle_rows)
-    z_H, z_L = jax.lax.stop_gradient(z_H), jax.lax.stop_gradient(z_L)
-    outputs = {"logits": logits, "q_halt_logits": q_logits[:, 0], "q_continue_logits": q_logits[:, 1]}
-
-    steps = carry.steps + 1
-    is_last = steps >= config.halt_max_steps
-    halted = is_last
-    if train and config.halt_max_steps > 1:
-        if rng is None:
-            raise ValueError("act_segment(train=True) needs an rng key for halting exploration")
-        q = jax.lax.stop_gradient(q_logits)
-        halted = halted | halt_signal(config, q[:, 0], q[:, 1])
-        halted = halted & (steps >= min_halt_steps(config, rng, steps.shape[0], axis_name))
-        if not config.no_ACT_continue:
-            next_carry = carry.replace(z_H=z_H, z_L=z_L)
-            frozen = jax.lax.stop_gradient({"dense": params["dense"]})
-            *_, next_q = segment_forward(frozen, config, next_carry, jax.lax.stop_gradient(puzzle_rows))
-            target = jnp.where(is_last, next_q[:, 0], jnp.maximum(next_q[:, 0], next_q[:, 1]))
-            outputs["target_q_continue"] = jax.nn.sigmoid(target)
-
-    new_carry = ACTCarry(z_H=z_H, z_L=z_L, steps=steps, halted=halted, current_data=carry.current_data)
-    return new_carry, outputs
+    return model.act_segment(params, config, carry, puzzle_rows, rng, train=train, axis_name=axis_name,
+                             forward=segment_forward, target_q=not config.no_ACT_continue)
 
 
 def act_step(params: Params, config: TRMConfig, carry: ACTCarry, batch: Batch, rng: jax.Array | None,

@@ -11,24 +11,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from hrm_jax.config import (
-    FORWARD_DTYPES,
-    ConfigError,
-    check_implementation_fields,
-)
+from hrm_jax.config import check_model_fields, require, swiglu_width
 
 TRM_POS_ENCODINGS = ("rope", "learned", "none")
 # Keys of a reference arch section that are not architecture (see `TRMConfig.from_reference_arch`).
 _REFERENCE_NON_ARCH_KEYS = ("name", "loss", "batch_size")
-
-
-def _require(condition: bool, field: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"{field}: {message}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -69,37 +56,22 @@ class TRMConfig:
     mlp_impl: str = "xla"
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles", "L_layers",
-                     "hidden_size", "num_heads", "halt_max_steps"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 1, name, f"must be a positive integer, got {value!r}")
-        for name in ("puzzle_emb_ndim", "puzzle_emb_len", "H_layers"):
-            value = getattr(self, name)
-            _require(_is_int(value) and value >= 0, name, f"must be an integer >= 0, got {value!r}")
+        check_model_fields(self, positive=("seq_len", "vocab_size", "num_puzzle_identifiers", "H_cycles", "L_cycles",
+                                           "L_layers", "hidden_size", "num_heads", "halt_max_steps"),
+                           non_negative=("puzzle_emb_ndim", "puzzle_emb_len", "H_layers"))
         for name in ("mlp_t", "no_ACT_continue"):
-            _require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
+            require(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         # The reference's carry has puzzle_emb_len extra positions but adds an embedding without
         # them when there is no puzzle embedding: the shapes would not match.
-        _require(self.puzzle_emb_ndim > 0 or self.puzzle_emb_len == 0, "puzzle_emb_len",
-                 f"is {self.puzzle_emb_len} but puzzle_emb_ndim is 0; set puzzle_emb_len=0 without a puzzle embedding")
-        _require(self.puzzle_emb_len == 0 or self.puzzle_emb_len * self.hidden_size >= self.puzzle_emb_ndim,
-                 "puzzle_emb_len", f"{self.puzzle_emb_len} slots of {self.hidden_size} cannot hold puzzle_emb_ndim="
-                 f"{self.puzzle_emb_ndim}; raise puzzle_emb_len or set it to 0 (derived)")
-        _require(self.hidden_size % self.num_heads == 0, "hidden_size",
-                 f"{self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-                 "choose num_heads that divides hidden_size")
-        _require(self.pos_encodings in TRM_POS_ENCODINGS, "pos_encodings",
-                 f"must be one of {TRM_POS_ENCODINGS}, got {self.pos_encodings!r}")
-        _require(self.pos_encodings != "rope" or self.head_dim % 2 == 0, "num_heads",
-                 f"head_dim={self.head_dim} must be even for rotary embeddings")
-        _require(self.expansion > 0, "expansion", f"must be > 0, got {self.expansion!r}")
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps!r}")
-        _require(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta!r}")
-        _require(0.0 <= self.halt_exploration_prob <= 1.0, "halt_exploration_prob",
-                 f"must be in [0, 1], got {self.halt_exploration_prob!r}")
-        _require(self.forward_dtype in FORWARD_DTYPES, "forward_dtype",
-                 f"must be one of {FORWARD_DTYPES}, got {self.forward_dtype!r}")
-        check_implementation_fields(self)
+        require(self.puzzle_emb_ndim > 0 or self.puzzle_emb_len == 0, "puzzle_emb_len",
+                f"is {self.puzzle_emb_len} but puzzle_emb_ndim is 0; set puzzle_emb_len=0 without a puzzle embedding")
+        require(self.puzzle_emb_len == 0 or self.puzzle_emb_len * self.hidden_size >= self.puzzle_emb_ndim,
+                "puzzle_emb_len", f"{self.puzzle_emb_len} slots of {self.hidden_size} cannot hold puzzle_emb_ndim="
+                f"{self.puzzle_emb_ndim}; raise puzzle_emb_len or set it to 0 (derived)")
+        require(self.pos_encodings in TRM_POS_ENCODINGS, "pos_encodings",
+                f"must be one of {TRM_POS_ENCODINGS}, got {self.pos_encodings!r}")
+        require(self.pos_encodings != "rope" or self.head_dim % 2 == 0, "num_heads",
+                f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -119,12 +91,19 @@ class TRMConfig:
     @property
     def intermediate_size(self) -> int:
         """Channel SwiGLU width: round(expansion * hidden * 2/3) rounded up to a multiple of 256."""
-        return _swiglu_width(self.expansion, self.hidden_size)
+        return swiglu_width(self.expansion, self.hidden_size)
 
     @property
     def sequence_intermediate_size(self) -> int:
         """Width of the mlp_t SwiGLU, which mixes the total_seq_len positions."""
-        return _swiglu_width(self.expansion, self.total_seq_len)
+        return swiglu_width(self.expansion, self.total_seq_len)
+
+    def halts(self, q_halt_logits: Any, q_continue_logits: Any) -> Any:
+        """Where the Q head asks to stop, without exploration (trm.py): q_halt > 0 with no_ACT_continue, else
+        HRM's q_halt > q_continue. Elementwise on jax, torch or NumPy arrays alike (every backend's one rule)."""
+        if self.no_ACT_continue:
+            return q_halt_logits > 0
+        return q_halt_logits > q_continue_logits
 
     def replace(self, **changes: Any) -> TRMConfig:
         return dataclasses.replace(self, **changes)
@@ -138,8 +117,3 @@ class TRMConfig:
         fields = {k: v for k, v in arch.items() if k not in _REFERENCE_NON_ARCH_KEYS}
         fields.update(task)
         return cls(**fields)
-
-
-def _swiglu_width(expansion: float, features: int) -> int:
-    inter = round(expansion * features * 2 / 3)
-    return -(-inter // 256) * 256

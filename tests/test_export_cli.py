@@ -18,7 +18,8 @@ from export.__main__ import main as export_main
 from export.solvers import BackendUnavailableError, load_solver
 from export.tensorrt import TensorRTUnavailableError, build_engine, calibration_batches
 from hrm_jax.checkpoint import CheckpointError, load_params_for_eval, save_params
-from tests.test_export_torch import assert_trees_equal, random_batch, random_params
+from tests.model_helpers import random_batch
+from tests.test_export_torch import assert_trees_equal, random_params
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 

@@ -32,7 +32,8 @@ import torch
 from export.onnx import OnnxExportError, OnnxSegment, OnnxSolver, export_onnx, read_metadata
 from export.onnx_runtime import OnnxLoopSolver
 from hrm_jax.evaluate import rollout
-from tests.test_export_torch import jax_rollout, random_batch, random_params, rel_err, small_config, solve, torch_model
+from tests.model_helpers import random_batch
+from tests.test_export_torch import jax_rollout, random_params, rel_err, small_config, solve, torch_model
 
 RTOL_F32, RTOL_F16 = 2e-5, 2e-2
 FREE_RUNNING_RTOL = 1e-4

@@ -27,6 +27,7 @@ from export.convert import (
     to_torch_state_dict,
 )
 from export.torch_model import HRMTorch
+from tests.model_helpers import random_batch
 
 # max|torch - jax| / max|jax| at float32; what we reach is printed by the parity tests (~1e-6).
 PARITY_RTOL = 1e-5
@@ -244,13 +245,6 @@ def test_pickled_objects_and_nested_dicts_are_refused(tmp_path):
 JAX_STEP = jax.jit(H.act_step, static_argnames=("config", "train"))
 PARITY_BATCH, PARITY_SEGMENTS = 6, 5
 FREE_RUNNING_RTOL = 1e-3  # float32 after PARITY_SEGMENTS chaotic segments, against float64
-
-
-def random_batch(cfg, batch_size, seed):
-    rng = np.random.default_rng(seed)
-    return {"inputs": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)).astype(np.int32),
-            "labels": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)).astype(np.int32),
-            "puzzle_identifiers": rng.integers(0, cfg.num_puzzle_identifiers, (batch_size,)).astype(np.int32)}
 
 
 def jax_rollout(cfg, params, batch, segments):

@@ -9,27 +9,9 @@ import pytest
 import hrm_jax as H
 from hrm_jax.model import segment_forward
 from tests import numpy_reference as ref
+from tests.model_helpers import exploration_halting_steps, random_batch, randomized_params, set_q_bias
 
 STEP = jax.jit(H.act_step, static_argnames=("config", "train"))
-
-
-def random_batch(cfg, batch_size, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)), jnp.int32),
-            "labels": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)), jnp.int32),
-            "puzzle_identifiers": jnp.asarray(rng.integers(0, cfg.num_puzzle_identifiers, (batch_size,)),
-                                              jnp.int32)}
-
-
-def randomized_params(cfg, seed=0):
-    """Init, then randomise the zero-initialised parts so that the test exercises them."""
-    params = H.init_params(cfg, jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    params["dense"]["q_head"] = {"kernel": jnp.asarray(rng.normal(0, 0.1, (cfg.hidden_size, 2)), jnp.float32),
-                                 "bias": jnp.asarray(rng.normal(0, 1, (2,)), jnp.float32)}
-    if cfg.puzzle_emb_ndim:
-        params["puzzle_emb"] = jnp.asarray(rng.normal(0, 0.5, params["puzzle_emb"].shape), jnp.float32)
-    return params
 
 
 def test_sudoku_extreme_parameter_count_and_layout():
@@ -163,16 +145,9 @@ def test_reset_takes_new_rows_only_where_halted():
     np.testing.assert_array_equal(refreshed.z_H[1], carry.z_H[1])
 
 
-def _set_q_bias(params, halt, cont):
-    params = jax.tree_util.tree_map(lambda x: x, params)
-    params["dense"]["q_head"] = {"kernel": jnp.zeros_like(params["dense"]["q_head"]["kernel"]),
-                                 "bias": jnp.array([halt, cont], jnp.float32)}
-    return params
-
-
 def test_eval_always_runs_halt_max_steps():
     cfg = _act_cfg()
-    params = _set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)  # Q says "halt now"
+    params = set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)  # Q says "halt now"
     batch = random_batch(cfg, 3)
     carry = H.initial_carry(cfg, batch)
     for step in range(1, cfg.halt_max_steps + 1):
@@ -185,10 +160,10 @@ def test_eval_always_runs_halt_max_steps():
 def test_train_halts_on_q_and_at_the_limit():
     cfg = _act_cfg(halt_exploration_prob=0.0)
     batch = random_batch(cfg, 3)
-    halting = _set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
+    halting = set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
     carry, _ = STEP(halting, cfg, H.initial_carry(cfg, batch), batch, jax.random.key(0), train=True)
     assert bool(carry.halted.all())
-    going = _set_q_bias(halting, -5.0, 5.0)
+    going = set_q_bias(halting, -5.0, 5.0)
     carry = H.initial_carry(cfg, batch)
     for step in range(1, cfg.halt_max_steps + 1):
         carry, _ = STEP(going, cfg, carry, batch, jax.random.key(step), train=True)
@@ -197,21 +172,12 @@ def test_train_halts_on_q_and_at_the_limit():
 
 def test_exploration_minimum_steps_cover_two_to_max():
     cfg = _act_cfg(halt_exploration_prob=1.0, halt_max_steps=5)
-    params = _set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)  # would halt at once
-    batch = random_batch(cfg, 512)
-    carry = H.initial_carry(cfg, batch)
-    halted_at = np.zeros(512, int)
-    for step in range(1, cfg.halt_max_steps + 1):
-        carry, _ = STEP(params, cfg, carry, batch, jax.random.key(10 + step), train=True)
-        newly = np.asarray(carry.halted) & (halted_at == 0)
-        halted_at[newly] = step
-        carry = carry.replace(halted=jnp.asarray(halted_at > 0))  # keep halted rows out of the count
-    assert set(halted_at.tolist()) == {2, 3, 4, 5}  # U{2..halt_max_steps}; never 1, never beyond
+    assert exploration_halting_steps(cfg, STEP) == {2, 3, 4, 5}  # U{2..halt_max_steps}; never 1, never beyond
 
 
 def test_exploration_rate_matches_probability():
     cfg = _act_cfg(halt_exploration_prob=0.3)
-    params = _set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
+    params = set_q_bias(H.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
     batch = random_batch(cfg, 4000)
     carry, _ = STEP(params, cfg, H.initial_carry(cfg, batch), batch, jax.random.key(3), train=True)
     # A row survives step 1 only if it explored (its minimum is >= 2).

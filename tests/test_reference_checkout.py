@@ -31,22 +31,26 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("pydantic", reason="the reference's model config is a pydantic model")
 
 import hrm_jax as H  # noqa: E402
-from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: E402
+from benchmarks.reference_trainer import ReferenceTrainer  # noqa: E402
 from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
-from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig
-from hrm_jax.losses import reduce_metrics
-from hrm_jax.train import init_train_state, train_step
+from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig  # noqa: E402
+from tests.model_helpers import random_batch  # noqa: E402
 from tests.test_export_torch import (  # noqa: E402
     JAX_STEP,
     PARITY_BATCH,
     PARITY_RTOL,
     VARIANTS,
-    random_batch,
     random_params,
     rel_err,
     small_config,
 )
-from tests.test_torch_train_step import METRIC_RTOL, assert_trained_params_match, batches  # noqa: E402
+from tests.test_torch_train_step import (  # noqa: E402
+    METRIC_RTOL,
+    assert_trained_params_match,
+    batches,
+    train_jax,
+    train_torch,
+)
 
 REFERENCE_DIR = os.environ.get("HRM_REFERENCE_DIR")
 pytestmark = pytest.mark.skipif(
@@ -135,37 +139,11 @@ def training(ref):
     params["dense"]["q_head"]["bias"][:] = 0.0  # q_halt vs q_continue then differs from row to row
     data = batches(cfg, tc.global_batch_size, TRAIN_STEPS)  # ~10% of the labels ignored
 
-    state = init_train_state(cfg, tc, total_steps).replace(params=jax.device_put(params))
-    jax_metrics = []
-    for batch in data:
-        state, metrics = train_step(state, batch, model_config=cfg, train_config=tc, total_steps=total_steps)
-        jax_metrics.append({k: float(v) for k, v in metrics.items()})
-
-    model = reference_model(ref, cfg, params, tc.global_batch_size).train()
-    dense = [p for p in model.parameters()]
-    exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in dense], [torch.zeros_like(p) for p in dense]
-    sign_sgd = ref.sparse.CastedSparseEmbeddingSignSGD_Distributed(
-        model.model.puzzle_emb.buffers(), world_size=1, lr=0.0, weight_decay=tc.puzzle_emb_weight_decay)
-    lrs, emb_lrs = (_schedule_values(lr, tc, total_steps) for lr in (tc.lr, tc.puzzle_emb_lr))
-    carry, ref_metrics = None, []
-    for step, batch in enumerate(data):
-        batch = {k: torch.tensor(v) for k, v in batch.items()}
-        carry = model.initial_carry(batch) if carry is None else carry
-        carry, loss, sums, _, _ = model(carry=carry, batch=batch, return_keys=[])
-        ((1 / tc.global_batch_size) * loss).backward()
-        with torch.no_grad():
-            adam_atan2_(dense, [p.grad for p in dense], exp_avg, exp_avg_sq, torch.tensor(step + 1.0),
-                        torch.tensor(lrs[step]), tc.beta1, tc.beta2, tc.weight_decay)
-        for group in sign_sgd.param_groups:
-            group["lr"] = float(emb_lrs[step])
-        sign_sgd.step()
-        for p in dense:
-            p.grad = None
-        sign_sgd.zero_grad()
-        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, tc.global_batch_size)
-        ref_metrics.append({k: float(v) for k, v in reduced.items()})
+    state, jax_metrics = train_jax(cfg, tc, total_steps, params, data)
+    model = reference_model(ref, cfg, params, tc.global_batch_size)
+    ref_metrics = train_torch(ReferenceTrainer(ref, model, tc, total_steps), data, tc.global_batch_size)
     ref_params = from_torch_state_dict(model.state_dict(), cfg)
-    return jax_metrics, ref_metrics, params, jax.device_get(state.params), ref_params
+    return jax_metrics, ref_metrics, params, state.params, ref_params
 
 
 def test_training_metrics_match_the_reference_every_step(training):

@@ -35,6 +35,31 @@ def batches(config, batch_size, count):
     return out
 
 
+def train_jax(config, train_config, total_steps, params, data):
+    """hrm_jax.train.train_step over `data` from `params` (and the EMA, when on, from their dense part)
+    -> (the final state on the host, the metrics of every step)."""
+    state = init_train_state(config, train_config, total_steps).replace(params=jax.device_put(params))
+    if state.ema is not None:
+        state = state.replace(ema=jax.device_put(jax.tree.map(np.array, params["dense"])))
+    history = []
+    for batch in data:
+        state, metrics = train_step(state, batch, model_config=config, train_config=train_config,
+                                    total_steps=total_steps)
+        history.append({k: float(v) for k, v in metrics.items()})
+    return jax.device_get(state), history
+
+
+def train_torch(trainer, data, global_batch_size):
+    """trainer.step over `data` (this benchmark's TorchTrainer, or a reference checkout's ReferenceTrainer)
+    -> the metrics of every step, reduced as hrm_jax reduces its own."""
+    history = []
+    for batch in data:
+        sums = trainer.step({k: torch.from_numpy(v) for k, v in batch.items()})
+        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, global_batch_size)
+        history.append({k: float(v) for k, v in reduced.items()})
+    return history
+
+
 @pytest.fixture(scope="module")
 def runs():
     config = small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)
@@ -45,21 +70,11 @@ def runs():
     params = jax.tree.map(np.array, random_params(config, seed=4))
     data = batches(config, train_config.global_batch_size, STEPS)
 
-    state = init_train_state(config, train_config, total_steps).replace(params=jax.device_put(params))
-    jax_metrics = []
-    for batch in data:
-        state, metrics = train_step(state, batch, model_config=config, train_config=train_config,
-                                    total_steps=total_steps)
-        jax_metrics.append({k: float(v) for k, v in metrics.items()})
-
+    state, jax_metrics = train_jax(config, train_config, total_steps, params, data)
     trainer = TorchTrainer(model_from_params(params, config, "cpu"), train_config, total_steps)
-    torch_metrics = []
-    for batch in data:
-        sums = trainer.step({k: torch.from_numpy(v) for k, v in batch.items()})
-        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, train_config.global_batch_size)
-        torch_metrics.append({k: float(v) for k, v in reduced.items()})
+    torch_metrics = train_torch(trainer, data, train_config.global_batch_size)
     torch_params = from_torch_state_dict(trainer.inner.state_dict(prefix="model.inner."), config)
-    return jax_metrics, torch_metrics, params, jax.device_get(state.params), torch_params, trainer
+    return jax_metrics, torch_metrics, params, state.params, torch_params, trainer
 
 
 def test_metrics_match_every_step(runs):

@@ -91,17 +91,22 @@ def test_train_step_is_deterministic_and_advances():
     assert np.all(np.isfinite([v for h in hist_a for v in h.values()]))
 
 
-def test_loss_drops_on_a_fixed_task():
+def assert_learns_the_toy_task(state, step_fn) -> None:
+    """40 steps of step_fn(state, batch) on fresh toy batches halve the lm loss and take the halted rows'
+    token accuracy past 0.9 (measured for HRM: lm_loss ~2.1 -> ~0.35, token accuracy 1.0)."""
     rng = np.random.default_rng(2)
-    state, losses, accuracy = init_train_state(CFG, TC, TOTAL), [], []
+    losses, accuracy = [], []
     for _ in range(40):
-        state, metrics = step(state, batch_of(rng, rng.integers(1, NUM_TRAIN + 1, 16)))
+        state, metrics = step_fn(state, batch_of(rng, rng.integers(1, NUM_TRAIN + 1, 16)))
         losses.append(float(metrics["lm_loss"]))
         accuracy.append((float(metrics["accuracy"]), float(metrics["count"])))
-    # Measured: lm_loss ~2.1 -> ~0.35 in 40 steps, token accuracy 1.0 on the halted rows.
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
     late = [a for a, c in accuracy[-5:] if c > 0]
     assert late and np.mean(late) > 0.9
+
+
+def test_loss_drops_on_a_fixed_task():
+    assert_learns_the_toy_task(init_train_state(CFG, TC, TOTAL), step)
 
 
 def test_puzzle_table_sparse_update_and_carry_keeps_unhalted_examples():

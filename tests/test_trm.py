@@ -9,30 +9,13 @@ import pytest
 
 from hrm_jax import trm
 from hrm_jax.config import ConfigError
-from hrm_jax.presets import TRM_MODEL_PRESETS, trm_tiny
+from hrm_jax.presets import TRM_MODEL_PRESETS, tiny, trm_tiny
 from hrm_jax.trm_config import TRMConfig
 from tests import trm_numpy_reference as ref
+from tests.model_helpers import exploration_halting_steps, random_batch, randomized_params, set_q_bias
 from tests.numpy_reference import to_f64
 
 STEP = jax.jit(trm.act_step, static_argnames=("config", "train"))
-
-
-def random_batch(cfg, batch_size, seed=0):
-    rng = np.random.default_rng(seed)
-    return {"inputs": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)), jnp.int32),
-            "labels": jnp.asarray(rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)), jnp.int32),
-            "puzzle_identifiers": jnp.asarray(rng.integers(0, cfg.num_puzzle_identifiers, (batch_size,)), jnp.int32)}
-
-
-def randomized_params(cfg, seed=0):
-    """Init, then randomise the zero-initialised parts (Q head, puzzle table) so the test sees them."""
-    params = trm.init_params(cfg, jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-    params["dense"]["q_head"] = {"kernel": jnp.asarray(rng.normal(0, 0.1, (cfg.hidden_size, 2)), jnp.float32),
-                                 "bias": jnp.asarray(rng.normal(0, 1, (2,)), jnp.float32)}
-    if cfg.puzzle_emb_ndim:
-        params["puzzle_emb"] = jnp.asarray(rng.normal(0, 0.5, params["puzzle_emb"].shape), jnp.float32)
-    return params
 
 
 # The README's four models: trainable parameters as the reference counts them (puzzle table excluded).
@@ -83,7 +66,7 @@ def test_block_matches_numpy_reference(mlp_t, pos):
     dense = randomized_params(cfg, seed=4)["dense"]
     h = jnp.asarray(np.random.default_rng(5).normal(size=(2, cfg.total_seq_len, 32)), jnp.float32)
     cos_sin = trm._cos_sin(cfg)
-    got = jax.jit(trm.TRMBlock(cfg).apply)({"params": dense["L_level"]["layers_0"]}, h, cos_sin)
+    got = jax.jit(trm.block_class(cfg)(cfg).apply)({"params": dense["L_level"]["layers_0"]}, h, cos_sin)
     want = ref.block(cfg, np.asarray(h, np.float64), to_f64(dense["L_level"]["layers_0"]), ref.rope_for(cfg))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 
@@ -194,25 +177,18 @@ def _act_cfg(**kw):
     return trm_tiny(**(base | kw))
 
 
-def _set_q_bias(params, halt, cont):
-    params = jax.tree_util.tree_map(lambda x: x, params)
-    params["dense"]["q_head"] = {"kernel": jnp.zeros_like(params["dense"]["q_head"]["kernel"]),
-                                 "bias": jnp.array([halt, cont], jnp.float32)}
-    return params
-
-
 def test_no_act_continue_halts_on_positive_q_halt_alone():
     cfg = _act_cfg(halt_exploration_prob=0.0)
     batch = random_batch(cfg, 3)
     base = trm.init_params(cfg, jax.random.key(0))
     # q_halt > 0 halts even though q_continue is larger (HRM would continue).
-    carry, out = STEP(_set_q_bias(base, 0.5, 3.0), cfg, trm.initial_carry(cfg, batch), batch, jax.random.key(0),
+    carry, out = STEP(set_q_bias(base, 0.5, 3.0), cfg, trm.initial_carry(cfg, batch), batch, jax.random.key(0),
                       train=True)
     assert bool(carry.halted.all()) and "target_q_continue" not in out
     # q_halt < 0 continues even though q_continue is smaller, until the step limit.
     carry = trm.initial_carry(cfg, batch)
     for step in range(1, cfg.halt_max_steps + 1):
-        carry, out = STEP(_set_q_bias(base, -0.5, -3.0), cfg, carry, batch, jax.random.key(step), train=True)
+        carry, out = STEP(set_q_bias(base, -0.5, -3.0), cfg, carry, batch, jax.random.key(step), train=True)
         assert bool(carry.halted.all()) == (step == cfg.halt_max_steps)
 
 
@@ -220,7 +196,7 @@ def test_with_act_continue_halts_on_q_comparison_and_bootstraps_target():
     cfg = _act_cfg(halt_exploration_prob=0.0, no_ACT_continue=False, halt_max_steps=2)
     batch = random_batch(cfg, 4)
     base = trm.init_params(cfg, jax.random.key(0))
-    carry, _ = STEP(_set_q_bias(base, 0.5, 3.0), cfg, trm.initial_carry(cfg, batch), batch, jax.random.key(0),
+    carry, _ = STEP(set_q_bias(base, 0.5, 3.0), cfg, trm.initial_carry(cfg, batch), batch, jax.random.key(0),
                     train=True)
     assert not bool(carry.halted.any())
     params = randomized_params(cfg, seed=3)
@@ -231,9 +207,22 @@ def test_with_act_continue_halts_on_q_comparison_and_bootstraps_target():
     np.testing.assert_allclose(out["target_q_continue"], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("no_act_continue", [True, False])
+def test_halting_rule_of_the_config_on_numpy_and_jax(no_act_continue):
+    """TRMConfig.halts, which every backend applies (jax act_segment and rollout, the torch module, the ONNX host
+    loop): q_halt > 0 under no_ACT_continue, else HRM's q_halt > q_continue, elementwise on any array type."""
+    cfg = _act_cfg(no_ACT_continue=no_act_continue)
+    q_halt, q_cont = np.array([0.5, 0.5, -0.5, -0.5, 0.0]), np.array([3.0, -3.0, -3.0, 3.0, -1.0])
+    want = [True, True, False, False, False] if no_act_continue else [False, True, True, False, True]
+    assert cfg.halts(q_halt, q_cont).tolist() == want
+    assert np.asarray(jax.jit(cfg.halts)(jnp.asarray(q_halt), jnp.asarray(q_cont))).tolist() == want
+    hrm = tiny()
+    assert hrm.halts(q_halt, q_cont).tolist() == [False, True, True, False, True]
+
+
 def test_eval_always_runs_halt_max_steps():
     cfg = _act_cfg()
-    params = _set_q_bias(trm.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
+    params = set_q_bias(trm.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
     batch = random_batch(cfg, 3)
     carry = trm.initial_carry(cfg, batch)
     for step in range(1, cfg.halt_max_steps + 1):
@@ -245,16 +234,7 @@ def test_eval_always_runs_halt_max_steps():
 @pytest.mark.slow  # the exploration is HRM's function (tests/test_model.py checks it in the default run)
 def test_exploration_minimum_steps_cover_two_to_max():
     cfg = _act_cfg(halt_exploration_prob=1.0, halt_max_steps=5)
-    params = _set_q_bias(trm.init_params(cfg, jax.random.key(0)), 5.0, -5.0)
-    batch = random_batch(cfg, 512)
-    carry = trm.initial_carry(cfg, batch)
-    halted_at = np.zeros(512, int)
-    for step in range(1, cfg.halt_max_steps + 1):
-        carry, _ = STEP(params, cfg, carry, batch, jax.random.key(10 + step), train=True)
-        newly = np.asarray(carry.halted) & (halted_at == 0)
-        halted_at[newly] = step
-        carry = carry.replace(halted=jnp.asarray(halted_at > 0))
-    assert set(halted_at.tolist()) == {2, 3, 4, 5}
+    assert exploration_halting_steps(cfg, STEP) == {2, 3, 4, 5}
 
 
 def test_puzzle_embedding_fills_slot_zero_then_zeros():

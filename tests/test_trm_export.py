@@ -19,6 +19,8 @@ from export.convert import (  # noqa: E402
 from export.trm_torch_model import TRMTorch, torch_module  # noqa: E402
 from hrm_jax import trm  # noqa: E402
 from hrm_jax.presets import TRM_MODEL_PRESETS, trm_tiny  # noqa: E402
+from tests.model_helpers import random_batch  # noqa: E402
+from tests.test_export_torch import rel_err  # noqa: E402
 
 PARITY_RTOL = 1e-5
 SEGMENTS = 3
@@ -44,18 +46,6 @@ def random_params(cfg, seed=0):
         return rng.normal(0, 0.3, x.shape).astype(np.float32) if np.all(x == x.flat[0]) else x
 
     return jax.tree.map(fill, params)
-
-
-def random_batch(cfg, batch_size, seed):
-    rng = np.random.default_rng(seed)
-    return {"inputs": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)).astype(np.int32),
-            "labels": rng.integers(0, cfg.vocab_size, (batch_size, cfg.seq_len)).astype(np.int32),
-            "puzzle_identifiers": rng.integers(0, cfg.num_puzzle_identifiers, (batch_size,)).astype(np.int32)}
-
-
-def rel_err(got, want):
-    got = got.detach().float().numpy() if isinstance(got, torch.Tensor) else np.asarray(got, np.float32)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
 def loaded(cfg, params):
@@ -172,3 +162,23 @@ def test_every_solver_backend_reads_a_trm_checkpoint_and_prints_the_same_grid(tm
         outputs[backend] = [line for line in out.splitlines() if "|" in line or "+" in line]  # the grid
     assert outputs["jax"] == outputs["torch"] == outputs["onnx"]
     assert len(outputs["jax"]) == 11
+
+
+@pytest.mark.slow  # ~45 s on 2 loaded cores (the segment graph's export); TRMConfig.halts is tested in test_trm.py
+def test_onnx_host_loop_halts_by_the_configs_rule_with_act_continue(tmp_path):
+    """With no_ACT_continue=False TRM halts as HRM does (q_halt > q_continue): the ONNX host loop over the segment
+    graph must stop each row where the torch module's solve does, on a draw where the two rules disagree."""
+    pytest.importorskip("onnxruntime")
+    from export.onnx import export_onnx
+    from export.onnx_runtime import OnnxLoopSolver
+
+    cfg = small_config(no_ACT_continue=False, halt_max_steps=4, L_layers=1)
+    params, batch = random_params(cfg, seed=12), random_batch(cfg, 16, seed=13)
+    inputs, ids = torch.from_numpy(batch["inputs"]), torch.from_numpy(batch["puzzle_identifiers"])
+    want = loaded(cfg, params).solve(inputs, ids, early_halt=True)
+    other_rule = loaded(cfg.replace(no_ACT_continue=True), params).solve(inputs, ids, early_halt=True)
+    assert not torch.equal(want.steps, other_rule.steps), "the rules agree on this draw: the test could not fail"
+    path = export_onnx(loaded(cfg, params), tmp_path / "trm.segment.onnx", "segment")
+    got = OnnxLoopSolver(path, early_halt=True).solve(batch["inputs"], batch["puzzle_identifiers"])
+    np.testing.assert_array_equal(got.steps, want.steps.numpy())
+    np.testing.assert_array_equal(got.predictions, want.logits.argmax(-1).numpy())

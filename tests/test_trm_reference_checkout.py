@@ -29,14 +29,20 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import trm_reference  # noqa: E402
-from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: E402
-from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
+from benchmarks.reference_trainer import ReferenceTrainer  # noqa: E402
+from export.convert import from_torch_state_dict  # noqa: E402
 from hrm_jax import trm  # noqa: E402
-from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig  # noqa: E402
-from hrm_jax.losses import reduce_metrics  # noqa: E402
-from hrm_jax.train import init_train_state, train_step  # noqa: E402
-from tests.test_torch_train_step import METRIC_RTOL, assert_trained_params_match, batches  # noqa: E402
-from tests.test_trm_export import PARITY_RTOL, VARIANTS, random_batch, random_params, rel_err, small_config  # noqa: E402
+from hrm_jax.config import TrainConfig  # noqa: E402
+from tests.model_helpers import random_batch  # noqa: E402
+from tests.test_export_torch import rel_err  # noqa: E402
+from tests.test_torch_train_step import (  # noqa: E402
+    METRIC_RTOL,
+    assert_trained_params_match,
+    batches,
+    train_jax,
+    train_torch,
+)
+from tests.test_trm_export import PARITY_RTOL, VARIANTS, random_params, small_config  # noqa: E402
 
 REFERENCE_DIR = os.environ.get("TRM_REFERENCE_DIR")
 pytestmark = pytest.mark.skipif(
@@ -57,14 +63,6 @@ def ref():
     return trm_reference.load(REFERENCE_DIR)
 
 
-def reference_model(ref, cfg, params, batch_size):
-    """ACTLossHead(TinyRecursiveReasoningModel_ACTV1) of the checkout holding hrm_jax's params."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in IMPLEMENTATION_FIELDS} | {"batch_size": batch_size}
-    model = ref.losses.ACTLossHead(ref.trm.TinyRecursiveReasoningModel_ACTV1(config), "stablemax_cross_entropy")
-    model.load_state_dict(to_torch_state_dict(jax.device_get(params), cfg), strict=True)
-    return model
-
-
 def reference_carry(ref, carry):
     m = ref.trm
     arrays = {n: torch.tensor(np.asarray(getattr(carry, n))) for n in ("z_H", "z_L", "steps", "halted")}
@@ -79,7 +77,7 @@ def test_every_eval_segment_matches_the_reference(ref, index):
     z values, logits and Q logits within PARITY_RTOL, step counts and halting flags exactly."""
     cfg = small_config(halt_max_steps=SEGMENTS - 1, **VARIANTS[index])
     params, batch = random_params(cfg, seed=6), random_batch(cfg, 5, seed=7)
-    model = reference_model(ref, cfg, params, 5).eval()
+    model = trm_reference.model(ref, cfg, params, 5).eval()
     carry = trm.initial_carry(cfg, batch)
     worst = 0.0
     for segment in range(SEGMENTS):
@@ -115,42 +113,13 @@ def training(ref, request):
     params["dense"]["q_head"]["bias"][:] = 0.0
     data = batches(cfg, tc.global_batch_size, TRAIN_STEPS)
 
-    state = init_train_state(cfg, tc, total_steps)
-    state = state.replace(params=jax.device_put(params), ema=jax.device_put(jax.tree.map(np.array, params["dense"])))
-    jax_metrics = []
-    for batch in data:
-        state, metrics = train_step(state, batch, model_config=cfg, train_config=tc, total_steps=total_steps)
-        jax_metrics.append({k: float(v) for k, v in metrics.items()})
-
-    model = reference_model(ref, cfg, params, tc.global_batch_size).train()
-    ema = ref.ema.EMAHelper(mu=EMA_RATE)
-    ema.register(model)
-    dense = list(model.parameters())
-    exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in dense], [torch.zeros_like(p) for p in dense]
-    sign_sgd = ref.sparse.CastedSparseEmbeddingSignSGD_Distributed(
-        model.model.puzzle_emb.buffers(), world_size=1, lr=0.0, weight_decay=tc.puzzle_emb_weight_decay)
-    lrs, emb_lrs = (_schedule_values(lr, tc, total_steps) for lr in (tc.lr, tc.puzzle_emb_lr))
-    carry, ref_metrics = None, []
-    for step, batch in enumerate(data):
-        batch = {k: torch.tensor(v) for k, v in batch.items()}
-        carry = model.initial_carry(batch) if carry is None else carry
-        carry, loss, sums, _, _ = model(carry=carry, batch=batch, return_keys=[])
-        ((1 / tc.global_batch_size) * loss).backward()
-        with torch.no_grad():
-            adam_atan2_(dense, [p.grad for p in dense], exp_avg, exp_avg_sq, torch.tensor(step + 1.0),
-                        torch.tensor(lrs[step]), tc.beta1, tc.beta2, tc.weight_decay)
-        for group in sign_sgd.param_groups:
-            group["lr"] = float(emb_lrs[step])
-        sign_sgd.step()
-        for p in dense:
-            p.grad = None
-        sign_sgd.zero_grad()
-        ema.update(model)  # pretrain.py: after train_batch, i.e. after the optimizer steps
-        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, tc.global_batch_size)
-        ref_metrics.append({k: float(v) for k, v in reduced.items()})
+    state, jax_metrics = train_jax(cfg, tc, total_steps, params, data)
+    model = trm_reference.model(ref, cfg, params, tc.global_batch_size)
+    trainer = ReferenceTrainer(ref, model, tc, total_steps)
+    ref_metrics = train_torch(trainer, data, tc.global_batch_size)
     ref_params = from_torch_state_dict(model.state_dict(), cfg)
-    ref_ema = from_torch_state_dict(model.state_dict() | ema.state_dict(), cfg)["dense"]
-    return jax_metrics, ref_metrics, params, jax.device_get(state), ref_params, ref_ema
+    ref_ema = from_torch_state_dict(model.state_dict() | trainer.ema.state_dict(), cfg)["dense"]
+    return jax_metrics, ref_metrics, params, state, ref_params, ref_ema
 
 
 def test_training_metrics_match_the_reference_every_step(training):

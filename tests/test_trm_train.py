@@ -16,7 +16,18 @@ from hrm_jax.ema import eval_params, init_ema, update_ema
 from hrm_jax.evaluate import evaluate
 from hrm_jax.presets import trm_tiny
 from hrm_jax.train import abstract_train_state, init_train_state, train_step
-from tests.test_train import NUM_TRAIN, SEQ, TC, VOCAB, batch_of, leaves_equal, make_dataset, train, train_records
+from tests.test_train import (
+    NUM_TRAIN,
+    SEQ,
+    TC,
+    VOCAB,
+    assert_learns_the_toy_task,
+    batch_of,
+    leaves_equal,
+    make_dataset,
+    train,
+    train_records,
+)
 
 CFG = trm_tiny(seq_len=SEQ, vocab_size=VOCAB, num_puzzle_identifiers=NUM_TRAIN + 1, hidden_size=32, num_heads=2,
                L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=3, expansion=2.0, puzzle_emb_ndim=32,
@@ -70,15 +81,7 @@ def test_continue_loss_is_back_with_no_act_continue_false():
 
 
 def test_tiny_trm_learns_the_toy_task():
-    rng = np.random.default_rng(2)
-    state, losses, accuracy = init_train_state(CFG, TC_EMA, TOTAL), [], []
-    for _ in range(40):
-        state, metrics = step(state, batch_of(rng, rng.integers(1, NUM_TRAIN + 1, 16)))
-        losses.append(float(metrics["lm_loss"]))
-        accuracy.append((float(metrics["accuracy"]), float(metrics["count"])))
-    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
-    late = [a for a, c in accuracy[-5:] if c > 0]
-    assert late and np.mean(late) > 0.9
+    assert_learns_the_toy_task(init_train_state(CFG, TC_EMA, TOTAL), step)
 
 
 def test_checkpoint_round_trip_keeps_trained_and_averaged_weights(tmp_path):
