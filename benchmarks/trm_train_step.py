@@ -13,7 +13,7 @@ the paper's global batch (768, one GPU):
   (models/recursive_reasoning/trm.py, models/losses.py ACTLossHead, models/sparse_embedding.py,
   models/ema.py EMAHelper; loaded by benchmarks/trm_reference.py) under `torch.compile` as pretrain.py
   compiles its model: forward + loss, `((1 / B) * loss).backward()`, the dense update, the sign-SGD,
-  `zero_grad`, `EMAHelper.update`. The dense update is benchmarks.torch_train_step.adam_atan2_ (the
+  `zero_grad`, `EMAHelper.update`. The dense update is export.torch_train.adam_atan2_ (the
   AdamATan2 formula) compiled by torch.compile, because the reference's adam-atan2 CUDA extension
   is not installable offline; everything else is the reference's code.
 
@@ -109,8 +109,8 @@ class ReferenceTrainer:
     def __init__(self, ref, model_config, train_config, total_steps, params, device: str, compiled: bool) -> None:
         import torch  # noqa: PLC0415  (torch is optional for hrm_jax; the benchmark needs it)
 
-        from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: PLC0415
         from export.convert import to_torch_state_dict  # noqa: PLC0415
+        from export.torch_train import adam_atan2_, schedule_values  # noqa: PLC0415
 
         self.torch, self.device, self.tc = torch, device, train_config
         arch = {k: v for k, v in model_config.to_dict().items() if k not in IMPLEMENTATION_FIELDS}
@@ -131,8 +131,8 @@ class ReferenceTrainer:
             weight_decay=train_config.puzzle_emb_weight_decay)
         self.ema = ref.ema.EMAHelper(mu=train_config.ema_rate)
         self.ema.register(self.model)
-        self.lrs = torch.from_numpy(_schedule_values(train_config.lr, train_config, total_steps)).to(device)
-        self.emb_lrs = _schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
+        self.lrs = torch.from_numpy(schedule_values(train_config.lr, train_config, total_steps)).to(device)
+        self.emb_lrs = schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
         self.update_counts = torch.arange(1, total_steps + 2, dtype=torch.float32, device=device)
         self.carry, self.step_count = None, 0
 

@@ -1,7 +1,7 @@
 """hrm_jax against the reference's own code (sapientinc/HRM), where a checkout of it is at hand.
 
 Every other parity test compares against our transcriptions of the reference (tests/numpy_reference.py,
-export/torch_model.py, benchmarks/torch_train_step.py). This one imports the reference's modules
+export/torch_model.py, export/torch_train.py). This one imports the reference's modules
 (models/hrm/hrm_act_v1.py, models/losses.py, models/sparse_embedding.py) from a checkout and runs
 them on the CPU in float32, so a misreading shared by all our transcriptions would show here. The
 reference cannot be copied into this repository, and CI has no internet, so it is skipped unless
@@ -12,7 +12,7 @@ reference cannot be copied into this repository, and CI has no internet, so it i
 
 flash-attn has no CPU build: a stand-in `flash_attn.flash_attn_func` computes the same non-causal
 attention with torch's SDPA. The reference's AdamATan2 is a CUDA extension: the dense update uses
-benchmarks.torch_train_step.adam_atan2_ (tested against hrm_jax's optimizer elsewhere); the sparse
+export.torch_train.adam_atan2_ (tested against hrm_jax's optimizer elsewhere); the sparse
 sign-SGD, the model, the ACT wrapper and the loss head are the reference's.
 """
 
@@ -31,8 +31,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("pydantic", reason="the reference's model config is a pydantic model")
 
 import hrm_jax as H  # noqa: E402
-from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: E402
 from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
+from export.torch_train import adam_atan2_, schedule_values  # noqa: E402
 from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig
 from hrm_jax.losses import reduce_metrics
 from hrm_jax.train import init_train_state, train_step
@@ -146,7 +146,7 @@ def training(ref):
     exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in dense], [torch.zeros_like(p) for p in dense]
     sign_sgd = ref.sparse.CastedSparseEmbeddingSignSGD_Distributed(
         model.model.puzzle_emb.buffers(), world_size=1, lr=0.0, weight_decay=tc.puzzle_emb_weight_decay)
-    lrs, emb_lrs = (_schedule_values(lr, tc, total_steps) for lr in (tc.lr, tc.puzzle_emb_lr))
+    lrs, emb_lrs = (schedule_values(lr, tc, total_steps) for lr in (tc.lr, tc.puzzle_emb_lr))
     carry, ref_metrics = None, []
     for step, batch in enumerate(data):
         batch = {k: torch.tensor(v) for k, v in batch.items()}

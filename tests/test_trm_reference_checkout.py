@@ -12,7 +12,7 @@ CI has no internet and the reference cannot be copied into this repository, so i
     TRM_REFERENCE_DIR=/tmp/trm_ref python -m pytest tests/test_trm_reference_checkout.py
 
 pydantic (the reference's config class) is used if installed, else a stand-in. The reference trains
-with AdamATan2, a CUDA extension: the dense update here is benchmarks.torch_train_step.adam_atan2_
+with AdamATan2, a CUDA extension: the dense update here is export.torch_train.adam_atan2_
 (tested against hrm_jax's optimizer elsewhere); the model, ACT wrapper, loss head, sparse sign-SGD
 and EMAHelper are the reference's.
 """
@@ -29,8 +29,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import trm_reference  # noqa: E402
-from benchmarks.torch_train_step import _schedule_values, adam_atan2_  # noqa: E402
 from export.convert import from_torch_state_dict, to_torch_state_dict  # noqa: E402
+from export.torch_train import adam_atan2_, schedule_values  # noqa: E402
 from hrm_jax import trm  # noqa: E402
 from hrm_jax.config import IMPLEMENTATION_FIELDS, TrainConfig  # noqa: E402
 from hrm_jax.losses import reduce_metrics  # noqa: E402
@@ -129,7 +129,7 @@ def training(ref, request):
     exp_avg, exp_avg_sq = [torch.zeros_like(p) for p in dense], [torch.zeros_like(p) for p in dense]
     sign_sgd = ref.sparse.CastedSparseEmbeddingSignSGD_Distributed(
         model.model.puzzle_emb.buffers(), world_size=1, lr=0.0, weight_decay=tc.puzzle_emb_weight_decay)
-    lrs, emb_lrs = (_schedule_values(lr, tc, total_steps) for lr in (tc.lr, tc.puzzle_emb_lr))
+    lrs, emb_lrs = (schedule_values(lr, tc, total_steps) for lr in (tc.lr, tc.puzzle_emb_lr))
     carry, ref_metrics = None, []
     for step, batch in enumerate(data):
         batch = {k: torch.tensor(v) for k, v in batch.items()}
