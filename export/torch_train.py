@@ -44,6 +44,7 @@ class TorchCarry(NamedTuple):
     inputs: torch.Tensor
     labels: torch.Tensor
     puzzle_identifiers: torch.Tensor
+    puzzle_rows: torch.Tensor | None = None  # f32[B, puzzle_emb_ndim]: given rows instead of the table's
 
 
 def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
@@ -131,6 +132,10 @@ class TorchTrainer:
     """Holds the torch model, optimizer state and ACT carry; `step(batch)` is one training step.
 
     batch: dict of int tensors on the model's device (inputs/labels [B, seq_len], puzzle_identifiers [B]).
+    Opt-in, not part of the reference's step: batch["puzzle_rows"] f32[B, puzzle_emb_ndim] fills the
+    prepended puzzle positions instead of the embedding table (e.g. a memory's read-out per example,
+    benchmarks/memory_readout.py); the rows ride in the ACT carry with their example, receive no update,
+    and the table is then neither read nor trained. Without it every step is the reference's.
     """
 
     def __init__(self, model: HRMTorch, train_config: TrainConfig, total_steps: int, *, compiled: bool = False):
@@ -162,15 +167,20 @@ class TorchTrainer:
                                     batch["inputs"], batch["labels"], batch["puzzle_identifiers"])
         c = self.carry
         row = c.halted.view(-1, 1)
+        rows = batch.get("puzzle_rows")
+        if rows is not None:
+            rows = rows if c.puzzle_rows is None else torch.where(row, rows, c.puzzle_rows)
         return TorchCarry(*self.inner.restart_halted(c.halted, c.z_H, c.z_L, c.steps), c.halted,
                           torch.where(row, batch["inputs"], c.inputs), torch.where(row, batch["labels"], c.labels),
-                          torch.where(c.halted, batch["puzzle_identifiers"], c.puzzle_identifiers))
+                          torch.where(c.halted, batch["puzzle_identifiers"], c.puzzle_identifiers), rows)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimizer step; returns the metric sums (tensors, not synchronised)."""
         carry = self._refresh(batch)
         rows = None
-        if self.config.puzzle_emb_ndim > 0:
+        if carry.puzzle_rows is not None:
+            rows = carry.puzzle_rows.detach()
+        elif self.config.puzzle_emb_ndim > 0:
             rows = self.inner.puzzle_emb.weights[carry.puzzle_identifiers].detach().requires_grad_(True)
         for p in self.params:
             p.grad = None
@@ -182,7 +192,7 @@ class TorchTrainer:
         with torch.no_grad():
             self._update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq,
                          self.update_counts[index], self.lrs[index], tc.beta1, tc.beta2, tc.weight_decay)
-            if rows is not None:
+            if rows is not None and rows.requires_grad:  # table rows, not given ones
                 self._sign_sgd(carry.puzzle_identifiers, rows.grad, self.emb_lrs[index])
         self.step_count += 1
         return metrics

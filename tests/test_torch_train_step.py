@@ -147,3 +147,27 @@ def test_the_step_runs_without_jax():
     out = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_given_puzzle_rows_replace_the_table_and_ride_in_the_carry():
+    """The opt-in batch["puzzle_rows"]: given the table's own rows, the first step is the default step
+    (same loss and dense update); the rows then stay with their example in the ACT carry, and the table
+    is never trained."""
+    config = small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)
+    train_config = TrainConfig(global_batch_size=6, lr=3e-3, lr_warmup_steps=2, puzzle_emb_lr=1e-2)
+    params = jax.tree.map(np.array, random_params(config, seed=4))
+    table = torch.from_numpy(params["puzzle_emb"])
+    default, given = (TorchTrainer(model_from_params(params, config, "cpu"), train_config, 10) for _ in range(2))
+    carried = 0  # rows that kept their example (and rows) into a step
+    for step, batch in enumerate(batches(config, train_config.global_batch_size, STEPS)):
+        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+        carried += 0 if given.carry is None else int((~given.carry.halted).sum())
+        got = given.step({**batch, "puzzle_rows": table[batch["puzzle_identifiers"].long()]})
+        assert torch.equal(given.carry.puzzle_rows, table[given.carry.puzzle_identifiers.long()])
+        if step == 0:
+            want = default.step(batch)
+            assert float(got["lm_loss"]) == pytest.approx(float(want["lm_loss"]), rel=1e-6)
+            for a, b in zip(given.params, default.params):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert carried > 0
+    assert torch.equal(given.inner.puzzle_emb.weights, table)
