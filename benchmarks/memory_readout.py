@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--eval-queries", type=int, default=512)
     parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # spin-waiting OpenMP threads slow down by 10x and more on a CPU other jobs share
     rows = []
     for task in args.task:
         for seed in args.seeds:

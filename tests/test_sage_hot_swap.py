@@ -155,11 +155,12 @@ def test_swap_mid_stream_drops_nothing_and_serves_the_new_weights(params, tmp_pa
     assert_answers_are_each_versions(*run, tmp_path / "served", tmp_path / "m", minimum=30)
 
 
-@pytest.mark.parametrize("fmt", ["folder"])
+@pytest.mark.slow  # two ONNX exports: 10-45 s each on a loaded 2-core CPU
+@pytest.mark.parametrize("fmt", ["folder", "checkpoint"])
 def test_onnx_backend_reexports_each_version_off_the_serving_thread(params, tmp_path, fmt):
-    """--backend onnx: version 1 (a model folder, as the torch sleep trainer publishes) is exported to ONNX
-    on the reloader's thread while version 0 keeps answering, then swapped in; nothing dropped or doubled,
-    and the answers are each version's."""
+    """--backend onnx: version 1 (a model folder, as the torch sleep trainer publishes it, or the jax trainer's
+    checkpoint) is exported to ONNX on the reloader's thread while version 0 keeps answering, then swapped
+    in; nothing dropped or doubled, and the answers are each version's."""
     run = swap_under_load("onnx", params, tmp_path, minimum=10, fmt=fmt)
     submitted, answers, _, published_at, swapped_at = run
     assert_answers_are_each_versions(*run, tmp_path / "served", tmp_path / "m", minimum=10)
@@ -167,6 +168,25 @@ def test_onnx_backend_reexports_each_version_off_the_serving_thread(params, tmp_
     assert len(exports) == 2  # one graph per version
     served_while_exporting = [i for i, (_, t) in answers.items() if published_at < t < swapped_at]
     assert len(served_while_exporting) >= 5, (len(served_while_exporting), swapped_at - published_at)
+
+
+NO_TORCH_SERVE = textwrap.dedent("""
+    import sys
+    sys.modules["torch"] = None
+    from sage.__main__ import main
+    sys.exit(main(["serve", "--model", "unused", "--backend", "onnx", *sys.argv[1:]]))
+""")
+
+
+def test_onnx_backend_without_torch_says_that_exporting_needs_it(params, tmp_path):
+    weights_dir = tmp_path / "served"
+    publish(str(weights_dir), params[0], CONFIG, {"source": "test"}, version=0, fmt="folder")
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_SERVE, "--weights-dir", str(weights_dir), "--inbox",
+                          name("in"), "--outbox", name("out"), "--state-dir", str(tmp_path / "state")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "exporting needs torch" in lines[0] and "v000000" in lines[0], lines
 
 
 def test_a_version_of_another_model_is_refused_and_the_old_one_kept(params, tmp_path):
