@@ -352,7 +352,9 @@ def _shipped_model_dir(model: str) -> Path | None:
 def load_backend(model: str | os.PathLike, backend: str, *, device: str = "cpu",
                  config_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  threads: int | None = None) -> SegmentBackend:
-    """The segment backend for `model` (an exported ONNX file, an orbax checkpoint directory, a torch state
+    """The segment backend for `model` (an exported ONNX file, a model folder (model.safetensors + config.json:
+    the shipped model, or a version the torch sleep trainer published; read without JAX), an orbax checkpoint
+    directory, a torch state
     dict .safetensors/.pt with its HRMConfig JSON, or "pretrained" for the shipped Sudoku model) on
     `backend` and `device`."""
     if backend not in BACKENDS:
@@ -360,7 +362,8 @@ def load_backend(model: str | os.PathLike, backend: str, *, device: str = "cpu",
     path = _shipped_model_dir(str(model)) or Path(model)
     if not path.exists():
         raise ModelError(f"--model {path}: no such file or directory; pass an exported .onnx file "
-                         "(python -m export onnx), an orbax checkpoint directory or a .safetensors state dict")
+                         "(python -m export onnx), a model folder, an orbax checkpoint directory or a .safetensors "
+                         "state dict")
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "sage"
     cache.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(path, backend, device, Path(config_path) if config_path else None, cache, threads)
