@@ -355,7 +355,8 @@ _FLAG_HELP = {
     "tolerance": "largest accepted drop of the metric (absolute)", "eval_batch_size": "evaluation batch",
     "max_eval_batches": "evaluate only this many held-out batches", "keep_versions": "published versions kept",
     "seed": "seed of sampling, augmentation and the ACT exploration",
-    "trainer": f"one of {TRAINERS}: fine-tune with JAX, with torch (no JAX needed), or JAX where it is installed",
+    "trainer": "jax (hrm_jax's train step), torch (the same step in torch, no JAX needed) or auto (jax where it "
+               "imports, else torch)",
 }
 
 
