@@ -142,22 +142,26 @@ def train_arm(arm: str, task: str, seed: int, args) -> dict:
             "loss_first_last": [float(np.mean(losses[:20])), float(np.mean(losses[-20:]))], "eval": evals}
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], symbols: int, path: str) -> None:
+    """Exact (top) and token (bottom) accuracy as served against the memory's load, per task, arm and seed."""
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        for arm, style in zip(ARMS, ("-o", "--s")):
-            for row in (r for r in rows if r["task"] == task and r["arm"] == arm):
-                sizes = sorted(int(m) for m in row["eval"])
-                ax.plot(sizes, [row["eval"][str(m)]["exact_accuracy"] for m in sizes], style,
-                        label=f"{arm} (seed {row['seed']})")
-        recall_row = next(r for r in rows if r["task"] == task)
-        sizes = sorted(int(m) for m in recall_row["eval"])
-        ax.plot(sizes, [recall_row["eval"][str(m)]["memory_recall"] for m in sizes], ":", color="gray",
-                label="memory recall (ceiling)")
-        ax.set(title=f"task {task}", xscale="log", xlabel="associations per memory (64 slots)",
-               ylabel="exact accuracy", ylim=(-0.02, 1.02))
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 6.4), squeeze=False)
+    for column, task in enumerate(tasks):
+        for ax, metric in zip(axes[:, column], ("exact_accuracy", "token_accuracy")):
+            for arm, style in zip(ARMS, ("-o", "--s")):
+                for row in (r for r in rows if r["task"] == task and r["arm"] == arm):
+                    sizes = sorted(int(m) for m in row["eval"])
+                    ax.plot(sizes, [row["eval"][str(m)][metric] for m in sizes], style,
+                            label=f"{arm} (seed {row['seed']})")
+            first = next(r for r in rows if r["task"] == task)
+            sizes = sorted(int(m) for m in first["eval"])
+            ax.plot(sizes, [first["eval"][str(m)]["memory_recall"] for m in sizes], ":", color="gray",
+                    label="memory recall (ceiling)")
+            if metric == "token_accuracy":
+                ax.axhline(1 / symbols, color="black", lw=0.6, label="chance 1/V")
+            ax.set(title=f"task {task}", xscale="log", xlabel="associations per memory (64 slots)",
+                   ylabel=metric.replace("_", " ") + " (served)", ylim=(-0.02, 1.02))
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -197,7 +201,7 @@ def main() -> None:
                "torch": torch.__version__}
     with open(os.path.join(args.out, "memory_readout.json"), "w") as f:
         json.dump({"settings": vars(args), "machine": machine, "rows": rows}, f, indent=1)
-    plot(rows, os.path.join(args.out, "memory_readout.png"))
+    plot(rows, args.symbols, os.path.join(args.out, "memory_readout.png"))
     print(f"wrote {os.path.join(args.out, 'memory_readout.json')} and .png")
 
 
