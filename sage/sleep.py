@@ -174,10 +174,12 @@ def select_trainer(name: str) -> Trainer:
 FORMATS = ("checkpoint", "folder")
 
 
-def import_weights(weights_dir: str, checkpoint: str, trainer: Trainer) -> int:
-    """Publishes a model (an hrm_jax checkpoint, a model folder, "pretrained") as version 0."""
+def import_weights(weights_dir: str, checkpoint: str, trainer: Trainer | None = None) -> int:
+    """Publishes a model (an hrm_jax checkpoint, a model folder, "pretrained") as version 0, in the format
+    of `trainer` (default: auto)."""
     if weights.read_current(weights_dir) is not None:
         raise SleepError(f"{weights_dir} already publishes weights; import only into an empty weights directory")
+    trainer = trainer or select_trainer("auto")
     params, config = trainer.load(checkpoint)
     return publish(weights_dir, params, config, {"source": str(checkpoint)}, version=0, fmt=trainer.weights_format)
 
