@@ -34,6 +34,16 @@ METRIC_RTOL = 1e-4
 PARAM_ATOL = 2e-5  # parameters move ~lr = 3e-3 per step
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Torch on one intra-op thread for this module: on a CPU that other jobs share, its spin-waiting OpenMP
+    workers make these small steps up to 10x slower (BUILD_NOTES.md, "Memory and sleep")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def batches(config, batch_size, count):
     """The benchmark's random batches as NumPy, with ~10% of the labels ignored."""
     rng = np.random.default_rng(1)
@@ -101,13 +111,13 @@ def test_trainer_counts_steps_and_keeps_a_detached_carry(runs):
     assert not trainer.carry.z_H.requires_grad and not trainer.carry.z_L.requires_grad
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(warmup=st.integers(0, 50), total=st.integers(1, 400), min_ratio=st.floats(0.0, 1.0), lr=st.floats(1e-6, 1.0))
 def test_schedule_values_are_hrm_jax_schedule(warmup, total, min_ratio, lr):
     """The NumPy schedule (no JAX) is hrm_jax.optim.lr_schedule at every step, to float32 rounding (a few ulp:
     the same float32 operations, sin from another library)."""
     tc = TrainConfig(lr=lr, lr_warmup_steps=warmup, lr_min_ratio=min_ratio)
-    want = np.asarray(jax.vmap(lr_schedule(lr, warmup, total, min_ratio))(np.arange(total + 1)))
+    want = np.asarray(lr_schedule(lr, warmup, total, min_ratio)(np.arange(total + 1)))
     np.testing.assert_allclose(schedule_values(lr, tc, total), want, rtol=1e-6, atol=1e-6 * lr)
 
 
@@ -145,7 +155,8 @@ def test_the_step_runs_without_jax():
             "print('ok')\n")
     config = small_config(vocab_size=5, forward_dtype="float32").to_dict()
     out = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
