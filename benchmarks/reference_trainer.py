@@ -4,7 +4,7 @@
 Both pretrain.py files run the same `train_batch` for world size 1: forward and loss of the ACTLossHead
 model, `((1 / global_batch_size) * loss).backward()`, the dense update, the sparse sign-SGD of the puzzle
 embedding (models/sparse_embedding.py), `zero_grad`; TRM's then updates its EMAHelper (models/ema.py) when
-`ema` is on. The dense update is benchmarks.torch_train_step.adam_atan2_ (the AdamATan2 formula): the
+`ema` is on. The dense update is export.torch_train.adam_atan2_ (the AdamATan2 formula): the
 reference's adam-atan2 is a CUDA extension that is not installable offline. Everything else is the checkout's.
 """
 
@@ -14,7 +14,7 @@ import types
 
 import torch
 
-from benchmarks.torch_train_step import _schedule_values, adam_atan2_
+from export.torch_train import adam_atan2_, schedule_values
 from hrm_jax.config import OptimConfig
 
 
@@ -41,9 +41,9 @@ class ReferenceTrainer:
         if train_config.ema:
             self.ema = ref.ema.EMAHelper(mu=train_config.ema_rate)
             self.ema.register(self.model)
-        schedule = _schedule_values(train_config.lr, train_config, total_steps)
+        schedule = schedule_values(train_config.lr, train_config, total_steps)
         self.lrs = torch.from_numpy(schedule).to(self.device)
-        self.emb_lrs = _schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
+        self.emb_lrs = schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
         # 1-based update counts on the device: a fresh host tensor per step would be a blocking copy.
         self.update_counts = torch.arange(1, total_steps + 2, dtype=torch.float32, device=self.device)
         self.carry, self.step_count = None, 0

@@ -8,7 +8,7 @@
 Prints steps/s, examples/s, TFLOP/s from the analytic count (benchmarks/common.py) and MFU against
 the GPU's dense bf16 peak, and peak device memory; merges the numbers into
 benchmarks/results/<gpu>-<date>.json. On a CUDA machine the same step of the torch module
-(benchmarks/torch_train_step.py: the reference's train_batch on export.torch_model, eager and
+(export/torch_train.py: the reference's train_batch on export.torch_model, eager and
 torch.compile) runs at the same shapes in the same process, and the JAX/torch ratios are printed.
 """
 
@@ -93,10 +93,10 @@ def bench_train_step(preset: str, batch_size: int, iters: int, warmup: int, atte
 
 
 def bench_torch_train_step(preset: str, batch_size: int, iters: int, warmup: int, compiled: bool) -> dict:
-    """The reference's step in torch (benchmarks/torch_train_step.py) on the GPU, same shapes and schedule."""
+    """The reference's step in torch (export/torch_train.py) on the GPU, same shapes and schedule."""
     import torch  # noqa: PLC0415
 
-    from benchmarks.torch_train_step import TorchTrainer, model_from_params  # noqa: PLC0415
+    from export.torch_train import TorchTrainer, model_from_params  # noqa: PLC0415
     from hrm_jax.model import init_params  # noqa: PLC0415
 
     model_config, train_config, total_steps = _configs(preset, batch_size)

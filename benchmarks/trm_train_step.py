@@ -14,7 +14,7 @@ the paper's global batch (768, one GPU):
   models/ema.py EMAHelper; loaded by benchmarks/trm_reference.py, driven by
   benchmarks/reference_trainer.py) under `torch.compile` as pretrain.py compiles its model: forward +
   loss, `((1 / B) * loss).backward()`, the dense update, the sign-SGD, `zero_grad`, `EMAHelper.update`.
-  The dense update is benchmarks.torch_train_step.adam_atan2_ (the AdamATan2 formula) compiled by
+  The dense update is export.torch_train.adam_atan2_ (the AdamATan2 formula) compiled by
   torch.compile, because the reference's adam-atan2 CUDA extension is not installable offline;
   everything else is the reference's code.
 

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import safetensors.torch
 import torch
@@ -176,32 +175,39 @@ def canonical_state_dict(state_dict: Mapping[str, torch.Tensor], config: HRMConf
     return {prefix + key: value for key, value in sd.items()}
 
 
-def _jax(x: torch.Tensor, transpose: bool = False) -> jnp.ndarray:
+def _numpy(x: torch.Tensor, transpose: bool = False) -> np.ndarray:
     array = x.detach().to(torch.float32).cpu().numpy()
-    return jnp.asarray(array.T if transpose else array)
+    return np.array(array.T if transpose else array, order="C")  # a copy: never aliases a live tensor
 
 
 def from_torch_state_dict(state_dict: Mapping[str, torch.Tensor], config: HRMConfig) -> dict[str, Any]:
     """A reference-layout state dict -> hrm_jax params (float32 jax arrays, kernels [in, out])."""
+    import jax  # noqa: PLC0415  (the rest of this module runs without JAX: a torch-only device converts too)
+
+    return jax.tree.map(jax.numpy.asarray, numpy_params_from_torch(state_dict, config))
+
+
+def numpy_params_from_torch(state_dict: Mapping[str, torch.Tensor], config: HRMConfig) -> dict[str, Any]:
+    """from_torch_state_dict with float32 NumPy leaves: the params tree without JAX."""
     sd = normalize_keys(state_dict)
     _check_against_config(sd, config)
-    dense: dict[str, Any] = {"embed_tokens": {"embedding": _jax(sd["embed_tokens.embedding_weight"])},
-                             "lm_head": {"kernel": _jax(sd["lm_head.weight"], transpose=True)},
-                             "q_head": {"kernel": _jax(sd["q_head.weight"], transpose=True),
-                                        "bias": _jax(sd["q_head.bias"])}}
+    dense: dict[str, Any] = {"embed_tokens": {"embedding": _numpy(sd["embed_tokens.embedding_weight"])},
+                             "lm_head": {"kernel": _numpy(sd["lm_head.weight"], transpose=True)},
+                             "q_head": {"kernel": _numpy(sd["q_head.weight"], transpose=True),
+                                        "bias": _numpy(sd["q_head.bias"])}}
     if config.pos_encodings == "learned":
-        dense["embed_pos"] = {"embedding": _jax(sd["embed_pos.embedding_weight"])}
+        dense["embed_pos"] = {"embedding": _numpy(sd["embed_pos.embedding_weight"])}
     for level, count in _levels(config):
         dense[level] = {}
         for i in range(count):
             layer: dict[str, Any] = {module: {} for module, _ in _block_linears(config).values()}
             for torch_name, (module, proj) in _block_linears(config).items():
-                layer[module][proj] = {"kernel": _jax(sd[f"{level}.layers.{i}.{torch_name}"], transpose=True)}
+                layer[module][proj] = {"kernel": _numpy(sd[f"{level}.layers.{i}.{torch_name}"], transpose=True)}
             dense[level][f"layers_{i}"] = layer
     params: dict[str, Any] = {"dense": dense,
-                              "buffers": {"H_init": _jax(sd["H_init"]), "L_init": _jax(sd["L_init"])}}
+                              "buffers": {"H_init": _numpy(sd["H_init"]), "L_init": _numpy(sd["L_init"])}}
     if config.puzzle_emb_ndim > 0:
-        params["puzzle_emb"] = _jax(sd["puzzle_emb.weights"])
+        params["puzzle_emb"] = _numpy(sd["puzzle_emb.weights"])
     return params
 
 

@@ -10,6 +10,8 @@ A shipped model is a folder of package data under `hrm_jax/weights/<name>/`:
 Weights are read with `safetensors.numpy` (no torch needed) and cast to float32, the dtype the model's
 parameters always have; the forward pass then computes in the config's forward_dtype as usual.
 `python -m export torch --model pretrained` writes the same weights under the reference's key names.
+Importing this module needs no JAX (the folder format is read on devices without it: export/params_folder.py);
+`load_folder` and `load_model` import it when called.
 """
 
 from __future__ import annotations
@@ -21,14 +23,11 @@ import os
 import pathlib
 from typing import Any
 
-import jax
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from hrm_jax.checkpoint import load_params_for_eval
 from hrm_jax.config import HRMConfig
-from hrm_jax.model import init_params
 
 WEIGHTS_PACKAGE = "hrm_jax.weights"
 PRETRAINED = "pretrained"  # the model spec naming the shipped default ("pretrained:NAME" names another)
@@ -117,6 +116,10 @@ def load_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], HRMConfig]:
         flat = load_file(str(path))
     except (OSError, SafetensorError) as error:
         raise PretrainedError(f"{path}: unreadable weights ({error}); reinstall the package") from None
+    import jax  # noqa: PLC0415  (module import stays JAX-free; the shape check builds the abstract params)
+
+    from hrm_jax.model import init_params  # noqa: PLC0415
+
     abstract = jax.eval_shape(lambda k: init_params(config, k), jax.random.key(0))
     expected = flatten_params(abstract, leaf=lambda x: tuple(x.shape))
     missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
@@ -158,4 +161,6 @@ def load_model(spec: str | os.PathLike) -> tuple[dict[str, Any], Any]:
         return load_pretrained(text.partition(":")[2] or DEFAULT_MODEL)
     if (pathlib.Path(text) / "config.json").is_file() and (pathlib.Path(text) / "model.safetensors").is_file():
         return load_folder(text)
+    from hrm_jax.checkpoint import load_params_for_eval  # noqa: PLC0415  (orbax and JAX: only for checkpoints)
+
     return load_params_for_eval(text)

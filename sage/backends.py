@@ -217,18 +217,30 @@ def _from_onnx(spec: ModelSpec) -> SegmentBackend:
 
 
 def _cached_export(spec: ModelSpec, make_model: Callable[[], object]) -> Path:
-    """Exports the segment graph once per model file version into the cache directory."""
-    from export.onnx import export_onnx  # torch's exporter: only when exporting
-
-    stat = spec.path.stat()
-    key = hashlib.sha256(f"{spec.path.resolve()}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()[:16]
-    out = spec.cache_dir / f"{spec.path.stem}-{key}.segment.onnx"
+    """Exports the segment graph once per model file version into the cache directory (a published
+    weights version: once per version, on the hot-swap reloader's thread, sage/hot_swap.py)."""
+    out = spec.cache_dir / f"{spec.path.stem}-{_content_key(spec.path)}.segment.onnx"
     if not out.is_file():
+        try:
+            from export.onnx import export_onnx  # torch's exporter: only when exporting
+        except ImportError as err:
+            raise ModelError(f"{spec.path}: backend {spec.backend} runs an ONNX export of these weights, and "
+                             f"exporting needs torch, which does not import here ({err}); install torch, or export "
+                             "where it is (python -m export onnx) and pass the .onnx file") from None
         logger.info("exporting the segment graph of %s to %s", spec.path, out)
         tmp = out.with_suffix(f".tmp{os.getpid()}.onnx")
         export_onnx(make_model(), tmp, "segment")
         os.replace(tmp, out)
     return out
+
+
+def _content_key(path: Path) -> str:
+    """Names a model file's version: its path and every file's size and mtime (for a directory, the files
+    under it, so that rewriting a file in place also gives a new key)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [str(path.resolve())] + [f"{p.relative_to(path) if p != path else ''}:{p.stat().st_mtime_ns}:"
+                                     f"{p.stat().st_size}" for p in files]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _compute_dtype(spec: ModelSpec, config: HRMConfig) -> str:
@@ -238,14 +250,26 @@ def _compute_dtype(spec: ModelSpec, config: HRMConfig) -> str:
 
 
 def _torch_from_checkpoint(spec: ModelSpec):
-    from export.convert import to_torch_state_dict  # orbax checkpoints need jax
+    from export.convert import to_torch_state_dict
+    from export.params_folder import is_params_folder, read_params  # a shipped or torch-published folder: no jax
     from export.trm_torch_model import torch_module  # HRMTorch or TRMTorch, by the checkpoint's family
-    from hrm_jax.pretrained import load_model  # an orbax checkpoint or a shipped model's folder
 
-    params, config = load_model(spec.path)
+    if is_params_folder(spec.path):
+        params, config = read_params(spec.path)
+    else:
+        params, config = _orbax_params(spec.path)
     model = torch_module(config, _compute_dtype(spec, config))
     model.load_state_dict(to_torch_state_dict(params, config), strict=True)
     return model
+
+
+def _orbax_params(path: Path):
+    try:
+        from hrm_jax.checkpoint import load_params_for_eval  # orbax checkpoints need jax
+    except ImportError as err:
+        raise ModelError(f"{path}: an orbax checkpoint needs JAX to read, which does not import here ({err}); pass "
+                         "a model folder (model.safetensors + config.json) or a state dict with --config") from None
+    return load_params_for_eval(path)
 
 
 def _config_for_state_dict(spec: ModelSpec) -> HRMConfig:
@@ -328,7 +352,9 @@ def _shipped_model_dir(model: str) -> Path | None:
 def load_backend(model: str | os.PathLike, backend: str, *, device: str = "cpu",
                  config_path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                  threads: int | None = None) -> SegmentBackend:
-    """The segment backend for `model` (an exported ONNX file, an orbax checkpoint directory, a torch state
+    """The segment backend for `model` (an exported ONNX file, a model folder (model.safetensors + config.json:
+    the shipped model, or a version the torch sleep trainer published; read without JAX), an orbax checkpoint
+    directory, a torch state
     dict .safetensors/.pt with its HRMConfig JSON, or "pretrained" for the shipped Sudoku model) on
     `backend` and `device`."""
     if backend not in BACKENDS:
@@ -336,7 +362,8 @@ def load_backend(model: str | os.PathLike, backend: str, *, device: str = "cpu",
     path = _shipped_model_dir(str(model)) or Path(model)
     if not path.exists():
         raise ModelError(f"--model {path}: no such file or directory; pass an exported .onnx file "
-                         "(python -m export onnx), an orbax checkpoint directory or a .safetensors state dict")
+                         "(python -m export onnx), a model folder, an orbax checkpoint directory or a .safetensors "
+                         "state dict")
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "sage"
     cache.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(path, backend, device, Path(config_path) if config_path else None, cache, threads)

@@ -32,11 +32,13 @@ makes the address a cosine similarity; there the gate still acts, as the step si
 min(eta g w_j, 1) towards the key (a weakly gated write moves the slot's key less, so it is also
 addressed less sharply). tests/test_fast_memory.py measures both effects.
 
-Where the read-out enters HRM (a design, not measured in this module): HRM already prepends
-`puzzle_emb_len` positions filled from a per-puzzle embedding row ([batch, puzzle_emb_ndim],
-hrm_jax.model.gather_puzzle_rows feeding act_segment). A memory with d = puzzle_emb_ndim can
-supply that row from r = V a, keyed by a summary of the input (e.g. its mean token embedding), so
-the model attends to the memory at an extra prepended position without any change to its layers.
+Where the read-out enters HRM: HRM already prepends `puzzle_emb_len` positions filled from a
+per-puzzle embedding row ([batch, puzzle_emb_ndim], hrm_jax.model.gather_puzzle_rows feeding
+act_segment). A memory with d = puzzle_emb_ndim supplies that row from r = V a, keyed by an
+encoding of the input, so the model attends to the memory at a prepended position without any
+change to its layers (zero while the memory is empty). The torch training step takes such rows
+opt-in (export/torch_train.py, batch["puzzle_rows"]); benchmarks/memory_readout.py measures it on a
+recall task, and BUILD_NOTES.md ("Memory and sleep") has the result and the decision.
 """
 
 from __future__ import annotations

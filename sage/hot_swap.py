@@ -4,10 +4,12 @@
 read) every `interval` seconds. When it names a version above the one served, it builds the backend
 of that version in a worker thread while the server keeps answering with the old one; the server
 then takes the finished backend between two segment steps (Engine.swap_backend), so no request is
-dropped or re-run. Rows in flight keep their carry and run their remaining segments on the new
-weights: the carry is a hidden state of the same shape, and a swap only ever happens between two
-segments. A version whose model config or carry differs from the served one is refused (logged):
-the carries in flight and on disk would not fit it.
+dropped or re-run. For --backend onnx (and tensorrt) that build exports the version's segment graph
+with torch (sage.backends._cached_export; tens of seconds of CPU on a small device, measured in
+BUILD_NOTES.md), still on the worker thread. Rows in flight keep their carry and run their
+remaining segments on the new weights: the carry is a hidden state of the same shape, and a swap
+only ever happens between two segments. A version whose model config or carry differs from the
+served one is refused (logged): the carries in flight and on disk would not fit it.
 
 `IdleSleeper` starts one sleep cycle (`python -m sage sleep ...`, sage/sleep.py) as a child process
 when no request has arrived for `idle_after` seconds; the server keeps serving meanwhile, and the

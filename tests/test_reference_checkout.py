@@ -1,7 +1,7 @@
 """hrm_jax against the reference's own code (sapientinc/HRM), where a checkout of it is at hand.
 
 Every other parity test compares against our transcriptions of the reference (tests/numpy_reference.py,
-export/torch_model.py, benchmarks/torch_train_step.py). This one imports the reference's modules
+export/torch_model.py, export/torch_train.py). This one imports the reference's modules
 (models/hrm/hrm_act_v1.py, models/losses.py, models/sparse_embedding.py) from a checkout and runs
 them on the CPU in float32, so a misreading shared by all our transcriptions would show here. The
 reference cannot be copied into this repository, and CI has no internet, so it is skipped unless
@@ -12,7 +12,7 @@ reference cannot be copied into this repository, and CI has no internet, so it i
 
 flash-attn has no CPU build: a stand-in `flash_attn.flash_attn_func` computes the same non-causal
 attention with torch's SDPA. The reference's AdamATan2 is a CUDA extension: the dense update uses
-benchmarks.torch_train_step.adam_atan2_ (tested against hrm_jax's optimizer elsewhere); the sparse
+export.torch_train.adam_atan2_ (tested against hrm_jax's optimizer elsewhere); the sparse
 sign-SGD, the model, the ACT wrapper and the loss head are the reference's.
 """
 

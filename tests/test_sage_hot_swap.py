@@ -58,29 +58,31 @@ def solver(checkpoint, cache):
 
 
 @contextlib.contextmanager
-def weights_server(weights_dir, state_dir, sleeper=None, **kwargs):
+def weights_server(weights_dir, state_dir, sleeper=None, backend="torch", **kwargs):
     inbox, outbox = name("in"), name("out")
     boxes = [open_or_create(inbox, 4096, 256), open_or_create(outbox, 4096, 256)]
     current = weights.read_current(weights_dir)
-    load = lambda path: load_backend(path, "torch", cache_dir=Path(state_dir) / "models")  # noqa: E731
+    load = lambda path: load_backend(path, backend, cache_dir=Path(state_dir) / "models", threads=1)  # noqa: E731
     reloader = WeightsReloader(weights_dir, load, current["version"], interval=0.05)
     server = Server(load(current["path"]), *boxes, Path(state_dir), reloader=reloader, sleeper=sleeper, **kwargs)
     with running(server, boxes, join_timeout=60):
         yield server, inbox
 
 
-def test_swap_mid_stream_drops_nothing_and_serves_the_new_weights(params, tmp_path):
-    """Requests answered before version 1 was published carry version 0's answers, requests sent after
-    the swap version 1's; the ones in flight across it are answered OK, once."""
+def swap_under_load(backend, params, tmp_path, minimum, fmt="checkpoint"):
+    """Publishes version 0, serves it on `backend` under a continuous stream of requests, publishes version 1
+    after `minimum` answers and keeps sending until `minimum` requests were acknowledged after the swap.
+    Returns (submitted [(id, row, acknowledged at)], answers {id: (response, received at)}, inputs,
+    published_at, swapped_at)."""
     old_params, new_params = params
     weights_dir = tmp_path / "served"
-    publish(str(weights_dir), old_params, CONFIG, {"source": "test"}, version=0)
+    publish(str(weights_dir), old_params, CONFIG, {"source": "test"}, version=0, fmt=fmt)
     submitted: list[tuple[int, int, float]] = []  # (request id, input row, time its push was acknowledged)
     answers: dict[int, tuple[object, float]] = {}  # request id -> (response, time the client had it)
     inputs = puzzles(400, seed=5)
     stop = threading.Event()
-    with weights_server(weights_dir, tmp_path / "state", max_batch=8, max_wait=0.005) as (server, inbox), \
-            Client(inbox) as client:
+    with weights_server(weights_dir, tmp_path / "state", backend=backend, max_batch=8, max_wait=0.005) as (
+            server, inbox), Client(inbox) as client:
         def send():
             for k in itertools.count():  # until told to stop: the swap's timing depends on the machine's load
                 if stop.is_set():
@@ -101,15 +103,15 @@ def test_swap_mid_stream_drops_nothing_and_serves_the_new_weights(params, tmp_pa
         sender.start()
         collector.start()
         try:
-            while len(answers) < 30:
+            while len(answers) < minimum:
                 time.sleep(0.01)
             published_at = time.monotonic()
-            publish(str(weights_dir), new_params, CONFIG, {"source": "test"})
+            publish(str(weights_dir), new_params, CONFIG, {"source": "test"}, fmt=fmt)
             while server.reloader.version != 1 and time.monotonic() < published_at + 60:
                 time.sleep(0.01)
             assert server.reloader.version == 1
             swapped_at = time.monotonic()
-            while sum(t > swapped_at for _, _, t in submitted) < 30:
+            while sum(t > swapped_at for _, _, t in submitted) < minimum:
                 time.sleep(0.01)
         finally:
             stop.set()
@@ -119,25 +121,72 @@ def test_swap_mid_stream_drops_nothing_and_serves_the_new_weights(params, tmp_pa
     assert sorted(answers) == sorted(i for i, _, _ in submitted)
     assert all(a.status is Status.OK for a, _ in answers.values())
     assert client.duplicates == 0
+    stats = json.loads((tmp_path / "state" / "stats.json").read_text())
+    assert stats["weights_version"] == 1 and stats["counts"]["weight_swaps"] == 1 and stats["backend"] == backend
+    assert stats["counts"]["received"] == stats["counts"]["answers_ok"] == len(submitted)
+    return submitted, answers, inputs, published_at, swapped_at
+
+
+def assert_answers_are_each_versions(submitted, answers, inputs, published_at, swapped_at, weights_dir, cache,
+                                     minimum):
+    """Requests answered before version 1 was published carry version 0's answers (the torch solver of that
+    version, exactly: predictions and steps), requests acknowledged after the swap version 1's; the two differ."""
     after = [(i, row) for i, row, t in submitted if t > swapped_at]
     before = [(i, row) for i, row, _ in submitted if answers[i][1] < published_at]
-    assert len(after) >= 30 and len(before) >= 30
-    new = solver(weights.version_dir(weights_dir, 1), tmp_path / "m")
-    old = solver(weights.version_dir(weights_dir, 0), tmp_path / "m")
+    assert len(after) >= minimum and len(before) >= minimum
+    new = solver(weights.version_dir(weights_dir, 1), cache)
+    old = solver(weights.version_dir(weights_dir, 0), cache)
     for model, group in ((new, after), (old, before)):
         rows = [row for _, row in group]
         want = model.solve(torch.from_numpy(inputs[rows]), torch.zeros(len(rows), dtype=torch.int32), early_halt=True)
         np.testing.assert_array_equal(np.stack([answers[i][0].prediction for i, _ in group]),
                                       want.logits.argmax(-1).numpy())
         np.testing.assert_array_equal([answers[i][0].steps for i, _ in group], want.steps.numpy())
-    # The two versions really answer differently.
     rows = [row for _, row in after]
     assert not np.array_equal(np.stack([answers[i][0].prediction for i, _ in after]),
                               old.solve(torch.from_numpy(inputs[rows]), torch.zeros(len(rows), dtype=torch.int32),
                                         early_halt=True).logits.argmax(-1).numpy())
-    stats = json.loads((tmp_path / "state" / "stats.json").read_text())
-    assert stats["weights_version"] == 1 and stats["counts"]["weight_swaps"] == 1
-    assert stats["counts"]["received"] == stats["counts"]["answers_ok"] == len(submitted)
+
+
+def test_swap_mid_stream_drops_nothing_and_serves_the_new_weights(params, tmp_path):
+    """Requests answered before version 1 was published carry version 0's answers, requests sent after
+    the swap version 1's; the ones in flight across it are answered OK, once."""
+    run = swap_under_load("torch", params, tmp_path, minimum=30)
+    assert_answers_are_each_versions(*run, tmp_path / "served", tmp_path / "m", minimum=30)
+
+
+@pytest.mark.slow  # two ONNX exports: 10-45 s each on a loaded 2-core CPU
+@pytest.mark.parametrize("fmt", ["folder", "checkpoint"])
+def test_onnx_backend_reexports_each_version_off_the_serving_thread(params, tmp_path, fmt):
+    """--backend onnx: version 1 (a model folder, as the torch sleep trainer publishes it, or the jax trainer's
+    checkpoint) is exported to ONNX on the reloader's thread while version 0 keeps answering, then swapped
+    in; nothing dropped or doubled, and the answers are each version's."""
+    run = swap_under_load("onnx", params, tmp_path, minimum=10, fmt=fmt)
+    submitted, answers, _, published_at, swapped_at = run
+    assert_answers_are_each_versions(*run, tmp_path / "served", tmp_path / "m", minimum=10)
+    exports = sorted((tmp_path / "state" / "models").glob("*.segment.onnx"))
+    assert len(exports) == 2  # one graph per version
+    served_while_exporting = [i for i, (_, t) in answers.items() if published_at < t < swapped_at]
+    assert len(served_while_exporting) >= 5, (len(served_while_exporting), swapped_at - published_at)
+
+
+NO_TORCH_SERVE = textwrap.dedent("""
+    import sys
+    sys.modules["torch"] = None
+    from sage.__main__ import main
+    sys.exit(main(["serve", "--model", "unused", "--backend", "onnx", *sys.argv[1:]]))
+""")
+
+
+def test_onnx_backend_without_torch_says_that_exporting_needs_it(params, tmp_path):
+    weights_dir = tmp_path / "served"
+    publish(str(weights_dir), params[0], CONFIG, {"source": "test"}, version=0, fmt="folder")
+    out = subprocess.run([sys.executable, "-c", NO_TORCH_SERVE, "--weights-dir", str(weights_dir), "--inbox",
+                          name("in"), "--outbox", name("out"), "--state-dir", str(tmp_path / "state")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "exporting needs torch" in lines[0] and "v000000" in lines[0], lines
 
 
 def test_a_version_of_another_model_is_refused_and_the_old_one_kept(params, tmp_path):

@@ -28,8 +28,7 @@ SLEEP = SleepConfig(experiences=24, augmentations=4, steps=STEPS, batch_size=16,
                     tolerance=0.01, eval_batch_size=32)
 
 
-@pytest.fixture(scope="module")
-def sudokus():
+def easy_sudokus():
     """(puzzles, solutions) digits, easy (at most 6 blanks): 96 puzzles of the 17-clue collection."""
     if not os.path.exists(COLLECTION):
         pytest.skip(f"no Sudoku collection at {COLLECTION}")
@@ -37,6 +36,11 @@ def sudokus():
     counts, solutions, _, _ = solve_many(grids)
     assert np.all(counts == 1)
     return reveal_givens(grids, solutions, 6, np.random.default_rng(0)), solutions
+
+
+@pytest.fixture(scope="module")
+def sudokus():
+    return easy_sudokus()
 
 
 def test_labels_and_provenance(sudokus):

@@ -1,4 +1,4 @@
-"""The torch training step of the benchmark computes what hrm_jax.train.train_step computes.
+"""The torch training step (export/torch_train.py) computes what hrm_jax.train.train_step computes.
 
 Float32 on CPU, exploration off (the two frameworks draw different random numbers), random weights
 with a live Q head, puzzle embeddings on, a few ignored labels, and enough steps that rows halt and
@@ -8,22 +8,40 @@ parameter (AdamATan2 with weight decay on a warm-up/cosine schedule) and the puz
 (jax) stablemax, measured at ~1e-6 relative.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from benchmarks.torch_train_step import TorchTrainer, model_from_params
 from benchmarks.train_step import random_batches
-from export.convert import from_torch_state_dict
+from export.convert import from_torch_state_dict, numpy_params_from_torch
+from export.torch_train import TorchTrainer, model_from_params, schedule_values
 from hrm_jax.config import TrainConfig
 from hrm_jax.losses import IGNORE_LABEL_ID, reduce_metrics
+from hrm_jax.optim import lr_schedule
 from hrm_jax.train import init_train_state, train_step
 from tests.test_export_torch import random_params, small_config
 
 STEPS = 5  # halt_max_steps 3: rows halt at step 3 and reload at step 4
 METRIC_RTOL = 1e-4
 PARAM_ATOL = 2e-5  # parameters move ~lr = 3e-3 per step
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Torch on one intra-op thread for this module: on a CPU that other jobs share, its spin-waiting OpenMP
+    workers make these small steps up to 10x slower (BUILD_NOTES.md, "Memory and sleep")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def batches(config, batch_size, count):
@@ -106,3 +124,76 @@ def test_trainer_counts_steps_and_keeps_a_detached_carry(runs):
     *_, trainer = runs
     assert trainer.step_count == STEPS
     assert not trainer.carry.z_H.requires_grad and not trainer.carry.z_L.requires_grad
+
+
+@settings(max_examples=15, deadline=None)
+@given(warmup=st.integers(0, 50), total=st.integers(1, 400), min_ratio=st.floats(0.0, 1.0), lr=st.floats(1e-6, 1.0))
+def test_schedule_values_are_hrm_jax_schedule(warmup, total, min_ratio, lr):
+    """The NumPy schedule (no JAX) is hrm_jax.optim.lr_schedule at every step, to float32 rounding (a few ulp:
+    the same float32 operations, sin from another library)."""
+    tc = TrainConfig(lr=lr, lr_warmup_steps=warmup, lr_min_ratio=min_ratio)
+    want = np.asarray(lr_schedule(lr, warmup, total, min_ratio)(np.arange(total + 1)))
+    np.testing.assert_allclose(schedule_values(lr, tc, total), want, rtol=1e-6, atol=1e-6 * lr)
+
+
+def test_numpy_params_equal_the_jax_conversion(runs):
+    *_, trainer = runs
+    config = trainer.config
+    state = trainer.inner.state_dict(prefix="model.inner.")
+    for got, want in zip(jax.tree.leaves(numpy_params_from_torch(state, config)),
+                         jax.tree.leaves(from_torch_state_dict(state, config))):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_the_step_runs_without_jax():
+    """A device without JAX trains with export.torch_train: jax made unimportable in a fresh process."""
+    code = ("import sys; sys.modules['jax'] = None\n"
+            "import numpy as np, torch\n"
+            "from export.torch_train import TorchTrainer, model_from_params\n"
+            "from export.convert import numpy_params_from_torch\n"
+            "from export.torch_model import HRMTorch\n"
+            "from hrm_jax.config import HRMConfig, TrainConfig\n"
+            "import json; cfg = HRMConfig(**json.loads(sys.argv[1]))\n"
+            "torch.manual_seed(0)\n"
+            "model = HRMTorch(cfg)\n"
+            "for p in model.parameters(): torch.nn.init.normal_(p, std=0.1)\n"
+            "trainer = TorchTrainer(model_from_params(numpy_params_from_torch(model.state_dict(), cfg), cfg), \n"
+            "                       TrainConfig(global_batch_size=3, lr=1e-2, lr_warmup_steps=0), 4)\n"
+            "batch = {'inputs': torch.randint(0, 5, (3, cfg.seq_len), dtype=torch.int32), \n"
+            "         'labels': torch.randint(0, 5, (3, cfg.seq_len), dtype=torch.int32),\n"
+            "         'puzzle_identifiers': torch.zeros(3, dtype=torch.int32)}\n"
+            "before = trainer.inner.lm_head.weight.detach().clone()\n"
+            "losses = [float(trainer.step(batch)['lm_loss']) for _ in range(2)]\n"
+            "assert np.isfinite(losses).all() and not torch.equal(before, trainer.inner.lm_head.weight)\n"
+            "assert 'jax' not in [m.split('.')[0] for m in sys.modules if sys.modules[m] is not None]\n"
+            "print('ok')\n")
+    config = small_config(vocab_size=5, forward_dtype="float32").to_dict()
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(config)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_given_puzzle_rows_replace_the_table_and_ride_in_the_carry():
+    """The opt-in batch["puzzle_rows"]: given the table's own rows, the first step is the default step
+    (same loss and dense update); the rows then stay with their example in the ACT carry, and the table
+    is never trained."""
+    config = small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)
+    train_config = TrainConfig(global_batch_size=6, lr=3e-3, lr_warmup_steps=2, puzzle_emb_lr=1e-2)
+    params = jax.tree.map(np.array, random_params(config, seed=4))
+    table = torch.from_numpy(params["puzzle_emb"])
+    default, given = (TorchTrainer(model_from_params(params, config, "cpu"), train_config, 10) for _ in range(2))
+    carried = 0  # rows that kept their example (and rows) into a step
+    for step, batch in enumerate(batches(config, train_config.global_batch_size, STEPS)):
+        batch = {k: torch.from_numpy(v) for k, v in batch.items()}
+        carried += 0 if given.carry is None else int((~given.carry.halted).sum())
+        got = given.step({**batch, "puzzle_rows": table[batch["puzzle_identifiers"].long()]})
+        assert torch.equal(given.carry.puzzle_rows, table[given.carry.puzzle_identifiers.long()])
+        if step == 0:
+            want = default.step(batch)
+            assert float(got["lm_loss"]) == pytest.approx(float(want["lm_loss"]), rel=1e-6)
+            for a, b in zip(given.params, default.params):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert carried > 0
+    assert torch.equal(given.inner.puzzle_emb.weights, table)

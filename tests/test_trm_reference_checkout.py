@@ -12,7 +12,7 @@ CI has no internet and the reference cannot be copied into this repository, so i
     TRM_REFERENCE_DIR=/tmp/trm_ref python -m pytest tests/test_trm_reference_checkout.py
 
 pydantic (the reference's config class) is used if installed, else a stand-in. The reference trains
-with AdamATan2, a CUDA extension: the dense update here is benchmarks.torch_train_step.adam_atan2_
+with AdamATan2, a CUDA extension: the dense update here is export.torch_train.adam_atan2_
 (tested against hrm_jax's optimizer elsewhere); the model, ACT wrapper, loss head, sparse sign-SGD
 and EMAHelper are the reference's.
 """

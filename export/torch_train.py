@@ -1,4 +1,4 @@
-"""The reference's training step in torch, built on export.torch_model: the torch side of the benchmark.
+"""The reference's training step in torch, built on export.torch_model (no JAX needed).
 
 It computes what sapientinc/HRM's pretrain.py `train_batch` computes for one global batch (world size
 1), on HRMTorch's modules (the same keys and function as the reference's model):
@@ -10,28 +10,28 @@ It computes what sapientinc/HRM's pretrain.py `train_batch` computes for one glo
 - ACTLossHead's loss: stablemax cross-entropy in float64 as the reference, plus
   0.5 (q_halt + q_continue) binary cross-entropies, summed and divided by the global batch size,
 - AdamATan2 (decoupled weight decay, no epsilon) on the dense parameters and sparse sign-SGD on the
-  puzzle-embedding rows of the batch, on the warm-up/cosine schedule of hrm_jax.optim.
+  puzzle-embedding rows of the batch, on the warm-up/cosine schedule of hrm_jax.optim (`schedule_values`:
+  the same formula in NumPy float32, so that a device without JAX can train).
 
 `compiled=True` wraps the forward + loss and the optimizer update in `torch.compile`, as the reference
 compiles its model. The reference's fused adam-atan2 CUDA kernel is not installable here; in eager mode
 the update is a loop of torch ops (slower than that kernel), compiled it is fused by inductor.
-tests/test_torch_train_step.py checks the step against hrm_jax.train.train_step at float32.
+tests/test_torch_train_step.py checks the step against hrm_jax.train.train_step at float32. Users: the
+torch sleep trainer (sage/sleep_torch.py) and the benchmarks (benchmarks/train_step.py, trm_train_step.py).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from export.convert import to_torch_state_dict
 from export.torch_model import HRMInner, HRMTorch
 from hrm_jax.config import HRMConfig, TrainConfig
-from hrm_jax.losses import IGNORE_LABEL_ID
-from hrm_jax.optim import lr_schedule
+from hrm_jax.data.sampler import IGNORE_LABEL_ID
 
 
 class TorchCarry(NamedTuple):
@@ -44,6 +44,7 @@ class TorchCarry(NamedTuple):
     inputs: torch.Tensor
     labels: torch.Tensor
     puzzle_identifiers: torch.Tensor
+    puzzle_rows: torch.Tensor | None = None  # f32[B, puzzle_emb_ndim]: given rows instead of the table's
 
 
 def log_stablemax(logits: torch.Tensor) -> torch.Tensor:
@@ -129,6 +130,10 @@ class TorchTrainer:
     """Holds the torch model, optimizer state and ACT carry; `step(batch)` is one training step.
 
     batch: dict of int tensors on the model's device (inputs/labels [B, seq_len], puzzle_identifiers [B]).
+    Opt-in, not part of the reference's step: batch["puzzle_rows"] f32[B, puzzle_emb_ndim] fills the
+    prepended puzzle positions instead of the embedding table (e.g. a memory's read-out per example,
+    benchmarks/memory_readout.py); the rows ride in the ACT carry with their example, receive no update,
+    and the table is then neither read nor trained. Without it every step is the reference's.
     """
 
     def __init__(self, model: HRMTorch, train_config: TrainConfig, total_steps: int, *, compiled: bool = False):
@@ -141,8 +146,8 @@ class TorchTrainer:
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         device = self.params[0].device
         self.step_count = 0
-        self.lrs = torch.from_numpy(_schedule_values(train_config.lr, train_config, total_steps)).to(device)
-        emb_lrs = _schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
+        self.lrs = torch.from_numpy(schedule_values(train_config.lr, train_config, total_steps)).to(device)
+        emb_lrs = schedule_values(train_config.puzzle_emb_lr, train_config, total_steps)
         self.emb_lrs = torch.from_numpy(emb_lrs).to(device)
         # 1-based update counts on the device: a fresh host tensor per step would be a blocking copy.
         self.update_counts = torch.arange(1, total_steps + 2, dtype=torch.float32, device=device)
@@ -160,15 +165,20 @@ class TorchTrainer:
                                     batch["inputs"], batch["labels"], batch["puzzle_identifiers"])
         c = self.carry
         row = c.halted.view(-1, 1)
+        rows = batch.get("puzzle_rows")
+        if rows is not None:
+            rows = rows if c.puzzle_rows is None else torch.where(row, rows, c.puzzle_rows)
         return TorchCarry(*self.inner.restart_halted(c.halted, c.z_H, c.z_L, c.steps), c.halted,
                           torch.where(row, batch["inputs"], c.inputs), torch.where(row, batch["labels"], c.labels),
-                          torch.where(c.halted, batch["puzzle_identifiers"], c.puzzle_identifiers))
+                          torch.where(c.halted, batch["puzzle_identifiers"], c.puzzle_identifiers), rows)
 
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One optimizer step; returns the metric sums (tensors, not synchronised)."""
         carry = self._refresh(batch)
         rows = None
-        if self.config.puzzle_emb_ndim > 0:
+        if carry.puzzle_rows is not None:
+            rows = carry.puzzle_rows.detach()
+        elif self.config.puzzle_emb_ndim > 0:
             rows = self.inner.puzzle_emb.weights[carry.puzzle_identifiers].detach().requires_grad_(True)
         for p in self.params:
             p.grad = None
@@ -180,7 +190,7 @@ class TorchTrainer:
         with torch.no_grad():
             self._update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq,
                          self.update_counts[index], self.lrs[index], tc.beta1, tc.beta2, tc.weight_decay)
-            if rows is not None:
+            if rows is not None and rows.requires_grad:  # table rows, not given ones
                 self._sign_sgd(carry.puzzle_identifiers, rows.grad, self.emb_lrs[index])
         self.step_count += 1
         return metrics
@@ -195,17 +205,26 @@ class TorchTrainer:
         table[unique] = table[unique] * decay - lr * torch.sign(grad)
 
 
-def _schedule_values(base_lr: float, train_config: TrainConfig, total_steps: int) -> np.ndarray:
-    """hrm_jax.optim.lr_schedule at every 0-based step, so both frameworks follow one schedule."""
-    schedule = lr_schedule(base_lr, train_config.lr_warmup_steps, total_steps, train_config.lr_min_ratio)
-    return np.array(jax.vmap(schedule)(jnp.arange(total_steps + 1)), np.float32)  # a writable copy
+def schedule_values(base_lr: float, train_config: TrainConfig, total_steps: int) -> np.ndarray:
+    """hrm_jax.optim.lr_schedule at every 0-based step 0..total_steps, f32[total_steps + 1]: linear warm-up,
+    then cosine decay to min_ratio * base_lr, written as that function writes it (the reference's step is
+    count + 1; the cosine as sin^2 of the remaining fraction), in float32 as JAX computes it."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    warmup = int(round(train_config.lr_warmup_steps))
+    min_ratio = np.float32(train_config.lr_min_ratio)
+    decay_len = np.float32(max(1, total_steps - warmup))
+    step = np.arange(total_steps + 1, dtype=np.float32) + np.float32(1)
+    warm = np.float32(base_lr) * step / np.float32(max(1, warmup))
+    remaining = (decay_len + np.float32(warmup) - step) / decay_len
+    cosine = (np.float32(1) - min_ratio) * np.square(np.sin(np.float32(0.5 * np.pi) * remaining))
+    return np.where(step < warmup, warm, np.float32(base_lr) * (min_ratio + cosine)).astype(np.float32)
 
 
-def model_from_params(params, config: HRMConfig, device: str) -> HRMTorch:
-    """HRMTorch holding hrm_jax params (export.convert), on `device`."""
-    from export.convert import to_torch_state_dict  # noqa: PLC0415
-
-    model = HRMTorch(config).to(device)
-    model.load_state_dict({k: v.to(device) for k, v in to_torch_state_dict(jax.device_get(params), config).items()})
+def model_from_params(params, config: HRMConfig, device: str = "cpu", dtype: torch.dtype | str | None = None
+                      ) -> HRMTorch:
+    """HRMTorch holding hrm_jax params (JAX or NumPy arrays; export.convert), on `device`; dtype: the compute
+    dtype (default config.forward_dtype)."""
+    model = HRMTorch(config, dtype).to(device)
+    model.load_state_dict({k: v.to(device) for k, v in to_torch_state_dict(params, config).items()})
     return model
-
