@@ -17,7 +17,6 @@ import textwrap
 import jax
 import numpy as np
 import pytest
-import torch
 
 from hrm_jax.data.format import load_split
 from hrm_jax.model import init_params
@@ -42,14 +41,7 @@ def sudokus():
     return easy_sudokus()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Torch on one intra-op thread for this module: on a CPU that other jobs share, its spin-waiting OpenMP
-    workers make these small steps up to 10x slower (BUILD_NOTES.md, "Memory and sleep")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def numpy_params(config, seed):

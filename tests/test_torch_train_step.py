@@ -34,14 +34,7 @@ METRIC_RTOL = 1e-4
 PARAM_ATOL = 2e-5  # parameters move ~lr = 3e-3 per step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Torch on one intra-op thread for this module: on a CPU that other jobs share, its spin-waiting OpenMP
-    workers make these small steps up to 10x slower (BUILD_NOTES.md, "Memory and sleep")."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def batches(config, batch_size, count):
