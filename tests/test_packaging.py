@@ -92,7 +92,12 @@ def test_installed_wheel_runs_the_quick_starts_and_a_solve_elsewhere(wheel, tmp_
     assert "trained and evaluated" in out, out
 
 
-MAILBOX_PROBE = ("from sage.mailbox import Mailbox, native_engine_status; import sage, uuid\n"
+# The checkout's own `pip install -e .` (make test) adds setuptools' editable finder to sys.meta_path, after the
+# path finder: it would still find the checkout's built sage._pbm when the installed copy lacks it. A plain install
+# has no such finder, so the probe removes it first.
+MAILBOX_PROBE = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path\n"
+                 "    if 'editable' not in getattr(f, '__name__', type(f).__name__).lower()]\n"
+                 "from sage.mailbox import Mailbox, native_engine_status; import sage, uuid\n"
                  "box = Mailbox.create('pkg-' + uuid.uuid4().hex[:8], record_size=8, capacity=2)\n"
                  "box.push(b'ok'); print(box.impl, box.pop().payload.decode(), sage.__file__)\n"
                  "box.unlink(); box.close()")
