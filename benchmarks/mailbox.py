@@ -1,26 +1,35 @@
 """The sage mailboxes (C and pure-Python engines) against multiprocessing.Queue, an os.pipe and ZeroMQ
 ipc://, in one run.
 
-    python -m benchmarks.mailbox [--repeats 3] [--quick] [--out FILE.json]
+    python -m benchmarks.mailbox [--repeats 3] [--quick] [--cpus A,B] [--out FILE.json]
 
 sage-c-* rows use the C engine (sage._pbm; absent where it is not built), sage-py-* the pure-Python one,
 both on the same ring layout (version 2, robust mutex).
 
 Records (64 B and 4 KB): throughput (records/s, the sender pushing one prebuilt payload as fast as the
 transport takes it, blocking when full: no transport here drops; the receiver only counts) and one-way
-latency p50/p99 of paced records
-(one in flight at a time, sent 0.5 ms after the receiver acknowledged the previous one, so it
-is idle and has to be woken), with the receiver's CPU use while
-it waits (100% = it spins a core). Tensors: one-way hand-off time until the receiver holds a
-readable numpy array (again one in flight), for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the
-zero-copy path (the producer wrote into the arena; the hand-off is publish + descriptor + open);
-sage-ftm-put starts from an existing array (one copy into the arena). CPU cost: microseconds of
-CPU per record for a send and a receive made back to back in one process (no wake-up involved; the
-best of 5 chunks and of the repeats, since other load only adds time). Sender and
-receiver are two processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each configuration runs
---repeats times in a fresh receiver process; the table shows medians over the repeats. Lock cost: one
-uncontended lock/unlock pair in C (benchmarks/lock_cost.c, compiled with cc when there is one) for
-flock, an OFD lock and the robust mutex. The run ends with the issue's goals, each met or not.
+latency p50/p99 of paced records (one in flight at a time, sent 0.5 ms after the receiver acknowledged
+the previous one, so it is idle and has to be woken), with the receiver's CPU use while it waits
+(100% = it spins a core). Latency is measured twice: with a sender that sleeps through the 0.5 ms
+(its first instructions after the sleep run on cold caches) and with one that stays busy through it
+(a producer doing other work). For sage rows the time from the ring's commit (the record's pushed_ns,
+sleeping sender) to the receiver holding the record is reported too: the latency less the sender's part.
+
+Tensors: one-way hand-off time until the receiver holds a readable numpy array (again one in flight),
+for 1 MiB on every transport and a 4 KiB .. 64 MiB sweep. sage-ftm is the zero-copy path (the producer
+wrote into the arena; the hand-off is publish + descriptor + open); sage-ftm-put starts from an existing
+array (one copy into the arena).
+
+CPU cost: microseconds of CPU per record for a send and a receive made back to back in one process (no
+wake-up involved; the best of 5 chunks and of the repeats, since other load only adds time). Lock cost:
+one uncontended lock/unlock pair in C (benchmarks/lock_cost.c, compiled with cc when there is one) for
+flock, an OFD lock and the robust mutex.
+
+Sender and receiver are two processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each
+configuration runs --repeats times in a fresh receiver process; the tables show medians over the
+repeats. The sender and the receiver are pinned to two CPUs (--cpus; by default two cores that share a
+last-level cache, where the machine has more than two CPUs), so that a run does not measure which cores
+the scheduler happened to pick. The run ends with the issue's goals, each met or not.
 """
 
 from __future__ import annotations
@@ -90,8 +99,11 @@ class SageRing:
                 raise RuntimeError("push failed")
         return send
 
-    def receiver(self):
+    def receiver(self, records: bool = False):
+        """records: return the Records (for the commit time), not only the payloads."""
         box = Mailbox.attach(self.box_name, wait=self.wait, impl=self.impl)
+        if records:
+            return lambda: box.pop_many(self.batch, timeout=math.inf)
         if self.batch > 1:
             return lambda: [r.payload for r in box.pop_many(self.batch, timeout=math.inf)]
         return lambda: box.pop(timeout=math.inf).payload
@@ -213,12 +225,15 @@ def _count(recv, count: int) -> None:
         got += len(data) if type(data) is list else 1
 
 
-def _receive(transport, count: int, conn, paced: bool) -> None:
-    """paced: time each record (one in flight, acknowledged); else only count them as fast as they come."""
-    recv = transport.receiver()
+def _receive(transport, count: int, conn, paced: bool, cpu: int | None) -> None:
+    """paced: time each record (one in flight, acknowledged); else only count them as fast as they come.
+    Latencies: [stamp -> received, commit -> received] per record (commit: sage rings only, else -1)."""
+    _pin(cpu)
+    ring = isinstance(transport, SageRing)
+    recv = transport.receiver(records=True) if paced and ring else transport.receiver()
     conn.send("ready")
-    latencies = np.empty(count if paced else 0, dtype=np.int64)
-    cpu, wall = time.process_time(), time.monotonic()
+    latencies = np.full((count if paced else 0, 2), -1, dtype=np.int64)
+    cpu_start, wall = time.process_time(), time.monotonic()
     if not paced:
         _count(recv, count)
     i = 0
@@ -226,11 +241,28 @@ def _receive(transport, count: int, conn, paced: bool) -> None:
         data = recv()
         now = time.monotonic_ns()
         for one in data if isinstance(data, list) else (data,):
-            latencies[i] = now - STAMP.unpack_from(one)[0]
+            latencies[i, 0] = now - STAMP.unpack_from(one.payload if ring else one)[0]
+            if ring:
+                latencies[i, 1] = now - one.pushed_ns
             i += 1
         conn.send_bytes(b"k")
     end = time.monotonic_ns()
-    conn.send((latencies, end, (time.process_time() - cpu) / (time.monotonic() - wall)))
+    conn.send((latencies, end, (time.process_time() - cpu_start) / (time.monotonic() - wall)))
+
+
+def _pin(cpu: int | None) -> None:
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+def _pace(seconds: float, busy: bool) -> None:
+    """Wait between paced records: asleep, or busy-polling the clock (a producer doing other work)."""
+    if not busy:
+        time.sleep(seconds)
+        return
+    until = time.monotonic_ns() + int(seconds * 1e9)
+    while time.monotonic_ns() < until:
+        pass
 
 
 def _send_flat_out(transport, send, payload: bytes, count: int) -> None:
@@ -244,11 +276,13 @@ def _send_flat_out(transport, send, payload: bytes, count: int) -> None:
             send(payload)
 
 
-def run_records(transport, size: int, count: int, pace_s: float) -> dict:
-    """pace_s == 0: records/s; else one-way latency p50/p99 and the receiver's CPU use while it waits."""
+def run_records(transport, size: int, count: int, pace_s: float, busy: bool = False,
+                rx_cpu: int | None = None) -> dict:
+    """pace_s == 0: records/s; else one-way latency p50/p99 and the receiver's CPU use while it waits
+    (busy: the sender busy-waits the pace instead of sleeping). rx_cpu: the receiver's CPU."""
     transport.setup(size)
     parent, child = CTX.Pipe()
-    receiver = CTX.Process(target=_receive, args=(transport, count, child, bool(pace_s)), daemon=True)
+    receiver = CTX.Process(target=_receive, args=(transport, count, child, bool(pace_s), rx_cpu), daemon=True)
     receiver.start()
     try:
         _expect(parent, receiver)
@@ -259,7 +293,7 @@ def run_records(transport, size: int, count: int, pace_s: float) -> dict:
         for _ in range(count if pace_s else 0):
             send(STAMP.pack(time.monotonic_ns()) + filler)
             parent.recv_bytes()  # one record in flight: wait for the receiver, then let it go idle
-            time.sleep(pace_s)
+            _pace(pace_s, busy)
         latencies, end, cpu = _expect(parent, receiver)
         receiver.join(30)
     finally:
@@ -267,8 +301,12 @@ def run_records(transport, size: int, count: int, pace_s: float) -> dict:
     if not pace_s:
         return {"records_per_s": count / ((end - start) / 1e9)}
     warm = latencies[count // 10:]  # the first records include connection set-up
-    return {"p50_us": float(np.percentile(warm, 50)) / 1e3, "p99_us": float(np.percentile(warm, 99)) / 1e3,
-            "receiver_cpu": cpu}
+    row = {"p50_us": float(np.percentile(warm[:, 0], 50)) / 1e3, "p99_us": float(np.percentile(warm[:, 0], 99)) / 1e3,
+           "receiver_cpu": cpu}
+    if warm[0, 1] >= 0:  # from the ring's commit: what is left of the latency without the sender's own part
+        row.update(commit_p50_us=float(np.percentile(warm[:, 1], 50)) / 1e3,
+                   commit_p99_us=float(np.percentile(warm[:, 1], 99)) / 1e3)
+    return row
 
 
 # ---- tensor hand-off ----
@@ -277,7 +315,8 @@ def _ring_impl(kind: str) -> str:
     return "python" if kind.endswith("-py") or not NATIVE else "native"
 
 
-def _tensor_receiver(kind: str, names: tuple, count: int, conn, queue, pipe_r) -> None:
+def _tensor_receiver(kind: str, names: tuple, count: int, conn, queue, pipe_r, cpu: int | None) -> None:
+    _pin(cpu)
     if kind.startswith("sage"):
         box = Mailbox.attach(names[0], wait="adaptive", impl=_ring_impl(kind))
         arena = TensorArena.attach(names[1])
@@ -307,7 +346,7 @@ def _tensor_receiver(kind: str, names: tuple, count: int, conn, queue, pipe_r) -
     conn.send(latencies)
 
 
-def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
+def run_tensor(kind: str, nbytes: int, count: int, pace_s: float, rx_cpu: int | None = None) -> dict:
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     names = (f"bt-{tag}", f"ba-{tag}", f"ipc:///tmp/bench-zmq-{tag}")
     box = arena = queue = None
@@ -320,7 +359,8 @@ def run_tensor(kind: str, nbytes: int, count: int, pace_s: float) -> dict:
     elif kind == "os.pipe":
         pipe_r, pipe_w = os.pipe()
     parent, child = CTX.Pipe()
-    receiver = CTX.Process(target=_tensor_receiver, args=(kind, names, count, child, queue, pipe_r), daemon=True)
+    receiver = CTX.Process(target=_tensor_receiver, args=(kind, names, count, child, queue, pipe_r, rx_cpu),
+                           daemon=True)
     receiver.start()
     try:
         _expect(parent, receiver)
@@ -440,10 +480,11 @@ def goals(result: dict) -> list[str]:
     for impl in IMPLS:
         for wait in ("spin", "adaptive", "sleep"):
             row = rows[(f"sage-{SHORT[impl]}-{wait}", 64)]
-            met = row["p50_us"] <= 5 and row["p99_us"] <= 30
-            lines.append(f"64 B p50 <= 5 us and p99 <= 30 us, sage-{SHORT[impl]}-{wait} (receiver cpu "
-                         f"{row['receiver_cpu']:.0%}): {row['p50_us']:.1f} / {row['p99_us']:.1f} us: "
-                         f"{'met' if met else 'NOT met'}")
+            for sender, prefix in (("asleep", ""), ("busy", "busy_")):
+                p50, p99 = row[prefix + "p50_us"], row[prefix + "p99_us"]
+                lines.append(f"64 B p50 <= 5 us and p99 <= 30 us, sage-{SHORT[impl]}-{wait} (receiver cpu "
+                             f"{row['receiver_cpu']:.0%}, sender {sender} between records): {p50:.1f} / {p99:.1f} us: "
+                             f"{'met' if p50 <= 5 and p99 <= 30 else 'NOT met'}")
     queue = rows[("mp.Queue", 4096)]["records_per_s"]
     for row in result["records"]:
         if row["size"] == 4096 and row["transport"].startswith("sage"):
@@ -460,6 +501,51 @@ def goals(result: dict) -> list[str]:
 
 
 # ---- the run ----
+def _shared_cache_pairs() -> list[tuple[int, int]]:
+    """Pairs of allowed CPUs that share a last-level cache (from sysfs), distinct cores first."""
+    allowed = sorted(os.sched_getaffinity(0))
+    groups: dict[str, list[int]] = {}
+    for cpu in allowed:
+        caches = sorted(pathlib.Path(f"/sys/devices/system/cpu/cpu{cpu}/cache").glob("index*"))
+        try:
+            last = max(caches, key=lambda c: int((c / "level").read_text()))
+            groups.setdefault((last / "shared_cpu_list").read_text().strip(), []).append(cpu)
+        except (OSError, ValueError):
+            return []
+    pairs = []
+    for cpus in groups.values():
+        siblings = {cpu: pathlib.Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+                    for cpu in cpus}
+        cores: dict[str, int] = {}
+        for cpu, path in siblings.items():
+            try:
+                cores.setdefault(path.read_text().strip(), cpu)
+            except OSError:
+                cores.setdefault(str(cpu), cpu)
+        firsts = sorted(cores.values())  # one CPU per physical core: no hyperthread pair
+        if len(firsts) >= 2:
+            pairs.append((firsts[-2], firsts[-1]))  # away from CPU 0, which takes most interrupts
+    return pairs
+
+
+def choose_cpus(spec: str | None) -> tuple[int, int] | None:
+    """--cpus A,B; 'none' for no pinning; default: two cores sharing a last-level cache where the machine
+    has more than two CPUs (with two, pinning only takes the scheduler's choice away)."""
+    if spec == "none" or (spec is None and len(os.sched_getaffinity(0)) <= 2):
+        return None
+    if spec is None:
+        pairs = _shared_cache_pairs()
+        return pairs[0] if pairs else None
+    try:
+        a, b = (int(part) for part in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--cpus wants two CPU numbers like 2,3 (or 'none'), got {spec!r}") from None
+    allowed = os.sched_getaffinity(0)
+    if a == b or not {a, b} <= allowed:
+        raise SystemExit(f"--cpus {spec}: need two different CPUs of this process' {sorted(allowed)}")
+    return a, b
+
+
 def median_of(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
@@ -496,28 +582,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (median reported)")
     parser.add_argument("--quick", action="store_true", help="fewer records per run (a smoke test)")
+    parser.add_argument("--cpus", default=None, help="sender,receiver CPUs to pin to, or 'none' (default: two "
+                        "cores sharing a last-level cache on machines with more than two CPUs)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON file (default benchmarks/results/)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     scale = 0.1 if args.quick else 1.0
+    cpus = choose_cpus(args.cpus)
+    tx_cpu, rx_cpu = cpus or (None, None)
+    _pin(tx_cpu)
     result = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-              "repeats": args.repeats, "records": [], "tensor_1mib": [], "tensor_sweep": [], "cpu_cost_us": {},
-              "lock_cost_us": lock_cost_us()}
-    print(f"# {result['machine']}  repeats={args.repeats} (medians)")
+              "repeats": args.repeats, "cpus": cpus, "records": [], "tensor_1mib": [], "tensor_sweep": [],
+              "cpu_cost_us": {}, "lock_cost_us": lock_cost_us()}
+    print(f"# {result['machine']}  repeats={args.repeats} (medians)  sender, receiver cpus: {cpus or 'not pinned'}")
     print(f"# lock/unlock pair in C, us: {result['lock_cost_us']}")
-    print(f"{'transport':<24} {'size':>6} {'records/s':>11} {'p50 us':>8} {'p99 us':>8} {'rx cpu':>7}")
+    print("# latency p50 / p99 us: sender sleeps 0.5 ms | sender busy 0.5 ms | from the commit (sleeping sender)")
+    print(f"{'transport':<26} {'size':>5} {'records/s':>10} {'asleep':>13} {'busy':>13} {'commit':>13} {'rx cpu':>6}")
     for size in (64, 4096):
         for transport in record_transports():
-            throughput = median_of([run_records(transport, size, int(20000 * scale), 0)
+            throughput = median_of([run_records(transport, size, int(100_000 * scale), 0, rx_cpu=rx_cpu)
                                     for _ in range(args.repeats)])
-            latency = median_of([run_records(transport, size, int(2000 * scale), 5e-4)
+            latency = median_of([run_records(transport, size, int(2000 * scale), 5e-4, rx_cpu=rx_cpu)
                                  for _ in range(args.repeats)])
+            busy = median_of([run_records(transport, size, int(2000 * scale), 5e-4, busy=True, rx_cpu=rx_cpu)
+                              for _ in range(args.repeats)])
             row = {"transport": transport.name, "size": size, "records_per_s": throughput["records_per_s"],
-                   "p50_us": latency["p50_us"], "p99_us": latency["p99_us"], "receiver_cpu": latency["receiver_cpu"]}
+                   **latency, "busy_p50_us": busy["p50_us"], "busy_p99_us": busy["p99_us"]}
             result["records"].append(row)
-            print(f"{row['transport']:<24} {size:>6} {row['records_per_s']:>11.0f} {row['p50_us']:>8.1f} "
-                  f"{row['p99_us']:>8.1f} {row['receiver_cpu']:>6.0%}", flush=True)
+            commit = (f"{row['commit_p50_us']:>6.1f}/{row['commit_p99_us']:<6.1f}" if "commit_p50_us" in row
+                      else f"{'-':>13}")
+            print(f"{row['transport']:<26} {size:>5} {row['records_per_s']:>10.0f} "
+                  f"{row['p50_us']:>6.1f}/{row['p99_us']:<6.1f} {row['busy_p50_us']:>6.1f}/{row['busy_p99_us']:<6.1f} "
+                  f"{commit} {row['receiver_cpu']:>6.0%}", flush=True)
     for size in (64, 4096):
         runs = [cpu_cost_us(size, int(5000 * scale) or 64) for _ in range(args.repeats)]
         costs = {key: min(run[key] for run in runs) for key in runs[0]}
@@ -529,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds += ["mp.Queue", "os.pipe"] + (["zmq ipc://"] if zmq is not None else [])
     print(f"\n{'1 MiB tensor':<14} {'p50 us':>8} {'p99 us':>8}")
     for kind in kinds:
-        row = {"transport": kind, **median_of([run_tensor(kind, 1 << 20, int(300 * scale) or 10, 2e-3)
+        row = {"transport": kind, **median_of([run_tensor(kind, 1 << 20, int(300 * scale) or 10, 2e-3, rx_cpu)
                                                for _ in range(args.repeats)])}
         result["tensor_1mib"].append(row)
         print(f"{kind:<14} {row['p50_us']:>8.1f} {row['p99_us']:>8.1f}", flush=True)
@@ -538,8 +635,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for nbytes in SWEEP:
             count = max(10, int((300 if nbytes <= 1 << 20 else 40) * scale))
-            row = {"transport": kind, "nbytes": nbytes, **median_of([run_tensor(kind, nbytes, count, 2e-3)
-                                                                     for _ in range(args.repeats)])}
+            row = {"transport": kind, "nbytes": nbytes,
+                   **median_of([run_tensor(kind, nbytes, count, 2e-3, rx_cpu) for _ in range(args.repeats)])}
             result["tensor_sweep"].append(row)
             cells.append(row["p50_us"])
         print(f"{kind:<14} " + " ".join(f"{c:>9.1f}" for c in cells), flush=True)

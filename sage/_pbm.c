@@ -43,6 +43,7 @@
 #define STATE_LIVE 1
 #define STATE_RETIRED 2
 #define LOCK_SPINS 100                 /* trylocks before blocking: a holder on the other core is done in < 1 us */
+#define SPIN_YIELD_NS 100000LL        /* a busy-polling consumer yields its core this often */
 #define POLL_CHUNK_NS 10000000LL       /* busy-polling re-takes the GIL this often to run signal handlers */
 #define FULL_PAUSE_MIN_NS 50000LL      /* a producer blocked on FULL backs off 50 us .. 1 ms, as in Python */
 #define FULL_PAUSE_MAX_NS 1000000LL
@@ -688,18 +689,24 @@ static Py_ssize_t try_take(Ring *r, batch_t *b) {
 }
 
 /* Busy-polls write_index without the GIL until a record shows, `until`, or the handle closes;
- * sched_yield now and then lets a producer that shares this core run. */
+ * a sched_yield every SPIN_YIELD_NS lets a producer that shares this core run. Not more often: a
+ * yield is a system call during which a record goes unseen (yielding every 64 polls, ~3 us, put
+ * the 64 B one-way p50 at 5.6-6.5 us on an idle 2-core VM; every 4096 polls, 4.9-5.7 us). */
 static int poll_ring(Ring *r, int64_t until) {
     Py_BEGIN_ALLOW_THREADS
+    int64_t next_yield = sat_add(mono_ns(), SPIN_YIELD_NS);
     for (unsigned i = 1;; i++) {
         if (!looks_empty(r) || is_closed(r) || !is_live(r))
             break;
+        cpu_relax();
         if (i % 64 == 0) {
-            if (mono_ns() >= until)
+            int64_t now = mono_ns();
+            if (now >= until)
                 break;
-            sched_yield();
-        } else {
-            cpu_relax();
+            if (now >= next_yield) {
+                sched_yield();
+                next_yield = sat_add(now, SPIN_YIELD_NS);
+            }
         }
     }
     Py_END_ALLOW_THREADS

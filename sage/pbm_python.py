@@ -42,6 +42,7 @@ log = logging.getLogger("sage.mailbox")
 
 _U32 = 1 << 32
 _FOREVER = (1 << 63) - 1
+SPIN_YIELD_NS = 100_000  # a busy-polling consumer yields its core this often (the C engine's SPIN_YIELD_NS)
 WAIT_SPIN, WAIT_SLEEP, WAIT_ADAPTIVE = range(3)  # the C engine's numbering
 
 
@@ -233,6 +234,7 @@ class PythonRing:
             return records
         spin_ns = {WAIT_SPIN: _FOREVER, WAIT_SLEEP: 0, WAIT_ADAPTIVE: self.spin_ns}[self.wait]
         spin_until = min(_FOREVER, time.monotonic_ns() + spin_ns)
+        next_yield = 0
         while True:
             self._check_open()  # another thread may have closed this handle while we waited
             records = self._try_take(most)
@@ -242,9 +244,12 @@ class PythonRing:
             if now >= give_up:
                 return []
             if now < spin_until:
-                # Yield while polling: on an idle core it returns at once, on a busy machine it lets
-                # the producer we are waiting for run instead of burning our whole time slice.
-                os.sched_yield()
+                # Yield now and then while polling: on a busy machine it lets the producer we wait
+                # for run instead of burning our whole time slice; not on every poll, since a yield
+                # is a system call during which a record goes unseen (as the C engine does).
+                if now >= next_yield:
+                    os.sched_yield()
+                    next_yield = now + SPIN_YIELD_NS
                 continue
             records = self._sleep_and_take(most, now, min(give_up, now + self.sleep_slice_ns))
             if records:
