@@ -190,3 +190,54 @@ def test_given_puzzle_rows_replace_the_table_and_ride_in_the_carry():
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert carried > 0
     assert torch.equal(given.inner.puzzle_emb.weights, table)
+
+
+def train_torch_on(device, config, params, data, train_config, total_steps=10):
+    """TorchTrainer from `params` on `device` over `data` -> (its metrics per step, its final params)."""
+    trainer = TorchTrainer(model_from_params(params, config, device), train_config, total_steps)
+    history = []
+    for batch in data:
+        sums = trainer.step({k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+        reduced = reduce_metrics({k: np.asarray(v.detach().cpu()) for k, v in sums.items()}, len(batch["inputs"]))
+        history.append({k: float(v) for k, v in reduced.items()})
+    state = {k: v.cpu() for k, v in trainer.inner.state_dict(prefix="model.inner.").items()}
+    return history, from_torch_state_dict(state, config)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+
+
+@needs_cuda
+def test_the_step_on_cuda_equals_hrm_jax_in_float32(runs):
+    """On CUDA the trainer keeps every tensor of its step (schedules, update counts, sparse embedding
+    gradients, carry) on the device, and computes what hrm_jax computes: the same bounds as on the CPU.
+    TF32 is off (torch's default for matmuls), so float32 means float32."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    jax_metrics, _, start, jax_params, *_ = runs
+    config = small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)
+    train_config = TrainConfig(global_batch_size=6, lr=3e-3, lr_warmup_steps=2, lr_min_ratio=0.3, weight_decay=0.5,
+                               puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.2)
+    history, cuda_params = train_torch_on("cuda", config, start, batches(config, 6, STEPS), train_config)
+    for step, (j, t) in enumerate(zip(jax_metrics, history)):
+        for name in ("lm_loss", "q_halt_loss", "accuracy", "count"):
+            np.testing.assert_allclose(t[name], j[name], rtol=METRIC_RTOL, atol=1e-6, err_msg=f"step {step}: {name}")
+    assert_trained_params_match(start, jax_params, cuda_params)
+
+
+@needs_cuda
+def test_the_step_on_cuda_in_bfloat16_follows_float32():
+    """The shipped model's forward_dtype, bfloat16, on CUDA (what `sage sleep --trainer torch` runs on a
+    GPU) follows the float32 step: the first three steps' lm_loss within 3% (on the CPU the same
+    comparison differs by at most 1.2%; later steps drift further apart as bfloat16's rounding, ~0.4%
+    per operation, changes the updates) and 20 steps on one batch lower the loss as float32's do."""
+    config = small_config(puzzle_emb_ndim=32, halt_exploration_prob=0.0)
+    train_config = TrainConfig(global_batch_size=6, lr=3e-3, lr_warmup_steps=2, puzzle_emb_lr=1e-2)
+    params = jax.tree.map(np.array, random_params(config, seed=4))
+    data = batches(config, 6, 1) * 20  # one batch again and again: the loss must fall
+    f32, _ = train_torch_on("cuda", config, params, data, train_config, total_steps=20)
+    bf16, _ = train_torch_on("cuda", config.replace(forward_dtype="bfloat16"), params, data, train_config,
+                             total_steps=20)
+    for step, (a, b) in enumerate(zip(f32[:3], bf16[:3])):
+        np.testing.assert_allclose(b["lm_loss"], a["lm_loss"], rtol=0.03, err_msg=f"step {step}")
+    for history in (f32, bf16):
+        assert history[-1]["lm_loss"] < 0.85 * history[0]["lm_loss"], [h["lm_loss"] for h in history]
