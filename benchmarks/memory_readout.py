@@ -14,14 +14,15 @@ compute it: k(x) = P (h(x) - m), where h(x) is a state of the model on x at the 
 flattened (an average over positions would keep only the bag of symbols), m the running mean of h
 over the keys seen so far (without it every key shares the direction of the common component and
 the memory addresses one slot), and P a fixed random Gaussian d x (L hidden) projection. h(x):
-`embedding`, the model's input embedding (token embedding scaled, with its position encoding: what
-the recurrence starts from), or `z_H`, the final z_H of one segment with an empty memory. The state
-key changes as the weights train; study and test of one episode use the same weights, so a query
-reads with the key it was written with. The associations are new in every episode, so no weight can
-hold them: without the memory the best token accuracy is 1/V.
+`embedding`, the model's input embedding (its scaled token embeddings, what the recurrence starts
+from; flattening keeps the positions, which rotary encodings add only inside attention), or `z_H`,
+the final z_H of one segment with an empty memory. The state key changes as the weights train;
+study and test of one episode use the same weights, so a query reads with the key it was written
+with. The associations are new in every episode, so no weight can hold them: without the memory
+the best token accuracy is 1/V.
 
 Where the read-out enters HRM: the puzzle-embedding position. puzzle_emb_ndim = d, so the read-out
-r = V softmax(U^T enc(x) / T) fills puzzle_emb_len = ceil(d / hidden) prepended positions, exactly
+r = V softmax(U^T k(x) / T) fills puzzle_emb_len = ceil(d / hidden) prepended positions, exactly
 where a per-puzzle embedding row would go (export/torch_model.py HRMInner.embed); no layer changes.
 The torch training step takes the rows through its opt-in batch["puzzle_rows"] (export/torch_train.py).
 
@@ -187,30 +188,34 @@ def train_arm(arm: str, task: str, seed: int, key: str, args) -> dict:
 
 
 def plot(rows: list[dict], symbols: int, path: str) -> None:
-    """Exact (top) and token (bottom) accuracy as served against the memory's load, per task and key
-    (columns), arm and seed; the dotted line is that key's memory recall (the ceiling)."""
-    panels = sorted({(r["task"], r.get("key", "input")) for r in rows})
-    fig, axes = plt.subplots(2, len(panels), figsize=(5 * len(panels), 6.4), squeeze=False)
-    for column, (task, key) in enumerate(panels):
-        # the empty arm reads zeros whatever the key: shown in every panel of its task
-        group = [r for r in rows if r["task"] == task and (r.get("key", "input") == key or r["arm"] == "empty")]
-        for ax, metric in zip(axes[:, column], ("exact_accuracy", "token_accuracy")):
-            for arm, style in zip(ARMS, ("-o", "--s")):
-                for row in (r for r in group if r["arm"] == arm):
-                    sizes = sorted(int(m) for m in row["eval"])
-                    ax.plot(sizes, [row["eval"][str(m)][metric] for m in sizes], style,
-                            label=f"{arm} (seed {row['seed']})")
-            first = next(r for r in group if r["arm"] == "readout")
-            sizes = sorted(int(m) for m in first["eval"])
-            ax.plot(sizes, [first["eval"][str(m)]["memory_recall"] for m in sizes], ":", color="gray",
-                    label="memory recall (ceiling)")
-            if metric == "token_accuracy":
-                ax.axhline(1 / symbols, color="black", lw=0.6, label="chance 1/V")
-            ax.set(title=f"task {task}, {key} key", xscale="log", xlabel="associations per memory (64 slots)",
-                   ylabel=metric.replace("_", " ") + " (served)", ylim=(-0.02, 1.02))
-            ax.legend(fontsize=6)
+    """Exact and token accuracy as served against the memory's load: a pair of rows of panels per task,
+    a column per key; lines per arm and seed; the dotted line is that key's memory recall (the ceiling)."""
+    tasks = sorted({r["task"] for r in rows})
+    keys = [k for k in KEYS if any(r.get("key", "input") == k for r in rows)]
+    fig, axes = plt.subplots(2 * len(tasks), len(keys), figsize=(4.6 * len(keys), 3.0 * 2 * len(tasks)),
+                             squeeze=False)
+    for t, task in enumerate(tasks):
+        for column, key in enumerate(keys):
+            # the empty arm reads zeros whatever the key: shown in every panel of its task
+            group = [r for r in rows if r["task"] == task and (r.get("key", "input") == key or r["arm"] == "empty")]
+            for m, metric in enumerate(("exact_accuracy", "token_accuracy")):
+                ax = axes[2 * t + m, column]
+                for arm, style in zip(ARMS, ("-o", "--s")):
+                    for row in (r for r in group if r["arm"] == arm):
+                        sizes = sorted(int(n) for n in row["eval"])
+                        ax.plot(sizes, [row["eval"][str(n)][metric] for n in sizes], style,
+                                label=f"{arm} (seed {row['seed']})")
+                first = next(r for r in group if r["arm"] == "readout")
+                sizes = sorted(int(n) for n in first["eval"])
+                ax.plot(sizes, [first["eval"][str(n)]["memory_recall"] for n in sizes], ":", color="gray",
+                        label="memory recall (ceiling)")
+                if metric == "token_accuracy":
+                    ax.axhline(1 / symbols, color="black", lw=0.6, label="chance 1/V")
+                ax.set(title=f"{task}, {key} key", xscale="log", xlabel="associations per memory (64 slots)",
+                       ylabel=metric.replace("_", " ") + " (served)", ylim=(-0.02, 1.02))
+                ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
