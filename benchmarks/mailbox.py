@@ -23,7 +23,9 @@ array (one copy into the arena).
 CPU cost: microseconds of CPU per record for a send and a receive made back to back in one process (no
 wake-up involved; the best of 5 chunks and of the repeats, since other load only adds time). Lock cost:
 one uncontended lock/unlock pair in C (benchmarks/lock_cost.c, compiled with cc when there is one) for
-flock, an OFD lock and the robust mutex.
+flock, an OFD lock and the robust mutex. Ceiling: benchmarks/ring_ceiling.c, a lock-free
+single-producer single-consumer ring in C with the two copies every copying queue makes and nothing
+else, on the same two CPUs: what any copying mailbox could reach on this machine.
 
 Sender and receiver are two processes; timestamps are CLOCK_MONOTONIC, shared by all processes. Each
 configuration runs --repeats times in a fresh receiver process; the tables show medians over the
@@ -72,14 +74,16 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 
 # ---- transports: setup in the parent, sender in the parent, receiver in the forked child ----
 class SageRing:
-    """batch > 1: push_many / pop_many of up to `batch` records per lock. impl: the engine of both ends."""
+    """batch > 1: push_many / pop_many of up to `batch` records per lock; into: the receiver takes them
+    with pop_into into one numpy [batch, size] buffer (no Record objects). impl: the engine of both ends."""
 
-    def __init__(self, impl: str, wait: str, batch: int = 1, checksum: bool = True):
-        self.impl, self.wait, self.batch, self.checksum = impl, wait, batch, checksum
-        self.name = (f"sage-{SHORT[impl]}-{wait}" + (f"-b{batch}" if batch > 1 else "")
+    def __init__(self, impl: str, wait: str, batch: int = 1, checksum: bool = True, into: bool = False):
+        self.impl, self.wait, self.batch, self.checksum, self.into = impl, wait, batch, checksum, into
+        self.name = (f"sage-{SHORT[impl]}-{wait}" + (f"-b{batch}" if batch > 1 else "") + ("-into" if into else "")
                      + ("" if checksum else "-nocrc"))
 
     def setup(self, size: int) -> None:
+        self.size = size
         self.box_name = f"bench-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.box = Mailbox.create(self.box_name, record_size=size, capacity=1024, checksum=self.checksum,
                                   impl=self.impl)
@@ -102,6 +106,11 @@ class SageRing:
     def receiver(self, records: bool = False):
         """records: return the Records (for the commit time), not only the payloads."""
         box = Mailbox.attach(self.box_name, wait=self.wait, impl=self.impl)
+        if self.into:
+            rows = np.empty((self.batch, self.size), np.uint8)
+            if records:  # latency: the rows taken (views; the stamp is their first bytes)
+                return lambda: list(rows[:box.pop_into(rows, timeout=math.inf)])
+            return lambda: box.pop_into(rows, timeout=math.inf)  # throughput: only the count
         if records:
             return lambda: box.pop_many(self.batch, timeout=math.inf)
         if self.batch > 1:
@@ -201,8 +210,10 @@ def record_transports() -> list:
     transports = []
     if NATIVE:
         transports += [SageRing("native", "spin"), SageRing("native", "adaptive"), SageRing("native", "sleep"),
-                       SageRing("native", "adaptive", batch=64), SageRing("native", "adaptive", batch=64,
-                                                                          checksum=False)]
+                       SageRing("native", "adaptive", batch=64),
+                       SageRing("native", "adaptive", batch=64, checksum=False),
+                       SageRing("native", "adaptive", batch=64, into=True),
+                       SageRing("native", "adaptive", batch=64, into=True, checksum=False)]
     transports += [SageRing("python", "spin"), SageRing("python", "adaptive"), SageRing("python", "sleep"),
                    SageRing("python", "adaptive", batch=64), MpQueue(), Pipe()]
     return transports + ([Zmq()] if zmq is not None else [])
@@ -222,15 +233,15 @@ def _count(recv, count: int) -> None:
     got = 0
     while got < count:
         data = recv()
-        got += len(data) if type(data) is list else 1
+        got += data if type(data) is int else len(data) if type(data) is list else 1
 
 
 def _receive(transport, count: int, conn, paced: bool, cpu: int | None) -> None:
     """paced: time each record (one in flight, acknowledged); else only count them as fast as they come.
     Latencies: [stamp -> received, commit -> received] per record (commit: sage rings only, else -1)."""
     _pin(cpu)
-    ring = isinstance(transport, SageRing)
-    recv = transport.receiver(records=True) if paced and ring else transport.receiver()
+    ring = isinstance(transport, SageRing) and not transport.into  # Records, with their commit time
+    recv = transport.receiver(records=True) if paced and isinstance(transport, SageRing) else transport.receiver()
     conn.send("ready")
     latencies = np.full((count if paced else 0, 2), -1, dtype=np.int64)
     cpu_start, wall = time.process_time(), time.monotonic()
@@ -425,6 +436,10 @@ def cpu_cost_us(size: int, count: int) -> dict[str, float]:
         if lock == "mutex":
             costs[label + "-b64"] = _per_record(lambda b=box: (b.push_many([payload] * 64), b.pop_many(64)),
                                                 max(1, count // 64)) / 64
+        if lock == "mutex" and impl == "native":
+            rows = np.empty((64, size), np.uint8)
+            step = lambda b=box, rows=rows: (b.push_many([payload] * 64), b.pop_into(rows))  # noqa: E731
+            costs[label + "-b64-into"] = _per_record(step, max(1, count // 64)) / 64
         box.unlink()
         box.close()
     queue = CTX.Queue()
@@ -473,6 +488,23 @@ def lock_cost_us() -> dict[str, float] | None:
                                          text=True).stdout)
 
 
+def ring_ceiling(cpus: tuple[int, int] | None) -> dict[str, float] | None:
+    """benchmarks/ring_ceiling.c (a lock-free single-producer single-consumer ring in C, two copies per
+    record, no Python) compiled and run here on the same two CPUs: records/s per size, with and without
+    the payload crc; None without a C compiler."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        return None
+    here = pathlib.Path(__file__).parent
+    sage_dir = here.parent / "sage"
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = pathlib.Path(tmp) / "ring_ceiling"
+        subprocess.run([cc, "-O2", f"-I{sage_dir}", str(here / "ring_ceiling.c"), str(sage_dir / "_pbm_crc32.c"),
+                        "-o", str(exe)], check=True, capture_output=True)
+        return json.loads(subprocess.run([str(exe), *(str(c) for c in cpus or ())], check=True, capture_output=True,
+                                         text=True).stdout)
+
+
 # ---- the issue's goals, judged on this run ----
 def goals(result: dict) -> list[str]:
     rows = {(row["transport"], row["size"]): row for row in result["records"]}
@@ -486,10 +518,16 @@ def goals(result: dict) -> list[str]:
                              f"{row['receiver_cpu']:.0%}, sender {sender} between records): {p50:.1f} / {p99:.1f} us: "
                              f"{'met' if p50 <= 5 and p99 <= 30 else 'NOT met'}")
     queue = rows[("mp.Queue", 4096)]["records_per_s"]
+    ceiling = result.get("ring_ceiling") or {}
+    if ceiling:
+        lines.append(f"ceiling (benchmarks/ring_ceiling.c, lock-free C ring, two copies) on 4 KB: "
+                     f"{ceiling['4096'] / queue:.1f}x mp.Queue, {ceiling['4096-crc'] / queue:.1f}x with the crc")
     for row in result["records"]:
         if row["size"] == 4096 and row["transport"].startswith("sage"):
             ratio = row["records_per_s"] / queue
-            lines.append(f">= 10x mp.Queue on 4 KB, {row['transport']}: {ratio:.1f}x: "
+            share = (f" ({row['records_per_s'] / ceiling['4096' if 'nocrc' in row['transport'] else '4096-crc']:.0%}"
+                     f" of the ceiling)" if ceiling else "")
+            lines.append(f">= 10x mp.Queue on 4 KB, {row['transport']}: {ratio:.1f}x{share}: "
                          f"{'met' if ratio >= 10 else 'NOT met'}")
     sweep = [row["p50_us"] for row in result["tensor_sweep"] if row["transport"] == "sage-ftm"]
     if sweep:  # 16384x the bytes from the first size to the last: a copy would grow with them
@@ -594,9 +632,10 @@ def main(argv: list[str] | None = None) -> int:
     _pin(tx_cpu)
     result = {"machine": machine(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "repeats": args.repeats, "cpus": cpus, "records": [], "tensor_1mib": [], "tensor_sweep": [],
-              "cpu_cost_us": {}, "lock_cost_us": lock_cost_us()}
+              "cpu_cost_us": {}, "lock_cost_us": lock_cost_us(), "ring_ceiling": ring_ceiling(cpus)}
     print(f"# {result['machine']}  repeats={args.repeats} (medians)  sender, receiver cpus: {cpus or 'not pinned'}")
     print(f"# lock/unlock pair in C, us: {result['lock_cost_us']}")
+    print(f"# ceiling, lock-free C ring, two copies (benchmarks/ring_ceiling.c), records/s: {result['ring_ceiling']}")
     print("# latency p50 / p99 us: sender sleeps 0.5 ms | sender busy 0.5 ms | from the commit (sleeping sender)")
     print(f"{'transport':<26} {'size':>5} {'records/s':>10} {'asleep':>13} {'busy':>13} {'commit':>13} {'rx cpu':>6}")
     for size in (64, 4096):

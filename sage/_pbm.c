@@ -120,14 +120,15 @@ typedef struct {
 } Ring;
 
 typedef struct {            /* one record taken under the mutex; checked and made into a Record after unlocking */
-    PyObject *payload;
+    PyObject *payload;      /* NULL when the batch copies into a caller's buffer (pop_into) */
     slot_t head;            /* a copy of the slot's first 56 bytes */
 } taken_t;
 
-typedef struct {            /* the records of one pop / pop_many; grows under the mutex (C memory only) */
+typedef struct {            /* the records of one pop / pop_many / pop_into; grows under the mutex (C memory only) */
     taken_t *items;
     Py_ssize_t len, cap, max;
     taken_t one;
+    char *dest;             /* pop_into: record i's payload goes to dest + i * record_size; else NULL */
 } batch_t;
 
 static int batch_room(batch_t *b) {
@@ -152,6 +153,11 @@ static void batch_free(batch_t *b) {
 
 static slot_t *slot_at(Ring *r, uint64_t position) {
     return (slot_t *)(r->base + HEADER_SIZE + (position % r->capacity) * r->stride);
+}
+
+/* Where the i-th taken record's payload copy lives: its bytes object, or its row of the caller's buffer. */
+static char *taken_payload(Ring *r, batch_t *b, Py_ssize_t i) {
+    return b->dest ? b->dest + i * (Py_ssize_t)r->record_size : PyBytes_AS_STRING(b->items[i].payload);
 }
 
 static int is_closed(Ring *r) { return __atomic_load_n(&r->closed, __ATOMIC_RELAXED); }
@@ -604,7 +610,15 @@ static Py_ssize_t take_locked(Ring *r, batch_t *b, int64_t now) {
             bump(&r->ctr[C_EXPIRED]);
             continue;
         }
-        PyObject *payload = batch_room(b) < 0 ? NULL : PyBytes_FromStringAndSize((char *)s + SLOT_HEADER, s->length);
+        PyObject *payload = NULL;
+        if (batch_room(b) == 0) {
+            if (b->dest) {  /* into the caller's buffer; payload stays NULL */
+                memcpy(b->dest + b->len * (Py_ssize_t)r->record_size, (char *)s + SLOT_HEADER, s->length);
+                payload = Py_None;
+            } else {
+                payload = PyBytes_FromStringAndSize((char *)s + SLOT_HEADER, s->length);
+            }
+        }
         if (payload == NULL) {
             if (!PyErr_Occurred())
                 PyErr_NoMemory();
@@ -615,13 +629,14 @@ static Py_ssize_t take_locked(Ring *r, batch_t *b, int64_t now) {
         if (r->test_hook != Py_None) {  /* fault injection: the record read, read_index not yet moved */
             PyObject *res = PyObject_CallFunction(r->test_hook, "s", "pop");
             if (res == NULL) {
-                Py_DECREF(payload);
+                if (!b->dest)
+                    Py_DECREF(payload);
                 return -1;
             }
             Py_DECREF(res);
         }
         taken_t *t = &b->items[b->len++];
-        t->payload = payload;
+        t->payload = b->dest ? NULL : payload;
         memcpy(&t->head, s, sizeof(slot_t));
         store_rel(&r->ctr[C_READ], pos + 1);  /* the commit point */
         k++;
@@ -636,12 +651,14 @@ static Py_ssize_t check_taken(Ring *r, batch_t *b, Py_ssize_t from) {
     uint64_t torn_first = 0, torn = 0;
     for (Py_ssize_t i = from; i < b->len; i++) {
         taken_t *t = &b->items[i];
-        if (crc_ok(r, &t->head, PyBytes_AS_STRING(t->payload))) {
+        if (crc_ok(r, &t->head, taken_payload(r, b, i))) {
+            if (b->dest && keep != i)  /* close the gap a torn record left in the caller's buffer */
+                memmove(taken_payload(r, b, keep), taken_payload(r, b, i), t->head.length);
             b->items[keep++] = *t;
             continue;
         }
         torn_first = torn++ ? torn_first : t->head.seq - 1;
-        Py_DECREF(t->payload);
+        Py_XDECREF(t->payload);
     }
     b->len = keep;
     if (torn) {
@@ -876,6 +893,61 @@ static PyObject *Ring_pop_many(Ring *r, PyObject *const *fast, Py_ssize_t nargs,
     return list;
 }
 
+/* A writable C-contiguous buffer of 4-byte unsigned ints (lengths for pop_into), at least n long. */
+static int get_lengths(PyObject *obj, Py_buffer *view, Py_ssize_t n) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    const char *f = view->format ? view->format : "B";
+    if (*f == '<' || *f == '=' || *f == '@')
+        f++;
+    int u32 = view->itemsize == 4 && (strcmp(f, "I") == 0 || (strcmp(f, "L") == 0 && sizeof(long) == 4));
+    if (!u32 || view->len / 4 < n) {
+        PyErr_Format(PyExc_ValueError, "lengths must be a writable uint32 array of at least %zd items (one per "
+                     "record the buffer holds), e.g. numpy.empty(%zd, numpy.uint32)", n, n);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Ring_pop_into(Ring *r, PyObject *const *fast, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const names[] = {"out", "lengths", "timeout"};
+    PyObject *args[3] = {NULL, Py_None, Py_None};
+    if (parse_args("pop_into", fast, nargs, kwnames, names, 3, 2, 1, args) < 0)
+        return NULL;
+    if (enter(r) < 0)
+        return NULL;
+    Py_buffer out, lengths = {0};
+    if (PyObject_GetBuffer(args[0], &out, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        leave(r);
+        return NULL;
+    }
+    Py_ssize_t rows = out.len / (Py_ssize_t)r->record_size;
+    PyObject *result = NULL;
+    if (rows < 1) {
+        PyErr_Format(PyExc_ValueError, "mailbox %R: out holds %zd bytes, less than one record of record_size %llu; "
+                     "give it rows of record_size bytes, e.g. numpy.empty((n, %llu), numpy.uint8)", r->name,
+                     out.len, (unsigned long long)r->record_size, (unsigned long long)r->record_size);
+        goto done;
+    }
+    rows = rows > (Py_ssize_t)r->capacity ? (Py_ssize_t)r->capacity : rows;  /* no batch is longer than the ring */
+    if (args[1] != Py_None && get_lengths(args[1], &lengths, rows) < 0)
+        goto done;
+    batch_t b = {.items = &b.one, .cap = 1, .max = rows, .dest = out.buf};
+    Py_ssize_t k = pop_into(r, &b, args[2]);
+    if (k >= 0 && lengths.buf != NULL)
+        for (Py_ssize_t i = 0; i < b.len; i++)
+            ((uint32_t *)lengths.buf)[i] = b.items[i].head.length;
+    result = k < 0 ? NULL : PyLong_FromSsize_t(b.len);
+    batch_free(&b);
+    if (lengths.buf != NULL)
+        PyBuffer_Release(&lengths);
+done:
+    PyBuffer_Release(&out);
+    leave(r);
+    return result;
+}
+
 /* ---- doorbell, counters, life cycle ---- */
 static PyObject *Ring_arm(Ring *r, PyObject *until) {
     long long until_ns = PyLong_AsLongLong(until);
@@ -1065,6 +1137,8 @@ static PyMethodDef Ring_methods[] = {
      "pop(timeout=None) -> Record | None (sage.mailbox.Mailbox.pop)"},
     {"pop_many", (PyCFunction)(void (*)(void))Ring_pop_many, METH_FASTCALL | METH_KEYWORDS,
      "pop_many(max_records, timeout=None) -> list[Record] (sage.mailbox.Mailbox.pop_many)"},
+    {"pop_into", (PyCFunction)(void (*)(void))Ring_pop_into, METH_FASTCALL | METH_KEYWORDS,
+     "pop_into(out, lengths=None, timeout=None) -> int (sage.mailbox.Mailbox.pop_into)"},
     {"arm", (PyCFunction)Ring_arm, METH_O, "arm(until_ns) -> bool: True if a record is there (do not sleep)"},
     {"disarm", (PyCFunction)Ring_disarm, METH_NOARGS, "stop counting as a sleeper"},
     {"counters", (PyCFunction)Ring_counters, METH_NOARGS, "the header's nine u64 counters, read under the lock"},

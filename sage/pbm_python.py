@@ -42,6 +42,24 @@ log = logging.getLogger("sage.mailbox")
 
 _U32 = 1 << 32
 _FOREVER = (1 << 63) - 1
+
+
+def _writable_bytes(obj, what: str) -> memoryview:
+    view = memoryview(obj)
+    if view.readonly:
+        raise BufferError(f"{what}: object is not writable")
+    if not view.c_contiguous:
+        raise BufferError(f"{what}: object is not C-contiguous")
+    return view.cast("B")
+
+
+def _uint32_array(obj, n: int) -> memoryview:
+    view = memoryview(obj)
+    if view.readonly or not view.c_contiguous or view.itemsize != 4 or view.format.lstrip("<=@") != "I" \
+            or view.nbytes // 4 < n:
+        raise ValueError(f"lengths must be a writable uint32 array of at least {n} items (one per record the "
+                         f"buffer holds), e.g. numpy.empty({n}, numpy.uint32)")
+    return view.cast("B").cast("I")
 SPIN_YIELD_NS = 100_000  # a busy-polling consumer yields its core this often (the C engine's SPIN_YIELD_NS)
 WAIT_SPIN, WAIT_SLEEP, WAIT_ADAPTIVE = range(3)  # the C engine's numbering
 
@@ -226,6 +244,23 @@ class PythonRing:
             raise ValueError(f"max_records must be an int >= 1, got {max_records!r}")
         self._check_open()
         return self._pop(max_records, timeout)
+
+    def pop_into(self, out, lengths=None, timeout: float | None = None) -> int:
+        view = _writable_bytes(out, "out")
+        rows = min(len(view) // self.record_size, self.capacity)  # no batch is longer than the ring
+        if rows < 1:
+            raise ValueError(f"mailbox {self.name!r}: out holds {len(view)} bytes, less than one record of "
+                             f"record_size {self.record_size}; give it rows of record_size bytes, e.g. "
+                             f"numpy.empty((n, {self.record_size}), numpy.uint8)")
+        sizes = None if lengths is None else _uint32_array(lengths, rows)
+        self._check_open()
+        records = self._pop(rows, timeout)
+        for i, record in enumerate(records):
+            start = i * self.record_size
+            view[start:start + len(record.payload)] = record.payload
+            if sizes is not None:
+                sizes[i] = len(record.payload)
+        return len(records)
 
     def _pop(self, most: int, timeout) -> list[Record]:
         give_up = give_up_ns(timeout)

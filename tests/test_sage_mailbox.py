@@ -5,6 +5,7 @@ of both engines sharing one ring, and on a flock-locked ring."""
 
 from __future__ import annotations
 
+import array
 import collections
 import os
 import struct
@@ -195,6 +196,42 @@ def test_corruption_counts_as_torn_in_a_batch_and_where_it_fakes_an_expiry(name)
     assert [r.payload for r in box.pop_many(8)] == [b"a", b"d"]
     stats = box.stats()
     assert (stats.popped, stats.expired, stats.torn, stats.depth) == (2, 0, 2, 0)
+    box.close()
+
+
+def test_pop_into_skips_torn_and_expired_records_and_closes_the_gaps(name):
+    box = Mailbox.create(name, record_size=32, capacity=8)
+    for payload in (b"a", b"bb", b"ccc", b"dddd", b"eeeee"):
+        box.push(payload, ttl=3600)
+    with open(segment_path("pbm", name), "r+b") as f:
+        f.seek(4096 + 1 * 128 + 56)  # record 1's payload: torn, found on the copy after unlocking
+        f.write(b"B")
+        f.seek(4096 + 3 * 128 + 40)  # record 3's deadline, now in the past: torn (covered by the crc)
+        f.write(struct.pack("<Q", 5))
+    out, lengths = bytearray(4 * 32), array.array("I", [0] * 4)
+    assert box.pop_into(out, lengths) == 3
+    assert [bytes(out[32 * i:32 * i + n]) for i, n in enumerate(lengths[:3])] == [b"a", b"ccc", b"eeeee"]
+    stats = box.stats()
+    assert (stats.popped, stats.torn, stats.depth) == (3, 2, 0)
+    box.close()
+
+
+def test_pop_into_bad_buffers_are_one_clear_error(name):
+    box = Mailbox.create(name, record_size=16, capacity=4)
+    box.push(b"kept")
+    with pytest.raises(ValueError, match="less than one record of record_size 16"):
+        box.pop_into(bytearray(15))
+    with pytest.raises(ValueError, match="uint32 array of at least 2"):
+        box.pop_into(bytearray(32), array.array("I", [0]))
+    with pytest.raises(ValueError, match="uint32"):
+        box.pop_into(bytearray(32), array.array("d", [0, 0]))
+    with pytest.raises((BufferError, TypeError)):
+        box.pop_into(b"\0" * 32)  # read-only
+    with pytest.raises(TypeError):
+        box.pop_into(object())
+    assert box.stats().depth == 1  # nothing was taken by a refused call
+    out = bytearray(16)
+    assert box.pop_into(out, timeout=0) == 1 and out[:4] == b"kept" and box.pop_into(out, timeout=0) == 0
     box.close()
 
 
@@ -441,6 +478,20 @@ class MailboxModel(RuleBasedStateMachine):
         while len(expected) < most and (one := self.expected_pop()) is not None:
             expected.append(one)
         assert got == expected
+
+    @rule(consumer=st.integers(2, 3), rows=st.integers(1, 4), spare=st.integers(0, 15))
+    def pop_into(self, consumer, rows, spare):
+        out, lengths = bytearray(b"\xee" * (rows * 16 + spare)), array.array("I", [99] * rows)
+        got = self.boxes[consumer].pop_into(out, lengths)
+        expected = []
+        while len(expected) < rows and (one := self.expected_pop()) is not None:
+            expected.append(one[0])
+        assert got == len(expected)
+        for i, payload in enumerate(expected):
+            row = out[16 * i:16 * (i + 1)]
+            assert (bytes(row[:len(payload)]), lengths[i]) == (payload, len(payload))
+            assert row[len(payload):] == b"\xee" * (16 - len(payload))  # past the payload: untouched
+        assert out[16 * got:] == b"\xee" * (len(out) - 16 * got) and list(lengths[got:]) == [99] * (rows - got)
 
     @rule(seconds=st.integers(1, 3))
     def advance(self, seconds):
