@@ -1,17 +1,21 @@
 /* CRC-32 (zlib's) for the PBM ring's slot checksums: slicing-by-8 tables everywhere, and on x86-64
  * CPUs with PCLMULQDQ the carry-less-multiply folding of Gopal et al., "Fast CRC Computation for
  * Generic Polynomials Using PCLMULQDQ Instruction" (Intel, 2009), about 10x the table speed, with
- * 256-bit lanes (VPCLMULQDQ) where the CPU has them (AMD Zen 3+, Intel Ice Lake+), twice that. Why
+ * 256-bit lanes (VPCLMULQDQ) where the CPU has them (AMD Zen 3+, Intel Ice Lake+), twice that, and
+ * 512-bit ones with AVX-512 (Intel Ice Lake+, AMD Zen 4+): 4 KiB in 98 ns against 167 ns with 256-bit
+ * lanes on the 2-core AMD EPYC VM (setting PBM_CRC32_NO_AVX512 before the module loads keeps the
+ * 256-bit path, for comparison and for the tests of both). Why
  * not link zlib: its headers are not on every machine that can build this, and zlib's own CRC is
  * the table kind (2 us per 4 KiB record here, more than the rest of a push). */
 #include "_pbm_crc32.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #define POLY 0xEDB88320u
 
 static uint32_t table[8][256];
-static int use_pclmul, use_vpclmul;
+static int use_pclmul, use_vpclmul, use_vpclmul512;
 
 static uint32_t crc32_table(uint32_t c, const unsigned char *p, size_t n) {
     /* c is the raw register (already inverted). 8 bytes per step, one table per byte position. */
@@ -45,6 +49,8 @@ static uint32_t crc32_table(uint32_t c, const unsigned char *p, size_t n) {
 #define K2 0x1c6e41596ull
 #define K1_1024 0x1e88ef372ull
 #define K2_1024 0x14a7fe880ull
+#define K1_2048 0x11542778aull  /* x^(2048+32), x^(2048-32): folding 2048 bits (4 x 512) */
+#define K2_2048 0x1322d1430ull
 #define K3 0x1751997d0ull
 #define K4 0x0ccaa009eull
 #define K5 0x163cd6124ull
@@ -148,6 +154,49 @@ static uint32_t crc32_vpclmul(uint32_t c, const unsigned char *p, size_t n) {
         x0 = fold(x0, k34, lanes[i]);
     return fold_tail(x0, p, n);
 }
+
+__attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.1")))
+static inline __m512i fold512(__m512i acc, __m512i k, __m512i next) {
+    __m512i lo = _mm512_clmulepi64_epi128(acc, k, 0x00);
+    __m512i hi = _mm512_clmulepi64_epi128(acc, k, 0x11);
+    return _mm512_ternarylogic_epi64(lo, hi, next, 0x96);  /* lo ^ hi ^ next */
+}
+
+/* Sixteen 128-bit lanes in four 512-bit registers, 256 bytes per step (AVX-512: Intel Ice Lake+, AMD
+ * Zen 4+); n >= 512. The registers are then folded into one another 512 bits apart, its four lanes
+ * 128 bits apart. */
+__attribute__((target("avx512f,vpclmulqdq,pclmul,sse4.1")))
+static uint32_t crc32_vpclmul512(uint32_t c, const unsigned char *p, size_t n) {
+    __m512i z0 = _mm512_loadu_si512((const void *)p);
+    __m512i z1 = _mm512_loadu_si512((const void *)(p + 64));
+    __m512i z2 = _mm512_loadu_si512((const void *)(p + 128));
+    __m512i z3 = _mm512_loadu_si512((const void *)(p + 192));
+    z0 = _mm512_xor_si512(z0, _mm512_castsi128_si512(_mm_cvtsi32_si128((int)c)));
+    p += 256;
+    n -= 256;
+    const __m512i k = _mm512_set_epi64((long long)K2_2048, (long long)K1_2048, (long long)K2_2048,
+                                       (long long)K1_2048, (long long)K2_2048, (long long)K1_2048,
+                                       (long long)K2_2048, (long long)K1_2048);
+    while (n >= 256) {  /* each 128-bit lane folded 2048 bits ahead */
+        z0 = fold512(z0, k, _mm512_loadu_si512((const void *)p));
+        z1 = fold512(z1, k, _mm512_loadu_si512((const void *)(p + 64)));
+        z2 = fold512(z2, k, _mm512_loadu_si512((const void *)(p + 128)));
+        z3 = fold512(z3, k, _mm512_loadu_si512((const void *)(p + 192)));
+        p += 256;
+        n -= 256;
+    }
+    const __m512i k12 = _mm512_set_epi64((long long)K2, (long long)K1, (long long)K2, (long long)K1, (long long)K2,
+                                         (long long)K1, (long long)K2, (long long)K1);
+    z1 = fold512(z0, k12, z1);  /* the registers, 512 bits apart, into the last */
+    z2 = fold512(z1, k12, z2);
+    z3 = fold512(z2, k12, z3);
+    const __m128i k34 = _mm_set_epi64x((long long)K4, (long long)K3);
+    __m128i x0 = _mm512_castsi512_si128(z3);
+    x0 = fold(x0, k34, _mm512_extracti32x4_epi32(z3, 1));
+    x0 = fold(x0, k34, _mm512_extracti32x4_epi32(z3, 2));
+    x0 = fold(x0, k34, _mm512_extracti32x4_epi32(z3, 3));
+    return fold_tail(x0, p, n);
+}
 #endif
 
 void pbm_crc32_init(void) {
@@ -164,10 +213,13 @@ void pbm_crc32_init(void) {
     __builtin_cpu_init();
     use_pclmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
     use_vpclmul = use_pclmul && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq");
+    use_vpclmul512 = use_vpclmul && __builtin_cpu_supports("avx512f") && !getenv("PBM_CRC32_NO_AVX512");
 #endif
 }
 
-const char *pbm_crc32_impl(void) { return use_vpclmul ? "vpclmul" : use_pclmul ? "pclmul" : "table"; }
+const char *pbm_crc32_impl(void) {
+    return use_vpclmul512 ? "vpclmul512" : use_vpclmul ? "vpclmul" : use_pclmul ? "pclmul" : "table";
+}
 
 uint32_t pbm_crc32(uint32_t crc, const void *data, size_t len) {
     const unsigned char *p = data;
@@ -175,7 +227,9 @@ uint32_t pbm_crc32(uint32_t crc, const void *data, size_t len) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (use_pclmul && len >= 64) {
         size_t bulk = len & ~(size_t)15;
-        c = use_vpclmul && bulk >= 256 ? crc32_vpclmul(c, p, bulk) : crc32_pclmul(c, p, bulk);
+        c = use_vpclmul512 && bulk >= 512 ? crc32_vpclmul512(c, p, bulk)
+            : use_vpclmul && bulk >= 256  ? crc32_vpclmul(c, p, bulk)
+                                          : crc32_pclmul(c, p, bulk);
         p += bulk;
         len -= bulk;
     }

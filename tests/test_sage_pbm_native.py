@@ -4,6 +4,7 @@ that CI, which builds it, really tests it. Its push / pop run every test of test
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import zlib
 
@@ -34,3 +35,29 @@ def test_native_engine_is_built_on_ci():
         assert mailbox_module.native_engine_status() is None, mailbox_module.native_engine_status()
     elif mailbox_module.native_engine_status() is not None:
         pytest.skip(mailbox_module.native_engine_status())
+
+
+@native_only
+@pytest.mark.parametrize("no_avx512", [False, True])
+def test_native_crc32_equals_zlib_on_each_simd_path_around_its_thresholds(no_avx512):
+    """Lengths around every switch between the paths (64, 256, 512 bytes, and the loops' 128 and 256 byte
+    steps) and record sizes, on the AVX-512 path where the CPU has it and with it switched off
+    (PBM_CRC32_NO_AVX512, read when the module loads: hence a fresh process each)."""
+    code = ("import random, zlib\n"
+            "from sage import _pbm\n"
+            "rng = random.Random(7)\n"
+            "data = bytes(rng.getrandbits(8) for _ in range(70000))\n"
+            "sizes = sorted({*range(0, 1100), *(4096 + d for d in range(-40, 41)), 65536, 65536 + 17, 69999})\n"
+            "bad = [n for n in sizes for start in (0, 3) if _pbm.crc32(data[start:start + n], 5) != "
+            "zlib.crc32(data[start:start + n], 5)]\n"
+            "print(_pbm.CRC32_IMPL, bad[:10])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PBM_CRC32_NO_AVX512"}
+    if no_avx512:
+        env["PBM_CRC32_NO_AVX512"] = "1"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    impl, bad = out.stdout.split(" ", 1)
+    assert bad.strip() == "[]", f"{impl}: lengths whose crc differs from zlib's: {bad}"
+    if no_avx512:
+        assert impl != "vpclmul512"
