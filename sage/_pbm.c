@@ -42,7 +42,11 @@
 #define MUTEX_BYTES 64
 #define STATE_LIVE 1
 #define STATE_RETIRED 2
-#define LOCK_SPINS 100                 /* trylocks before blocking: a holder on the other core is done in < 1 us */
+/* How long a locker retries before it blocks in the kernel. A holder copying a batch (push_many,
+ * pop_many, pop_into of 64 x 4 KiB) keeps the lock for tens of microseconds; blocking then costs a
+ * futex sleep and wake-up of about as much again. Spinning up to 50 us instead of 100 tries (~10 us)
+ * raised pop_into's 4 KiB throughput from 1.8-2.0 to 2.7-2.9 M records/s on the 2-core VM. */
+#define LOCK_SPIN_NS 50000LL
 #define SPIN_YIELD_NS 100000LL        /* a busy-polling consumer yields its core this often */
 #define POLL_CHUNK_NS 10000000LL       /* busy-polling re-takes the GIL this often to run signal handlers */
 #define FULL_PAUSE_MIN_NS 50000LL      /* a producer blocked on FULL backs off 50 us .. 1 ms, as in Python */
@@ -214,9 +218,12 @@ static int lock_error(Ring *r, int rc) {
 
 static int lock_raw(Ring *r) {
     int rc = pthread_mutex_trylock(r->mutex);
-    for (int i = 0; rc == EBUSY && i < LOCK_SPINS; i++) {
+    int64_t give_up = rc == EBUSY ? sat_add(mono_ns(), LOCK_SPIN_NS) : 0;
+    for (int i = 1; rc == EBUSY; i++) {
         cpu_relax();
         rc = pthread_mutex_trylock(r->mutex);
+        if (rc == EBUSY && i % 16 == 0 && mono_ns() >= give_up)
+            break;
     }
     if (rc == EBUSY) {
         Py_BEGIN_ALLOW_THREADS
@@ -758,14 +765,16 @@ static int disarm_doorbell(Ring *r) {
 /* Waits on the doorbell FIFO for up to ns, then empties it. */
 static int sleep_on_bell(Ring *r, int64_t ns) {
     struct pollfd p = {r->bell, POLLIN, 0};
-    int ms = (int)min64((ns + 999999) / 1000000, 1 << 30), rc;
+    int ms = (int)min64((ns + 999999) / 1000000, 1 << 30), rc, poll_errno;
     char buf[4096];
     Py_BEGIN_ALLOW_THREADS
     rc = poll(&p, 1, ms);
+    poll_errno = errno;  /* before the reads below, whose EAGAIN on an empty FIFO would replace an EINTR */
     while (read(r->bell, buf, sizeof buf) == (ssize_t)sizeof buf) {
     }
     Py_END_ALLOW_THREADS
-    if (rc < 0 && errno != EINTR) {
+    if (rc < 0 && poll_errno != EINTR) {
+        errno = poll_errno;
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import collections
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -292,6 +293,24 @@ def test_producers_ring_only_while_a_consumer_sleeps(name):
     assert _doorbell_bytes(box) == 0
     box.close()
     consumer.close()
+
+
+def test_a_signal_during_a_sleeping_pop_is_not_an_error(name):
+    """A signal whose handler returns (the server's SIGTERM handler only sets a flag) interrupts the
+    doorbell wait with EINTR: pop goes on waiting and returns None at its timeout, instead of raising
+    the EAGAIN of the FIFO reads that follow (what the C engine did until errno was kept)."""
+    box = Mailbox.create(name, record_size=16, capacity=4, wait="sleep")
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        timer.start()
+        start = time.monotonic()
+        assert box.pop(timeout=0.5) is None
+        assert time.monotonic() - start >= 0.45
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+        box.close()
 
 
 @pytest.mark.parametrize("wait", ["spin", "sleep"])

@@ -1,13 +1,15 @@
-/* A ceiling for the PBM ring's throughput (BUILD_NOTES, "SAGE mailboxes"): what two processes on this
- * machine can move through shared memory at all, with nothing of the mailbox's own: a single-producer
+/* A reference point for the PBM ring's throughput (BUILD_NOTES, "SAGE mailboxes"): what two processes
+ * on this machine move through shared memory with nothing of the mailbox's own: a single-producer
  * single-consumer ring of 1024 slots in one shared mapping, no lock, no Python, one memcpy into the
  * slot and one out of it per record (the two copies every copying queue makes), head and tail as
- * release/acquire indices, each side re-reading the other's index only when the ring looks empty or
- * full (the usual single-producer single-consumer queue). Optionally the payload's crc32 on both sides, as the mailbox computes it
- * (sage/_pbm_crc32.c). Each side busy-polls; the two processes are pinned to the CPUs given.
+ * release/acquire indices published after every record, each side re-reading the other's index only
+ * when the ring looks empty or full (the usual single-producer single-consumer queue). Not an upper
+ * bound: a ring that publishes once per batch of records moves more. Optionally the payload's crc32
+ * on both sides, as the mailbox computes it (sage/_pbm_crc32.c). Each side busy-polls; the two
+ * processes are pinned to the CPUs given.
  *
  * python -m benchmarks.mailbox compiles and runs it; by hand:
- *   cc -O2 -Isage benchmarks/ring_ceiling.c sage/_pbm_crc32.c -o /tmp/ring_ceiling && /tmp/ring_ceiling [TX RX]
+ *   cc -O2 -Isage benchmarks/reference_ring.c sage/_pbm_crc32.c -o /tmp/reference_ring && /tmp/reference_ring [TX RX]
  * Prints one JSON object: records/s per "size" and "size-crc". */
 #define _GNU_SOURCE
 #include <sched.h>
@@ -72,7 +74,7 @@ static void consume(indices_t *ix, char *slots, size_t stride, size_t size, int 
     }
     __atomic_store_n(&ix->done_ns, (uint64_t)now_ns(), __ATOMIC_RELEASE);
     if (sink)
-        fprintf(stderr, "ring_ceiling: %u checksum mismatches\n", sink);
+        fprintf(stderr, "reference_ring: %u checksum mismatches\n", sink);
     free(local);
 }
 
