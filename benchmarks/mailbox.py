@@ -113,6 +113,8 @@ class SageRing:
                 return lambda: list(rows[:box.pop_into(rows, timeout=math.inf)])
             return lambda: box.pop_into(rows, timeout=math.inf)  # throughput: only the count
         if records:
+            if self.batch == 1:
+                return lambda: box.pop(timeout=math.inf)
             return lambda: box.pop_many(self.batch, timeout=math.inf)
         if self.batch > 1:
             return lambda: [r.payload for r in box.pop_many(self.batch, timeout=math.inf)]

@@ -25,8 +25,8 @@ Guarantees (each is tested in tests/test_sage_mailbox*.py, on both engines):
   ring is FIFO overall). `Record.seq` counts 0, 1, 2, ... per producer so gaps are visible.
 - A record is delivered when `pop` returns it. A consumer killed inside `pop` (before its commit
   store) leaves the record on the ring for the next consumer; one killed after `pop` returned has
-  taken the record with it (for `pop_many` and `pop_into`: the whole batch): acknowledge at the application level
-  when that matters.
+  taken the record with it (for `pop_many` and `pop_into`: the whole batch): acknowledge at the
+  application level when that matters.
 - A producer killed at any point, even holding the lock in the middle of writing, exposes no torn or
   stale record (its slot is not committed and is overwritten) and blocks nobody (the kernel marks
   its mutex owner-dead and the next locker repairs it; a flock is dropped). A consumer that dies or
