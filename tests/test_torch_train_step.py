@@ -60,13 +60,13 @@ def train_jax(config, train_config, total_steps, params, data):
     return jax.device_get(state), history
 
 
-def train_torch(trainer, data, global_batch_size):
-    """trainer.step over `data` (this benchmark's TorchTrainer, or a reference checkout's ReferenceTrainer)
-    -> the metrics of every step, reduced as hrm_jax reduces its own."""
+def train_torch(trainer, data, global_batch_size, device="cpu"):
+    """trainer.step over `data` (this benchmark's TorchTrainer, or a reference checkout's ReferenceTrainer),
+    its batches on `device` -> the metrics of every step, reduced as hrm_jax reduces its own."""
     history = []
     for batch in data:
-        sums = trainer.step({k: torch.from_numpy(v) for k, v in batch.items()})
-        reduced = reduce_metrics({k: np.asarray(v.detach()) for k, v in sums.items()}, global_batch_size)
+        sums = trainer.step({k: torch.from_numpy(v).to(device) for k, v in batch.items()})
+        reduced = reduce_metrics({k: np.asarray(v.detach().cpu()) for k, v in sums.items()}, global_batch_size)
         history.append({k: float(v) for k, v in reduced.items()})
     return history
 
@@ -195,11 +195,7 @@ def test_given_puzzle_rows_replace_the_table_and_ride_in_the_carry():
 def train_torch_on(device, config, params, data, train_config, total_steps=10):
     """TorchTrainer from `params` on `device` over `data` -> (its metrics per step, its final params)."""
     trainer = TorchTrainer(model_from_params(params, config, device), train_config, total_steps)
-    history = []
-    for batch in data:
-        sums = trainer.step({k: torch.from_numpy(v).to(device) for k, v in batch.items()})
-        reduced = reduce_metrics({k: np.asarray(v.detach().cpu()) for k, v in sums.items()}, len(batch["inputs"]))
-        history.append({k: float(v) for k, v in reduced.items()})
+    history = train_torch(trainer, data, train_config.global_batch_size, device)
     state = {k: v.cpu() for k, v in trainer.inner.state_dict(prefix="model.inner.").items()}
     return history, from_torch_state_dict(state, config)
 
