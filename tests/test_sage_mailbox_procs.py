@@ -145,8 +145,10 @@ def test_four_producers_two_consumers_with_two_producers_killed(name, tmp_path, 
     assert everything[:, 4].all(), "a torn or corrupted payload was delivered"
     assert (everything[:, 1] == everything[:, 3]).all(), "Record.seq differs from the producer's count"
     named = everything[everything[:, 0] >= 0]  # pop_into's rows carry no producer id
-    ids = {index: set(named[named[:, 2] == index, 0].tolist()) for index in range(6)}
-    assert all(len(v) == 1 for v in ids.values()) and len(set.union(*ids.values())) == 6
+    ids = [set(named[named[:, 2] == index, 0].tolist()) for index in range(6)]
+    seen = [v for v in ids if v]  # bulk: the Record-taking consumer may have got none of some producer's
+    assert all(len(v) == 1 for v in seen) and len(set.union(set(), *seen)) == len(seen), "producer ids"
+    assert len(seen) == 6 or variant == "bulk"
     for index in range(6):
         got = np.sort(everything[everything[:, 2] == index, 3])
         expected = {4: HOLD_AT}.get(index, PER_PRODUCER if index < 4 else len(got))
