@@ -478,36 +478,34 @@ def _per_record(step, count: int, chunks: int = 5) -> float:
     return best * 1e6
 
 
-def lock_cost_us() -> dict[str, float] | None:
-    """benchmarks/lock_cost.c compiled and run here; None without a C compiler."""
+def _run_c(sources: list[str], args: list[str], flags: list[str]) -> dict | None:
+    """Compile benchmarks/<sources> (paths relative to the repository root) with cc, run the program with
+    `args` and return the JSON object it prints; None without a C compiler."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return None
+    root = pathlib.Path(__file__).parent.parent
     with tempfile.TemporaryDirectory() as tmp:
-        exe = pathlib.Path(tmp) / "lock_cost"
-        subprocess.run([cc, "-O2", str(pathlib.Path(__file__).with_name("lock_cost.c")), "-o", str(exe), "-pthread"],
+        exe = pathlib.Path(tmp) / pathlib.Path(sources[0]).stem
+        subprocess.run([cc, "-O2", *flags, *(str(root / source) for source in sources), "-o", str(exe)],
                        check=True, capture_output=True)
-        return json.loads(subprocess.run([str(exe), str(shm_dir())], check=True, capture_output=True,
-                                         text=True).stdout)
+        return json.loads(subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout)
+
+
+def lock_cost_us() -> dict[str, float] | None:
+    """benchmarks/lock_cost.c compiled and run here; None without a C compiler."""
+    return _run_c(["benchmarks/lock_cost.c"], [str(shm_dir())], ["-pthread"])
 
 
 def reference_ring(cpus: tuple[int, int] | None) -> dict[str, float] | None:
     """benchmarks/reference_ring.c (a lock-free single-producer single-consumer ring in C, two copies per
     record, its index published per record, no Python) compiled and run here on the same two CPUs:
     records/s per size, with and without the payload crc; None without a C compiler."""
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
-        return None
-    here = pathlib.Path(__file__).parent
-    sage_dir = here.parent / "sage"
-    with tempfile.TemporaryDirectory() as tmp:
-        exe = pathlib.Path(tmp) / "reference_ring"
-        subprocess.run([cc, "-O2", f"-I{sage_dir}", str(here / "reference_ring.c"), str(sage_dir / "_pbm_crc32.c"),
-                        "-o", str(exe)], check=True, capture_output=True)
-        # both sides busy-poll: they need two CPUs of their own even where the benchmark does not pin
-        pair = cpus or tuple(sorted(os.sched_getaffinity(0))[:2])
-        return json.loads(subprocess.run([str(exe), *(str(c) for c in pair if len(pair) == 2)], check=True,
-                                         capture_output=True, text=True).stdout)
+    # both sides busy-poll: they need two CPUs of their own even where the benchmark does not pin
+    pair = cpus or tuple(sorted(os.sched_getaffinity(0))[:2])
+    root = pathlib.Path(__file__).parent.parent
+    return _run_c(["benchmarks/reference_ring.c", "sage/_pbm_crc32.c"], [str(c) for c in pair if len(pair) == 2],
+                  [f"-I{root / 'sage'}"])
 
 
 # ---- the issue's goals, judged on this run ----
